@@ -1,0 +1,75 @@
+"""Residual-subset ops of P3B-style plans: a branch reads some residual channels and writes others.
+
+``layernorm_gather`` fuses the gather into the norm before the branch (statistics over all channels,
+output only for the channels the branch reads); ``residual_scatter_add`` adds the branch output back
+into its channels of the residual stream. Both are custom ops with a C++ CPU kernel (one pass over
+each token row, no intermediate full-width tensor) and a PyTorch reference path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sparsevit import _ext
+
+
+def _ln_gather_reference(x, weight, bias, index, eps):
+    var, mean = torch.var_mean(x.float(), dim=-1, keepdim=True, unbiased=False)
+    y = (x.index_select(-1, index).float() - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("sparsevit::layernorm_gather", mutates_args=())
+def _layernorm_gather(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      index: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.device.type == "cpu" and _ext.has_op("layernorm_gather") and x.dtype in (torch.float32, torch.bfloat16):
+        return torch.ops.sparsevit_C.layernorm_gather(x.contiguous(), weight, bias, index, eps)
+    return _ln_gather_reference(x, weight, bias, index, eps)
+
+
+@_layernorm_gather.register_fake
+def _(x, weight, bias, index, eps):
+    return x.new_empty((*x.shape[:-1], index.shape[0]))
+
+
+@torch.library.custom_op("sparsevit::residual_scatter_add", mutates_args=())
+def _residual_scatter_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and _ext.has_op("residual_scatter_add") and x.dtype in (torch.float32, torch.bfloat16):
+        return torch.ops.sparsevit_C.residual_scatter_add(x.contiguous(), index, y.contiguous())
+    return x.index_add(-1, index, y.to(x.dtype))
+
+
+@_residual_scatter_add.register_fake
+def _(x, index, y):
+    return torch.empty_like(x)
+
+
+def layernorm_gather(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     index: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``layer_norm(x)[..., index]`` without materialising the full-width normalised tensor.
+
+    ``weight`` and ``bias`` are already gathered (length ``len(index)``); statistics run over all of
+    ``x``'s last dim, exactly as the masked dense model's norm does.
+    """
+    if index.dtype != torch.long:
+        raise TypeError(f"layernorm_gather: index must be int64 (got {index.dtype}); use index.long().")
+    return _layernorm_gather(x, weight, bias, index, float(eps))
+
+
+def residual_scatter_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``y`` added into channels ``index`` of its last dim (out of place)."""
+    if y.shape[-1] != index.shape[0] or y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"residual_scatter_add: y {tuple(y.shape)} does not fit x {tuple(x.shape)} with "
+                         f"{index.shape[0]} indices; y's last dim must equal len(index).")
+    return _residual_scatter_add(x, index, y)
+
+
+def layer_norm(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """Plain LayerNorm over the last dim (the non-gather case, for symmetry in the runtime)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

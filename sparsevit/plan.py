@@ -1,0 +1,283 @@
+"""SparsityPlan: what to keep of a timm Vision Transformer, as plain data.
+
+A plan is produced by a pruning method (``sparsevit.prune``) or read back from the zeros of a masked
+model (``SparsityPlan.from_masked_model``), and consumed by ``sparsevit.accelerate``. It never holds
+weights, only index sets and masks, so it is small, serialisable (JSON for structure, safetensors for
+masks) and checkable against a model before anything is built.
+
+Coordinates: every index in a plan refers to the *original* model (channel ``i`` of the residual
+stream, head ``h``, hidden channel ``j`` of the MLP, row/column of a Linear weight). Blocks are
+numbered flat in forward order (Swin: stage by stage).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from sparsevit.errors import PlanError
+
+Index = Optional[List[int]]
+HeadChannels = Optional[Union[List[int], List[List[int]]]]
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass
+class BlockPlan:
+    """What one transformer block keeps. ``None`` always means "all of it".
+
+    heads:        kept attention heads. ``[]`` removes the attention branch (same as ``drop_attn``).
+    qk_channels:  kept head-dim channels of q and k: one list shared by every kept head, or one list
+                  per kept head (all of the same length, in the order of ``heads``).
+    v_channels:   same for v (and the matching input columns of ``proj``); may differ from q/k.
+    mlp_channels: kept MLP hidden channels (fc1 rows, fc2 columns). ``[]`` removes the MLP branch.
+    attn_in / mlp_in:   residual channels the branch reads (its norm still normalises over the
+                        full residual stream; only the kept channels enter qkv / fc1).
+    attn_out / mlp_out: residual channels the branch writes back into (scatter-add).
+    drop_attn / drop_mlp: remove the branch entirely (the block becomes partly identity).
+    """
+
+    heads: Index = None
+    qk_channels: HeadChannels = None
+    v_channels: HeadChannels = None
+    mlp_channels: Index = None
+    attn_in: Index = None
+    attn_out: Index = None
+    mlp_in: Index = None
+    mlp_out: Index = None
+    drop_attn: bool = False
+    drop_mlp: bool = False
+
+    def attn_dropped(self) -> bool:
+        return self.drop_attn or (self.heads is not None and len(self.heads) == 0) or \
+            _empty(self.v_channels) or _empty(self.attn_out) or _empty(self.attn_in)
+
+    def mlp_dropped(self) -> bool:
+        return self.drop_mlp or (self.mlp_channels is not None and len(self.mlp_channels) == 0) or \
+            _empty(self.mlp_out) or _empty(self.mlp_in)
+
+    def is_identity(self) -> bool:
+        """True when the plan keeps everything of this block."""
+        return all(getattr(self, f) is None for f in _INDEX_FIELDS) and not (self.drop_attn or self.drop_mlp)
+
+
+_INDEX_FIELDS = ("heads", "qk_channels", "v_channels", "mlp_channels", "attn_in", "attn_out", "mlp_in", "mlp_out")
+
+
+def _empty(v) -> bool:
+    if v is None:
+        return False
+    if len(v) == 0:
+        return True
+    return isinstance(v[0], (list, tuple)) and len(v[0]) == 0
+
+
+@dataclass
+class SparsityPlan:
+    """The whole model's plan.
+
+    family:            adapter family the plan was made for (``vit``, ``beit``, ``swin``)
+    blocks:            one :class:`BlockPlan` per transformer block, flat in forward order
+    residual_channels: per stage, the residual (embedding) channels kept everywhere (DepGraph-style
+                       global width pruning); ``None`` for a stage keeps all. ViT-like models have one
+                       stage.
+    depth:             keep only the first ``depth`` blocks (SLS); later blocks become identity
+                       (Swin keeps its patch-merging layers).
+    masks:             per Linear (fully qualified name in the original model), an unstructured bool
+                       mask of the weight's original shape; what survives the structured part is
+                       packed into block-sparse formats by ``accelerate``.
+    signature:         the model facts the plan was made for (block count, dims, heads), checked by
+                       :meth:`validate`.
+    meta:              free-form provenance (method, criterion, target, measured reductions).
+    """
+
+    family: str
+    blocks: List[BlockPlan]
+    residual_channels: Optional[List[Index]] = None
+    depth: Optional[int] = None
+    masks: Dict[str, torch.Tensor] = field(default_factory=dict)
+    signature: Dict = field(default_factory=dict)
+    meta: Dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def dense(cls, model) -> "SparsityPlan":
+        """A plan that keeps everything of ``model`` (a starting point to edit)."""
+        from sparsevit.models import get_adapter
+
+        adapter = get_adapter(model)
+        return cls(family=adapter.family, blocks=[BlockPlan() for _ in adapter.blocks],
+                   signature=adapter.signature())
+
+    @classmethod
+    def from_masked_model(cls, model, *, atol: float = 0.0) -> "SparsityPlan":
+        """Read a plan back from the zeros already in a masked model's weights.
+
+        Heads whose q, k and v rows are all zero, MLP channels whose fc1 row (and bias) is zero,
+        residual channels that no branch reads or writes, whole zero branches, and the remaining
+        scattered zeros of every Linear (as unstructured masks) are recovered.
+        """
+        from sparsevit.models import get_adapter
+
+        return get_adapter(model).infer_plan(atol=atol)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, model) -> "SparsityPlan":
+        """Raise :class:`PlanError` naming the block and field when this plan does not fit ``model``."""
+        from sparsevit.models import get_adapter
+
+        get_adapter(model).validate_plan(self)
+        return self
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self, model=None, *, as_dict: bool = False):
+        """Parameters and MACs before/after, per block and in total.
+
+        Uses the statistics stored in the plan by the method that made it; with ``model`` they are
+        recomputed from the model's shapes (exact counts of what ``accelerate`` keeps; MACs count
+        the multiply-accumulates of every Linear/conv plus attention's two matmuls, per image).
+        """
+        stats = self.meta.get("stats")
+        if model is not None:
+            from sparsevit.models import get_adapter
+
+            stats = get_adapter(model).count(self)
+            self.meta["stats"] = stats
+        if stats is None:
+            raise PlanError("plan.summary() needs the model: this plan carries no stored statistics. "
+                            "Call plan.summary(model).")
+        if as_dict:
+            return stats
+        return format_summary(stats, self.meta)
+
+    def nonempty_masks(self) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in self.masks.items() if v is not None}
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_json_dict(self) -> Dict:
+        return {
+            "format_version": PLAN_FORMAT_VERSION,
+            "family": self.family,
+            "blocks": [asdict(b) for b in self.blocks],
+            "residual_channels": self.residual_channels,
+            "depth": self.depth,
+            "signature": self.signature,
+            "meta": self.meta,
+            "mask_names": sorted(self.masks),
+        }
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write ``path`` (JSON) and, when the plan has masks, ``path`` + ``.masks.safetensors``.
+
+        Both files are written atomically (temporary file + rename), so an interrupted save never
+        leaves a truncated plan behind.
+        """
+        path = os.fspath(path)
+        if self.masks:
+            from safetensors.torch import save_file
+
+            tensors = {k: v.to(torch.bool).contiguous().cpu() for k, v in self.masks.items()}
+            _atomic_write(_masks_path(path), lambda tmp: save_file(tensors, tmp))
+        payload = json.dumps(self.to_json_dict(), indent=1)
+        _atomic_write(path, lambda tmp: open(tmp, "w").write(payload))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "SparsityPlan":
+        """Read a plan written by :meth:`save`; a corrupt or foreign file raises :class:`PlanError`."""
+        path = os.fspath(path)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise PlanError(f"plan file not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{path} is not a sparsevit plan (invalid JSON: {exc}). "
+                            "Re-create it with plan.save(path).") from None
+        if not isinstance(d, dict) or "blocks" not in d or "family" not in d:
+            raise PlanError(f"{path} is JSON but not a sparsevit plan (missing 'family'/'blocks').")
+        if d.get("format_version", 0) > PLAN_FORMAT_VERSION:
+            raise PlanError(f"{path} was written by a newer sparsevit (format "
+                            f"{d['format_version']} > {PLAN_FORMAT_VERSION}); upgrade sparsevit.")
+        masks = {}
+        if d.get("mask_names"):
+            mpath = _masks_path(path)
+            try:
+                from safetensors.torch import load_file
+
+                masks = load_file(mpath)
+            except FileNotFoundError:
+                raise PlanError(f"plan {path} lists {len(d['mask_names'])} masks but {mpath} is missing; "
+                                "copy it next to the plan.") from None
+            except Exception as exc:
+                raise PlanError(f"mask file {mpath} is corrupt ({exc}); re-save the plan.") from None
+            missing = set(d["mask_names"]) - set(masks)
+            if missing:
+                raise PlanError(f"mask file {mpath} lacks masks for {sorted(missing)[:3]}...; re-save the plan.")
+        try:
+            blocks = [BlockPlan(**b) for b in d["blocks"]]
+        except TypeError as exc:
+            raise PlanError(f"{path}: bad block entry ({exc}).") from None
+        return cls(family=d["family"], blocks=blocks, residual_channels=d.get("residual_channels"),
+                   depth=d.get("depth"), masks=masks, signature=d.get("signature", {}),
+                   meta=d.get("meta", {}))
+
+    # ------------------------------------------------------------------ helpers
+    def copy(self) -> "SparsityPlan":
+        import copy
+
+        return SparsityPlan(family=self.family, blocks=copy.deepcopy(self.blocks),
+                            residual_channels=copy.deepcopy(self.residual_channels), depth=self.depth,
+                            masks={k: v.clone() for k, v in self.masks.items()},
+                            signature=copy.deepcopy(self.signature), meta=copy.deepcopy(self.meta))
+
+
+def _masks_path(path: str) -> str:
+    return path + ".masks.safetensors"
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def format_summary(stats: Dict, meta: Optional[Dict] = None) -> str:
+    """Render the statistics of :meth:`SparsityPlan.summary` as a table."""
+    lines = []
+    if meta and meta.get("method"):
+        desc = ", ".join(f"{k}={meta[k]}" for k in ("method", "criterion", "sparsity", "target") if k in meta)
+        lines.append(f"plan: {desc}")
+    header = f"{'block':>6} {'params':>12} {'kept':>12} {'ratio':>6} {'MACs(M)':>10} {'kept(M)':>10}"
+    lines.append(header)
+    for b in stats["blocks"]:
+        pb, pa, mb, ma = b["params_before"], b["params_after"], b["macs_before"], b["macs_after"]
+        lines.append(f"{b['index']:>6} {pb:>12,} {pa:>12,} {pa / max(pb, 1):>6.2f} {mb / 1e6:>10.2f} {ma / 1e6:>10.2f}")
+    t = stats["total"]
+    lines.append(
+        f"total: params {t['params_before']:,} -> {t['params_after']:,} "
+        f"({100 * (1 - t['params_after'] / t['params_before']):.1f}% removed); "
+        f"MACs {t['macs_before'] / 1e9:.3f} G -> {t['macs_after'] / 1e9:.3f} G "
+        f"({t['macs_before'] / max(t['macs_after'], 1):.2f}x fewer); "
+        f"prunable params removed {100 * t.get('prunable_removed', 0):.1f}%")
+    return "\n".join(lines)
+
+
+def as_index(v: Optional[Sequence[int]]) -> Index:
+    """Normalise an index set (tensor, numpy, range) to a sorted list of ints, keeping ``None``."""
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        v = v.flatten().tolist()
+    return sorted(int(i) for i in v)

@@ -1,0 +1,141 @@
+"""``sparsevit.accelerate``: a timm ViT plus a plan in, a smaller and faster timm-compatible model out."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from sparsevit.errors import PlanError, UnsupportedModelError
+from sparsevit.models import get_adapter
+from sparsevit.models.masking import MaskedLayerNorm
+from sparsevit.plan import SparsityPlan
+from sparsevit.runtime.build import LinearFactory, build_block, sliced_layernorm
+from sparsevit.runtime.report import LayerDecision, Report
+
+BACKENDS = ("auto", "dense", "sparse", "cpp", "triton", "cuda", "reference", "semi_structured")
+
+
+def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend: str = "auto",
+               dtype: Optional[torch.dtype] = None, inplace: bool = False, batch_hint: int = 8,
+               cuda_graph: bool = False, example_input: Optional[torch.Tensor] = None) -> nn.Module:
+    """Return a model that computes what the masked dense model computes, physically smaller.
+
+    Args:
+        model: a timm ViT / DeiT / BeiT / Swin (or its masked dense copy).
+        plan: what to keep. ``None`` reads the plan from the zeros already in the weights
+            (see :meth:`SparsityPlan.from_masked_model`).
+        backend: ``"auto"`` picks per layer the fastest correct kernel (dense included); ``"dense"``
+            slices structure but keeps every Linear dense; ``"sparse"``/``"cpp"``/``"triton"``/
+            ``"cuda"``/``"reference"`` force a sparse implementation where there are zeros left.
+        dtype: convert weights to this dtype first (e.g. ``torch.bfloat16``); default: keep.
+        inplace: modify ``model`` itself; by default it is left untouched and a copy is returned.
+        batch_hint: batch size the kernel choice is tuned for.
+        cuda_graph: capture the forward as a CUDA graph for ``example_input``'s shape (CUDA only).
+
+    The result is in eval mode, carries ``sparsevit_report`` (one :class:`LayerDecision` per layer:
+    what was sliced, which kernel runs, and why) and ``sparsevit_plan``.
+    """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"accelerate expects an nn.Module, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}'; choose one of {BACKENDS}")
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    if plan is not None and not isinstance(plan, SparsityPlan):
+        raise PlanError(f"plan must be a SparsityPlan (or None to read zeros), got {type(plan).__name__}")
+    get_adapter(model)  # fail fast, before copying, on unsupported models
+    fast = model if inplace else copy.deepcopy(model)
+    fast.eval()
+    if dtype is not None:
+        fast.to(dtype)
+    adapter = get_adapter(fast)
+    if plan is None:
+        plan = adapter.infer_plan()
+        plan.meta.setdefault("source", "read from zeros")
+    adapter.validate_plan(plan)
+    residual = adapter.residual_indices(plan)
+    _check_masked_norms(adapter, residual)
+
+    report = Report()
+    make_linear = LinearFactory(report, backend, batch_hint)
+    attention_kernel = _attention_kernel(fast, backend)
+    with torch.no_grad():
+        new_blocks = []
+        for i, b in enumerate(adapter.blocks):
+            r = adapter.resolve(plan, i, residual)
+            new_blocks.append(build_block(b, r, plan.masks, make_linear, report, attention_kernel))
+        for b, nb in zip(adapter.blocks, new_blocks):
+            parent, attr = _parent_of(fast, b.fqn)
+            parent[int(attr)] = nb
+        _slice_outside_blocks(adapter, residual, report)
+    fast.sparsevit_report = report
+    fast.sparsevit_plan = plan
+    fast._sparsevit_accelerated = True
+    if cuda_graph:
+        from sparsevit.runtime.cuda_graph import capture_cuda_graph
+
+        if example_input is None:
+            raise ValueError("cuda_graph=True needs example_input (a tensor of the shape you will run).")
+        fast = capture_cuda_graph(fast, example_input)
+    return fast
+
+
+def _attention_kernel(model: nn.Module, backend: str) -> str:
+    p = next(model.parameters())
+    if p.device.type != "cuda" or backend in ("dense", "reference"):
+        return "sdpa"
+    return "sparsevit"
+
+
+def _parent_of(model: nn.Module, fqn: str):
+    parent_name, _, attr = fqn.rpartition(".")
+    return model.get_submodule(parent_name), attr
+
+
+def _check_masked_norms(adapter, residual) -> None:
+    """A masked model's MaskedLayerNorms must agree with the plan's residual channels."""
+    for b in adapter.blocks:
+        for norm in (b.norm1, b.norm2):
+            if isinstance(norm, MaskedLayerNorm):
+                keep = norm.keep.cpu()
+                R = residual[b.stage]
+                if len(keep) != len(R) or not torch.equal(keep.sort().values, R):
+                    raise PlanError(f"{b.fqn}: the model's masked norm keeps {len(keep)} residual channels but "
+                                    f"the plan keeps {len(R)}; pass plan=None to read the model's own plan.")
+
+
+def _slice_outside_blocks(adapter, residual, report: Report) -> None:
+    """Slice embeddings, norms, patch merging and the head to the kept residual channels."""
+    for parent, attr, dim, keep in adapter.residual_coupled(residual):
+        t = getattr(parent, attr, None)
+        if t is None or isinstance(t, nn.Identity):
+            continue
+        name = _name_of(adapter.model, parent, attr)
+        if dim is None:
+            full = t.normalized_shape[0]
+            if len(keep) == full and not isinstance(t, MaskedLayerNorm):
+                continue
+            setattr(parent, attr, sliced_layernorm(t, keep))
+            report.append(LayerDecision(name, "sliced", "dense", "torch.layer_norm",
+                                        f"residual channels {len(keep)}/{full}", (full,), (len(keep),)))
+            continue
+        if len(keep) == t.shape[dim]:
+            continue
+        before = tuple(t.shape)
+        new = nn.Parameter(t.detach().index_select(dim, keep.to(t.device)).clone(), requires_grad=t.requires_grad)
+        setattr(parent, attr, new)
+        if isinstance(parent, nn.Linear):
+            parent.in_features, parent.out_features = parent.weight.shape[1], parent.weight.shape[0]
+        if isinstance(parent, nn.Conv2d) and attr == "weight":
+            parent.out_channels = new.shape[0]
+        report.append(LayerDecision(name, "sliced", "dense", "torch", f"residual channels {len(keep)}",
+                                    before, tuple(new.shape)))
+
+
+def _name_of(root: nn.Module, parent: nn.Module, attr: str) -> str:
+    for n, m in root.named_modules():
+        if m is parent:
+            return f"{n}.{attr}" if n else attr
+    return attr

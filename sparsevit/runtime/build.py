@@ -1,0 +1,173 @@
+"""Builds the sparse replacement of one block from the timm block and its resolved plan."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from sparsevit.models.base import BlockInfo, ResolvedBlock
+from sparsevit.models.masking import MaskedLayerNorm
+from sparsevit.runtime.modules import BranchIO, SparseAttention, SparseBlock, SparseMlp, SparseSwinBlock
+from sparsevit.runtime.report import LayerDecision, Report
+
+
+def sliced_layernorm(norm: nn.Module, keep: torch.Tensor) -> nn.LayerNorm:
+    """A LayerNorm over ``keep`` channels of ``norm`` (a LayerNorm or a MaskedLayerNorm)."""
+    if not isinstance(norm, (nn.LayerNorm, MaskedLayerNorm)):
+        from sparsevit.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"expected a LayerNorm on the residual stream, found {type(norm).__name__}")
+    w, b = norm.weight, norm.bias
+    out = nn.LayerNorm(len(keep), eps=norm.eps, elementwise_affine=w is not None, bias=b is not None,
+                       device=(w.device if w is not None else None), dtype=(w.dtype if w is not None else None))
+    with torch.no_grad():
+        if w is not None:
+            out.weight.copy_(w[keep.to(w.device)])
+        if b is not None:
+            out.bias.copy_(b[keep.to(b.device)])
+    return out
+
+
+def _positions(subset: torch.Tensor, residual: torch.Tensor) -> Optional[torch.Tensor]:
+    """Positions of ``subset`` inside the compact residual stream, or None when it is all of it."""
+    if len(subset) == len(residual):
+        return None
+    return torch.searchsorted(residual, subset)
+
+
+def _gelu_kind(act: nn.Module) -> Optional[str]:
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    return None
+
+
+class LinearFactory:
+    """Makes each Linear: plain dense when nothing unstructured is left, else asks the kernel chooser."""
+
+    def __init__(self, report: Report, backend: str, batch_hint: int):
+        self.report, self.backend, self.batch_hint = report, backend, batch_hint
+
+    def __call__(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                 shape_before: tuple, tokens: int, activation: Optional[str] = None):
+        """Returns ``(module, fused)``; ``fused`` tells whether the module applies ``activation``."""
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                        dtype=weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        has_zeros = mask is not None and not bool(mask.all())
+        if not has_zeros and self.backend not in ("sparse", "cpp", "triton", "cuda", "reference"):
+            self.report.append(LayerDecision(
+                name, "sliced" if tuple(weight.shape) != tuple(shape_before) else "kept", "dense", "torch.linear",
+                "dense: no unstructured sparsity left after structural slicing", shape_before,
+                tuple(weight.shape), 1.0))
+            return lin, False
+        from sparsevit.runtime.linear import choose_linear
+
+        module, decision = choose_linear(lin, mask if has_zeros else None, name=name, activation=activation,
+                                         tokens=tokens * self.batch_hint, backend=self.backend)
+        decision.shape_before = shape_before
+        decision.shape_after = tuple(weight.shape)
+        self.report.append(decision)
+        return module, activation is not None
+
+
+def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactory, report: Report,
+                attention_kernel: str = "sdpa") -> nn.Module:
+    """The sparse module that replaces timm block ``b`` under resolved plan ``r``."""
+    R = r.residual
+    dev = b.qkv.weight.device
+    names = b.linear_names()
+    full_width = len(R)
+
+    def mask_of(role, rows, cols):
+        m = masks.get(names[role])
+        return None if m is None else m[rows][:, cols].to(dev)
+
+    def const_vector(bias, ls, out_idx):
+        v = torch.zeros(full_width, dtype=bias.dtype, device=dev)
+        val = bias.detach()[out_idx]
+        if ls is not None:
+            val = val * ls.detach()[out_idx]
+        v[torch.searchsorted(R, out_idx).to(dev)] = val
+        return v
+
+    def scaled(w, bias, ls, out_idx):
+        if ls is None:
+            return w, bias
+        g = ls.detach()[out_idx]
+        return w * g.unsqueeze(1), (None if bias is None else bias * g)
+
+    # ---------------------------------------------------------------- attention branch
+    attn = attn_io = attn_const = None
+    if r.attn_mode == "full":
+        with torch.no_grad():
+            qkv_w = b.qkv.weight.detach()[r.qkv_rows][:, r.attn_in]
+            qkv_b = b.qkv_bias()
+            qkv_b = None if qkv_b is None else qkv_b.detach()[r.qkv_rows]
+            proj_w = b.proj.weight.detach()[r.attn_out][:, r.proj_cols]
+            proj_b = None if b.proj.bias is None else b.proj.bias.detach()[r.attn_out]
+            proj_w, proj_b = scaled(proj_w, proj_b, b.ls1, r.attn_out)
+        T = b.tokens * b.seqs
+        qkv, _ = make_linear(names["qkv"], qkv_w, qkv_b, mask_of("qkv", r.qkv_rows, r.attn_in),
+                             tuple(b.qkv.weight.shape), T)
+        proj, _ = make_linear(names["proj"], proj_w, proj_b, mask_of("proj", r.attn_out, r.proj_cols),
+                              tuple(b.proj.weight.shape), T)
+        rel = None
+        if b.rel_pos_table() is not None:
+            with torch.no_grad():
+                rel = b.attn._get_rel_pos_bias().detach()[:, r.heads.to(dev)].contiguous()
+        attn = SparseAttention(qkv, proj, len(r.heads), r.qk.shape[1], r.v.shape[1], b.attn.scale, rel,
+                               r.heads.to(dev), attention_kernel)
+        attn_io = BranchIO(sliced_layernorm(b.norm1, R), _positions(r.attn_in, R), _positions(r.attn_out, R))
+        report.append(LayerDecision(f"{b.fqn}.attn", "sliced" if len(r.heads) < b.num_heads or
+                                    r.qk.shape[1] < b.head_dim or r.v.shape[1] < b.head_dim else "kept",
+                                    f"heads {len(r.heads)}/{b.num_heads}, qk {r.qk.shape[1]}, v {r.v.shape[1]}",
+                                    attention_kernel, _attn_reason(attention_kernel)))
+    elif r.attn_mode == "const":
+        attn_const = const_vector(b.proj.bias, b.ls1, r.attn_out)
+        report.append(LayerDecision(f"{b.fqn}.attn", "dropped", "const", "add",
+                                    "no heads left: branch reduced to its output bias"))
+    else:
+        report.append(LayerDecision(f"{b.fqn}.attn", "dropped", "none", "-", "attention branch removed"))
+
+    # ---------------------------------------------------------------- MLP branch
+    mlp = mlp_io = mlp_const = None
+    if r.mlp_mode == "full":
+        with torch.no_grad():
+            fc1_w = b.fc1.weight.detach()[r.hidden][:, r.mlp_in]
+            fc1_b = None if b.fc1.bias is None else b.fc1.bias.detach()[r.hidden]
+            fc2_w = b.fc2.weight.detach()[r.mlp_out][:, r.hidden]
+            fc2_b = None if b.fc2.bias is None else b.fc2.bias.detach()[r.mlp_out]
+            fc2_w, fc2_b = scaled(fc2_w, fc2_b, b.ls2, r.mlp_out)
+        T = b.tokens * b.seqs
+        act = b.mlp.act
+        fc1, fused = make_linear(names["fc1"], fc1_w, fc1_b, mask_of("fc1", r.hidden, r.mlp_in),
+                                 tuple(b.fc1.weight.shape), T, activation=_gelu_kind(act))
+        fc2, _ = make_linear(names["fc2"], fc2_w, fc2_b, mask_of("fc2", r.mlp_out, r.hidden),
+                             tuple(b.fc2.weight.shape), T)
+        mlp = SparseMlp(fc1, None if fused else act, fc2)
+        mlp_io = BranchIO(sliced_layernorm(b.norm2, R), _positions(r.mlp_in, R), _positions(r.mlp_out, R))
+    elif r.mlp_mode == "const":
+        mlp_const = const_vector(b.fc2.bias, b.ls2, r.mlp_out)
+        report.append(LayerDecision(f"{b.fqn}.mlp", "dropped", "const", "add",
+                                    "no hidden channels left: branch reduced to its output bias"))
+    else:
+        report.append(LayerDecision(f"{b.fqn}.mlp", "dropped", "none", "-", "MLP branch removed"))
+
+    if b.kind == "swin":
+        if getattr(b.block, "dynamic_mask", False):
+            from sparsevit.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"{b.fqn}: Swin with dynamic_mask=True (variable input size) is not "
+                                        "supported; create the model with a fixed img_size.")
+        return SparseSwinBlock(b.block, attn_io, attn, attn_const, mlp_io, mlp, mlp_const)
+    return SparseBlock(attn_io, attn, attn_const, mlp_io, mlp, mlp_const)
+
+
+def _attn_reason(kernel: str) -> str:
+    if kernel == "sdpa":
+        return "torch scaled_dot_product_attention (CPU, or chosen over the Triton kernel)"
+    return "sparsevit attention op (Triton on CUDA where supported)"

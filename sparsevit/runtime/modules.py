@@ -1,0 +1,204 @@
+"""The modules ``accelerate`` swaps in for timm's: physically smaller, same function.
+
+They are plain ``nn.Module``s built from the original modules' sliced attributes (never a patched
+``forward``), keep the callers' keyword arguments (``attn_mask``/``is_causal`` for ViT,
+``shared_rel_pos_bias`` for BeiT, Swin's ``mask``), and hold their Linears as whatever module the
+per-layer kernel choice produced (``nn.Linear``, or a sparse module from ``runtime.linear``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsevit.ops.residual import layernorm_gather, residual_scatter_add
+
+
+class SparseAttention(nn.Module):
+    """Multi-head attention over the kept heads, with q/k and v head dims that may differ.
+
+    ``qkv`` produces ``[q (H*dqk) | k (H*dqk) | v (H*dv)]``; ``scale`` is the original model's (the
+    masked dense model scores with the unpruned head dim). ``rel_pos_bias`` is the relative position
+    bias already gathered for the kept heads, ``[1, H, N, N]`` (BeiT, Swin), precomputed once.
+    """
+
+    def __init__(self, qkv: nn.Module, proj: nn.Module, num_heads: int, qk_dim: int, v_dim: int,
+                 scale: float, rel_pos_bias: Optional[torch.Tensor] = None,
+                 head_index: Optional[torch.Tensor] = None, attention_kernel: str = "sdpa"):
+        super().__init__()
+        self.qkv, self.proj = qkv, proj
+        self.num_heads, self.qk_dim, self.v_dim, self.scale = num_heads, qk_dim, v_dim, float(scale)
+        self.register_buffer("rel_pos_bias", rel_pos_bias, persistent=True)
+        # heads kept, to slice a bias shared across blocks (BeiT's shared_rel_pos_bias)
+        self.register_buffer("head_index", head_index, persistent=True)
+        self.attention_kernel = attention_kernel
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, kernel={self.attention_kernel}"
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                shared_rel_pos_bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+        B, N, _ = x.shape
+        H, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
+        q, k, v = self.qkv(x).split((H * dqk, H * dqk, H * dv), dim=-1)
+        q = q.view(B, N, H, dqk).transpose(1, 2)
+        k = k.view(B, N, H, dqk).transpose(1, 2)
+        v = v.view(B, N, H, dv).transpose(1, 2)
+        bias = self.rel_pos_bias
+        if bias is not None and bias.shape[-1] != N:
+            raise ValueError(f"SparseAttention: relative position bias was built for {bias.shape[-1]} tokens, "
+                             f"got {N}; accelerate the model at the input size you run it at.")
+        if shared_rel_pos_bias is not None:
+            shared = shared_rel_pos_bias.index_select(-3, self.head_index)
+            bias = shared if bias is None else bias + shared
+        if mask is not None:  # Swin shifted-window mask [nW, N, N]
+            nw = mask.shape[0]
+            m = mask.view(1, nw, 1, N, N).to(q.dtype)
+            base = bias if bias is not None else q.new_zeros(1, H, N, N)
+            bias = (base.unsqueeze(1) + m).expand(B // nw, nw, H, N, N).reshape(B, H, N, N)
+        if attn_mask is not None:
+            if bias is None:
+                bias = attn_mask
+            elif attn_mask.dtype == torch.bool:
+                bias = bias.masked_fill(~attn_mask, float("-inf"))
+            else:
+                bias = bias + attn_mask
+        if bias is not None and bias.dtype != q.dtype and bias.dtype != torch.bool:
+            bias = bias.to(q.dtype)
+        if self.attention_kernel == "sparsevit" and not is_causal:
+            from sparsevit.ops import attention
+
+            out = attention(q, k, v, bias, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, N, H * dv))
+
+
+class SparseMlp(nn.Module):
+    """fc1 -> act -> fc2 over the kept hidden channels. ``act`` is ``None`` when fc1 fuses it."""
+
+    def __init__(self, fc1: nn.Module, act: Optional[nn.Module], fc2: nn.Module):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.act is not None:
+            h = self.act(h)
+        return self.fc2(h)
+
+
+class BranchIO(nn.Module):
+    """How a branch meets the residual stream: norm (with the read subset fused in) and write-back.
+
+    ``read`` / ``write`` are positions in the (possibly globally sliced) residual stream, or ``None``
+    for all of it. Layer scale is folded into the branch's last Linear at build time, so the write is
+    a plain add or a scatter-add.
+    """
+
+    def __init__(self, norm: nn.LayerNorm, read: Optional[torch.Tensor], write: Optional[torch.Tensor]):
+        super().__init__()
+        self.eps = norm.eps
+        self.full_norm = norm if read is None else None
+        if read is not None:
+            self.register_buffer("read", read.to(torch.long), persistent=True)
+            self.norm_weight = nn.Parameter(norm.weight.detach()[read].clone()) if norm.weight is not None else None
+            self.norm_bias = nn.Parameter(norm.bias.detach()[read].clone()) if norm.bias is not None else None
+        else:
+            self.read = None
+        self.register_buffer("write", None if write is None else write.to(torch.long), persistent=True)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.read is None:
+            return self.full_norm(x)
+        return layernorm_gather(x, self.norm_weight, self.norm_bias, self.read, self.eps)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.write is None:
+            return x + y
+        return residual_scatter_add(x, self.write, y)
+
+
+class SparseBlock(nn.Module):
+    """A pre-norm ViT/DeiT/BeiT block with its branches sliced, replaced by constants, or removed.
+
+    ``attn_const`` / ``mlp_const`` hold the full-width constant a branch adds when it kept no heads /
+    channels but its output bias (already scaled by layer scale).
+    """
+
+    def __init__(self, attn_io: Optional[BranchIO], attn: Optional[nn.Module], attn_const: Optional[torch.Tensor],
+                 mlp_io: Optional[BranchIO], mlp: Optional[nn.Module], mlp_const: Optional[torch.Tensor]):
+        super().__init__()
+        self.attn_io, self.attn, self.mlp_io, self.mlp = attn_io, attn, mlp_io, mlp
+        self.register_buffer("attn_const", attn_const, persistent=True)
+        self.register_buffer("mlp_const", mlp_const, persistent=True)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.attn is not None:
+            y = self.attn(self.attn_io.norm(x), attn_mask=attn_mask, is_causal=is_causal,
+                          shared_rel_pos_bias=shared_rel_pos_bias)
+            x = self.attn_io.add(x, y)
+        elif self.attn_const is not None:
+            x = x + self.attn_const
+        if self.mlp is not None:
+            x = self.mlp_io.add(x, self.mlp(self.mlp_io.norm(x)))
+        elif self.mlp_const is not None:
+            x = x + self.mlp_const
+        return x
+
+
+class SparseSwinBlock(nn.Module):
+    """A Swin block (shifted-window attention) with sliced or removed branches.
+
+    Window partitioning is channel-agnostic, so the branch's read subset is gathered by the norm
+    before partitioning and its output scattered back after the windows are merged.
+    """
+
+    def __init__(self, src: nn.Module, attn_io, attn, attn_const, mlp_io, mlp, mlp_const):
+        super().__init__()
+        self.window_size = tuple(src.window_size)
+        self.shift_size = tuple(src.shift_size)
+        self.window_area = self.window_size[0] * self.window_size[1]
+        self.dynamic_mask = bool(getattr(src, "dynamic_mask", False))
+        self.always_partition = bool(getattr(src, "always_partition", False))
+        self.register_buffer("attn_mask", src.attn_mask, persistent=False)
+        self._src_get_mask = src.get_attn_mask if self.dynamic_mask else None
+        self.attn_io, self.attn, self.mlp_io, self.mlp = attn_io, attn, mlp_io, mlp
+        self.register_buffer("attn_const", attn_const, persistent=True)
+        self.register_buffer("mlp_const", mlp_const, persistent=True)
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        from timm.models.swin_transformer import window_partition, window_reverse
+
+        B, H, W, C = x.shape
+        has_shift = any(self.shift_size)
+        if has_shift:
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        pad_h = (self.window_size[0] - H % self.window_size[0]) % self.window_size[0]
+        pad_w = (self.window_size[1] - W % self.window_size[1]) % self.window_size[1]
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        _, Hp, Wp, _ = x.shape
+        windows = window_partition(x, self.window_size).view(-1, self.window_area, C)
+        mask = self._src_get_mask(x) if self.dynamic_mask else self.attn_mask
+        out = self.attn(windows, mask=mask)
+        Co = out.shape[-1]
+        out = window_reverse(out.view(-1, self.window_size[0], self.window_size[1], Co), self.window_size, Hp, Wp)
+        out = out[:, :H, :W, :]
+        if has_shift:
+            out = torch.roll(out, shifts=self.shift_size, dims=(1, 2))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if self.attn is not None:
+            x = self.attn_io.add(x, self._attn(self.attn_io.norm(x)))
+        elif self.attn_const is not None:
+            x = x + self.attn_const
+        if self.mlp is not None:
+            x = self.mlp_io.add(x, self.mlp(self.mlp_io.norm(x)))
+        elif self.mlp_const is not None:
+            x = x + self.mlp_const
+        return x
