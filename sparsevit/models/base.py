@@ -292,7 +292,8 @@ class ModelAdapter:
         dense = SparsityPlan(family=self.family, blocks=[BlockPlan() for _ in self.blocks])
         for i, b in enumerate(self.blocks):
             r = self.resolve(plan, i, residual)
-            pb, mb = self._block_cost(b, self.resolve(dense, i), {})
+            _, mb = self._block_cost(b, self.resolve(dense, i), {})
+            pb = sum(p.numel() for p in b.block.parameters())
             pa, ma = self._block_cost(b, r, plan.masks)
             blocks.append({"index": i, "fqn": b.fqn, "params_before": pb, "params_after": pa,
                            "macs_before": mb, "macs_after": ma, "heads": len(r.heads) if r.attn_mode == "full" else 0,
@@ -311,6 +312,8 @@ class ModelAdapter:
         return {"blocks": blocks, "total": total}
 
     def _block_cost(self, b: BlockInfo, r: ResolvedBlock, masks: Dict[str, torch.Tensor]):
+        """(params, MACs per image) of a block as accelerate builds it: layer scale is folded into
+        proj/fc2, BeiT's q/v biases become one fused qkv bias, rel-pos tables keep the kept heads."""
         names = b.linear_names()
         T = b.tokens * b.seqs  # tokens per image through the block's Linears
 
@@ -321,14 +324,11 @@ class ModelAdapter:
             return w, w * T
 
         params = macs = 0
-        nR = len(r.residual)
         if r.attn_mode == "full":
             w, m = lin("qkv", r.qkv_rows, r.attn_in)
-            params += w + _norm_params(b.norm1, nR)
+            params += w + _norm_params(b.norm1, len(r.attn_in))
             macs += m
-            if b.kind == "beit":
-                params += (len(r.q_rows) + len(r.v_rows)) if b.attn.q_bias is not None else 0
-            elif b.qkv.bias is not None:
+            if b.qkv_bias() is not None:  # BeiT's zero k bias is materialised in the fused qkv bias
                 params += len(r.qkv_rows)
             table = b.rel_pos_table()
             if table is not None:
@@ -338,19 +338,15 @@ class ModelAdapter:
             w, m = lin("proj", r.attn_out, r.proj_cols)
             params += w + (len(r.attn_out) if b.proj.bias is not None else 0)
             macs += m + b.seqs * len(r.heads) * b.tokens * b.tokens * (r.qk.shape[1] + r.v.shape[1])
-        if r.attn_mode != "none" and b.ls1 is not None:
-            params += len(r.attn_out)
         if r.attn_mode == "const":
             params += len(r.attn_out)
         if r.mlp_mode == "full":
             w, m = lin("fc1", r.hidden, r.mlp_in)
-            params += w + _norm_params(b.norm2, nR) + (len(r.hidden) if b.fc1.bias is not None else 0)
+            params += w + _norm_params(b.norm2, len(r.mlp_in)) + (len(r.hidden) if b.fc1.bias is not None else 0)
             macs += m
             w, m = lin("fc2", r.mlp_out, r.hidden)
             params += w + (len(r.mlp_out) if b.fc2.bias is not None else 0)
             macs += m
-        if r.mlp_mode != "none" and b.ls2 is not None:
-            params += len(r.mlp_out)
         if r.mlp_mode == "const":
             params += len(r.mlp_out)
         return params, macs

@@ -16,12 +16,13 @@ from sparsevit import _ext
 
 
 def _ln_gather_reference(x, weight, bias, index, eps):
-    var, mean = torch.var_mean(x.float(), dim=-1, keepdim=True, unbiased=False)
-    y = (x.index_select(-1, index).float() - mean) * torch.rsqrt(var + eps)
+    acc = torch.promote_types(x.dtype, torch.float32)  # half inputs accumulate in fp32, like F.layer_norm
+    var, mean = torch.var_mean(x.to(acc), dim=-1, keepdim=True, unbiased=False)
+    y = (x.index_select(-1, index).to(acc) - mean) * torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(acc)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(acc)
     return y.to(x.dtype)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from sparsevit.models.base import BlockInfo, ResolvedBlock
 from sparsevit.models.masking import MaskedLayerNorm
-from sparsevit.runtime.modules import BranchIO, SparseAttention, SparseBlock, SparseMlp, SparseSwinBlock
+from sparsevit.runtime.modules import BranchIO, ConstBranch, SparseAttention, SparseBlock, SparseMlp, SparseSwinBlock
 from sparsevit.runtime.report import LayerDecision, Report
 
 
@@ -58,11 +58,16 @@ class LinearFactory:
             if bias is not None:
                 lin.bias.copy_(bias)
         has_zeros = mask is not None and not bool(mask.all())
-        if not has_zeros and self.backend not in ("sparse", "cpp", "triton", "cuda", "reference"):
+        if self.backend == "dense" or (not has_zeros and self.backend == "auto"):
+            if has_zeros:
+                with torch.no_grad():
+                    lin.weight.mul_(mask.to(lin.weight.dtype))
+            why = ("dense: backend='dense' requested" if has_zeros else
+                   "dense: no unstructured sparsity left after structural slicing")
+            density = float(mask.float().mean()) if has_zeros else 1.0
             self.report.append(LayerDecision(
                 name, "sliced" if tuple(weight.shape) != tuple(shape_before) else "kept", "dense", "torch.linear",
-                "dense: no unstructured sparsity left after structural slicing", shape_before,
-                tuple(weight.shape), 1.0))
+                why, shape_before, tuple(weight.shape), density))
             return lin, False
         from sparsevit.runtime.linear import choose_linear
 
@@ -80,19 +85,17 @@ def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactor
     R = r.residual
     dev = b.qkv.weight.device
     names = b.linear_names()
-    full_width = len(R)
 
     def mask_of(role, rows, cols):
         m = masks.get(names[role])
         return None if m is None else m[rows][:, cols].to(dev)
 
-    def const_vector(bias, ls, out_idx):
-        v = torch.zeros(full_width, dtype=bias.dtype, device=dev)
+    def const_branch(bias, ls, out_idx):
         val = bias.detach()[out_idx]
         if ls is not None:
             val = val * ls.detach()[out_idx]
-        v[torch.searchsorted(R, out_idx).to(dev)] = val
-        return v
+        pos = _positions(out_idx, R)
+        return ConstBranch(val.clone(), None if pos is None else pos.to(dev))
 
     def scaled(w, bias, ls, out_idx):
         if ls is None:
@@ -115,19 +118,21 @@ def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactor
                              tuple(b.qkv.weight.shape), T)
         proj, _ = make_linear(names["proj"], proj_w, proj_b, mask_of("proj", r.attn_out, r.proj_cols),
                               tuple(b.proj.weight.shape), T)
-        rel = None
-        if b.rel_pos_table() is not None:
-            with torch.no_grad():
-                rel = b.attn._get_rel_pos_bias().detach()[:, r.heads.to(dev)].contiguous()
-        attn = SparseAttention(qkv, proj, len(r.heads), r.qk.shape[1], r.v.shape[1], b.attn.scale, rel,
-                               r.heads.to(dev), attention_kernel)
+        table = b.rel_pos_table()
+        rel_table = rel_index = None
+        if table is not None:
+            rel_table = table.detach()[:, r.heads.to(dev)].clone()
+            n = b.attn.relative_position_index.shape[0]
+            rel_index = b.attn.relative_position_index.detach().reshape(n, n).clone()
+        attn = SparseAttention(qkv, proj, len(r.heads), r.qk.shape[1], r.v.shape[1], b.attn.scale, rel_table,
+                               rel_index, r.heads.to(dev), attention_kernel)
         attn_io = BranchIO(sliced_layernorm(b.norm1, R), _positions(r.attn_in, R), _positions(r.attn_out, R))
         report.append(LayerDecision(f"{b.fqn}.attn", "sliced" if len(r.heads) < b.num_heads or
                                     r.qk.shape[1] < b.head_dim or r.v.shape[1] < b.head_dim else "kept",
                                     f"heads {len(r.heads)}/{b.num_heads}, qk {r.qk.shape[1]}, v {r.v.shape[1]}",
                                     attention_kernel, _attn_reason(attention_kernel)))
     elif r.attn_mode == "const":
-        attn_const = const_vector(b.proj.bias, b.ls1, r.attn_out)
+        attn_const = const_branch(b.proj.bias, b.ls1, r.attn_out)
         report.append(LayerDecision(f"{b.fqn}.attn", "dropped", "const", "add",
                                     "no heads left: branch reduced to its output bias"))
     else:
@@ -151,7 +156,7 @@ def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactor
         mlp = SparseMlp(fc1, None if fused else act, fc2)
         mlp_io = BranchIO(sliced_layernorm(b.norm2, R), _positions(r.mlp_in, R), _positions(r.mlp_out, R))
     elif r.mlp_mode == "const":
-        mlp_const = const_vector(b.fc2.bias, b.ls2, r.mlp_out)
+        mlp_const = const_branch(b.fc2.bias, b.ls2, r.mlp_out)
         report.append(LayerDecision(f"{b.fqn}.mlp", "dropped", "const", "add",
                                     "no hidden channels left: branch reduced to its output bias"))
     else:

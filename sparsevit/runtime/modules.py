@@ -20,20 +20,39 @@ class SparseAttention(nn.Module):
     """Multi-head attention over the kept heads, with q/k and v head dims that may differ.
 
     ``qkv`` produces ``[q (H*dqk) | k (H*dqk) | v (H*dv)]``; ``scale`` is the original model's (the
-    masked dense model scores with the unpruned head dim). ``rel_pos_bias`` is the relative position
-    bias already gathered for the kept heads, ``[1, H, N, N]`` (BeiT, Swin), precomputed once.
+    masked dense model scores with the unpruned head dim). BeiT/Swin keep their relative position
+    bias table sliced to the kept heads; the ``[1, H, N, N]`` bias it expands to is cached for
+    inference (recomputed in training mode, or after loading).
     """
 
     def __init__(self, qkv: nn.Module, proj: nn.Module, num_heads: int, qk_dim: int, v_dim: int,
-                 scale: float, rel_pos_bias: Optional[torch.Tensor] = None,
+                 scale: float, rel_table: Optional[torch.Tensor] = None, rel_index: Optional[torch.Tensor] = None,
                  head_index: Optional[torch.Tensor] = None, attention_kernel: str = "sdpa"):
         super().__init__()
         self.qkv, self.proj = qkv, proj
         self.num_heads, self.qk_dim, self.v_dim, self.scale = num_heads, qk_dim, v_dim, float(scale)
-        self.register_buffer("rel_pos_bias", rel_pos_bias, persistent=True)
+        self.relative_position_bias_table = None if rel_table is None else nn.Parameter(rel_table)
+        self.register_buffer("relative_position_index", rel_index, persistent=True)
+        self.register_buffer("_rel_cache", None, persistent=False)
         # heads kept, to slice a bias shared across blocks (BeiT's shared_rel_pos_bias)
         self.register_buffer("head_index", head_index, persistent=True)
         self.attention_kernel = attention_kernel
+
+    def rel_pos_bias(self) -> Optional[torch.Tensor]:
+        if self.relative_position_bias_table is None:
+            return None
+        if self._rel_cache is not None and not self.training:
+            return self._rel_cache
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        bias = bias.permute(2, 0, 1).unsqueeze(0).contiguous()
+        if not self.training:
+            self._rel_cache = bias.detach()
+        return bias
+
+    def _apply(self, fn, *args, **kwargs):
+        self._rel_cache = None  # dtype/device changes invalidate the cached bias
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, kernel={self.attention_kernel}"
@@ -46,7 +65,7 @@ class SparseAttention(nn.Module):
         q = q.view(B, N, H, dqk).transpose(1, 2)
         k = k.view(B, N, H, dqk).transpose(1, 2)
         v = v.view(B, N, H, dv).transpose(1, 2)
-        bias = self.rel_pos_bias
+        bias = self.rel_pos_bias()
         if bias is not None and bias.shape[-1] != N:
             raise ValueError(f"SparseAttention: relative position bias was built for {bias.shape[-1]} tokens, "
                              f"got {N}; accelerate the model at the input size you run it at.")
@@ -121,19 +140,31 @@ class BranchIO(nn.Module):
         return residual_scatter_add(x, self.write, y)
 
 
+class ConstBranch(nn.Module):
+    """A branch that kept no heads / hidden channels: it adds its output bias (times layer scale)."""
+
+    def __init__(self, value: torch.Tensor, write: Optional[torch.Tensor]):
+        super().__init__()
+        self.value = nn.Parameter(value, requires_grad=False)
+        self.register_buffer("write", None if write is None else write.to(torch.long), persistent=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.write is None:
+            return x + self.value
+        return x.index_add(-1, self.write, self.value.expand(*x.shape[:-1], -1))
+
+
 class SparseBlock(nn.Module):
     """A pre-norm ViT/DeiT/BeiT block with its branches sliced, replaced by constants, or removed.
 
-    ``attn_const`` / ``mlp_const`` hold the full-width constant a branch adds when it kept no heads /
-    channels but its output bias (already scaled by layer scale).
+    ``attn_const`` / ``mlp_const`` are :class:`ConstBranch` es for branches that kept only their bias.
     """
 
-    def __init__(self, attn_io: Optional[BranchIO], attn: Optional[nn.Module], attn_const: Optional[torch.Tensor],
-                 mlp_io: Optional[BranchIO], mlp: Optional[nn.Module], mlp_const: Optional[torch.Tensor]):
+    def __init__(self, attn_io: Optional[BranchIO], attn: Optional[nn.Module], attn_const: Optional[nn.Module],
+                 mlp_io: Optional[BranchIO], mlp: Optional[nn.Module], mlp_const: Optional[nn.Module]):
         super().__init__()
         self.attn_io, self.attn, self.mlp_io, self.mlp = attn_io, attn, mlp_io, mlp
-        self.register_buffer("attn_const", attn_const, persistent=True)
-        self.register_buffer("mlp_const", mlp_const, persistent=True)
+        self.attn_const, self.mlp_const = attn_const, mlp_const
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -142,11 +173,11 @@ class SparseBlock(nn.Module):
                           shared_rel_pos_bias=shared_rel_pos_bias)
             x = self.attn_io.add(x, y)
         elif self.attn_const is not None:
-            x = x + self.attn_const
+            x = self.attn_const(x)
         if self.mlp is not None:
             x = self.mlp_io.add(x, self.mlp(self.mlp_io.norm(x)))
         elif self.mlp_const is not None:
-            x = x + self.mlp_const
+            x = self.mlp_const(x)
         return x
 
 
@@ -167,8 +198,7 @@ class SparseSwinBlock(nn.Module):
         self.register_buffer("attn_mask", src.attn_mask, persistent=False)
         self._src_get_mask = src.get_attn_mask if self.dynamic_mask else None
         self.attn_io, self.attn, self.mlp_io, self.mlp = attn_io, attn, mlp_io, mlp
-        self.register_buffer("attn_const", attn_const, persistent=True)
-        self.register_buffer("mlp_const", mlp_const, persistent=True)
+        self.attn_const, self.mlp_const = attn_const, mlp_const
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         from timm.models.swin_transformer import window_partition, window_reverse
@@ -196,9 +226,9 @@ class SparseSwinBlock(nn.Module):
         if self.attn is not None:
             x = self.attn_io.add(x, self._attn(self.attn_io.norm(x)))
         elif self.attn_const is not None:
-            x = x + self.attn_const
+            x = self.attn_const(x)
         if self.mlp is not None:
             x = self.mlp_io.add(x, self.mlp(self.mlp_io.norm(x)))
         elif self.mlp_const is not None:
-            x = x + self.mlp_const
+            x = self.mlp_const(x)
         return x

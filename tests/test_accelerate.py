@@ -1,0 +1,144 @@
+"""accelerate(model, plan) must compute what the masked dense model computes, for every family and
+every kind of structured removal, and leave the user's model alone."""
+import copy
+
+import pytest
+import torch
+
+import sparsevit
+from helpers import IMG, MODEL_CONFIGS, make_model, random_plan, rel_err
+
+STRUCTURED = ("heads", "qk", "v", "mlp", "io", "drop", "residual", "depth")
+
+
+def _outputs(model, fast, plan, batch, seed=0):
+    torch.manual_seed(seed)
+    size = IMG[model._key]
+    x = torch.randn(batch, 3, size, size)
+    masked = sparsevit.masked_model(model, plan)
+    with torch.no_grad():
+        return masked(x), fast(x), model(x)
+
+
+@pytest.fixture(params=list(MODEL_CONFIGS))
+def model(request):
+    m = make_model(request.param)
+    m._key = request.param
+    return m
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_structured_plan_matches_masked_model(model, seed, batch):
+    plan = random_plan(model, seed, kinds=STRUCTURED)
+    before = copy.deepcopy(model.state_dict())
+    fast = sparsevit.accelerate(model, plan)
+    ref, out, dense = _outputs(model, fast, plan, batch, seed)
+    assert rel_err(out, ref) < 1e-5, f"accelerated vs masked: rel err {rel_err(out, ref):.2e}"
+    assert rel_err(ref, dense) > 1e-4, "plan did not change the function; the test would not catch a no-op"
+    for k, v in model.state_dict().items():  # the user's model is untouched
+        assert torch.equal(v, before[k]), f"accelerate modified the input model ({k})"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_param_count_matches_accelerated_model(model, seed):
+    plan = random_plan(model, seed, kinds=STRUCTURED)
+    fast = sparsevit.accelerate(model, plan)
+    stats = plan.summary(model, as_dict=True)["total"]
+    n_fast = sum(p.numel() for p in fast.parameters())
+    assert stats["params_after"] == n_fast
+    dense = sparsevit.SparsityPlan.dense(model).summary(model, as_dict=True)["total"]
+    assert dense["params_after"] == sum(p.numel() for p in sparsevit.accelerate(model).parameters())
+
+
+def test_macs_match_flop_counter(model):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plan = random_plan(model, 5, kinds=("heads", "qk", "v", "mlp", "io", "drop"))
+    fast = sparsevit.accelerate(model, plan)
+    stats = plan.summary(model, as_dict=True)["total"]
+    x = torch.randn(1, 3, IMG[model._key], IMG[model._key])
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for m, key in ((model, "macs_before"), (fast, "macs_after")):
+        # the math backend decomposes attention into matmuls the counter always sees
+        with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            m(x)
+        measured = fc.get_total_flops() / 2
+        assert abs(measured - stats[key]) / measured < 0.02, (key, measured, stats[key])
+
+
+def test_plan_read_from_zeros(model):
+    plan = random_plan(model, 3, kinds=STRUCTURED)
+    masked = sparsevit.masked_model(model, plan)
+    fast = sparsevit.accelerate(masked)  # plan=None: read from the zeros
+    x = torch.randn(2, 3, IMG[model._key], IMG[model._key])
+    with torch.no_grad():
+        assert rel_err(fast(x), masked(x)) < 1e-5
+    inferred = fast.sparsevit_plan
+    ref = plan.summary(model, as_dict=True)["total"]["params_after"]
+    assert inferred.summary(masked, as_dict=True)["total"]["params_after"] <= ref
+
+
+def test_inference_mode_and_compile(model):
+    plan = random_plan(model, 4, kinds=STRUCTURED)
+    fast = sparsevit.accelerate(model, plan)
+    x = torch.randn(2, 3, IMG[model._key], IMG[model._key])
+    with torch.inference_mode():
+        y = fast(x)
+    ref = sparsevit.masked_model(model, plan)(x).detach()
+    assert rel_err(y, ref) < 1e-5
+    if model._key == "vit_tiny":  # one family under torch.compile keeps CI time bounded
+        compiled = torch.compile(fast)
+        with torch.no_grad():
+            assert rel_err(compiled(x), ref) < 1e-5
+
+
+def test_vit_keyword_arguments_survive():
+    m = make_model("vit_tiny")
+    m._key = "vit_tiny"
+    plan = random_plan(m, 1, kinds=("heads", "qk", "v", "mlp"))
+    fast = sparsevit.accelerate(m, plan)
+    masked = sparsevit.masked_model(m, plan)
+    x = torch.randn(2, 17, m.embed_dim)
+    mask = torch.rand(17, 17) > 0.3
+    mask |= torch.eye(17, dtype=torch.bool)
+    with torch.no_grad():
+        for i in range(len(m.blocks)):
+            for kw in ({"attn_mask": mask}, {"is_causal": True}):
+                assert rel_err(fast.blocks[i](x, **kw), masked.blocks[i](x, **kw)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_dtype_conversion(dtype):
+    m = make_model("vit_tiny")
+    m._key = "vit_tiny"
+    plan = random_plan(m, 2, kinds=STRUCTURED)
+    fast = sparsevit.accelerate(m, plan, dtype=dtype)
+    assert next(fast.parameters()).dtype == dtype
+    assert next(m.parameters()).dtype == torch.float32
+    x = torch.randn(2, 3, 32, 32)
+    ref = sparsevit.masked_model(m, plan).double()(x.double()).detach()
+    out = fast(x.to(dtype)).detach()
+    tol = 1e-10 if dtype == torch.float64 else 0.1
+    assert rel_err(out, ref) < tol
+
+
+def test_inplace_replaces_modules():
+    m = make_model("vit_tiny")
+    plan = random_plan(m, 0, kinds=("heads", "mlp"))
+    fast = sparsevit.accelerate(m, plan, inplace=True)
+    assert fast is m
+    assert type(m.blocks[0]).__name__ == "SparseBlock"
+
+
+def test_report_lists_every_linear():
+    m = make_model("vit_tiny")
+    plan = random_plan(m, 0, kinds=("heads", "mlp"))
+    fast = sparsevit.accelerate(m, plan)
+    names = {d.name for d in fast.sparsevit_report}
+    for i in range(3):
+        for lin in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            assert f"blocks.{i}.{lin}" in names or any(n.startswith(f"blocks.{i}.") and "dropped" for n in names)
+    assert "reason" in fast.sparsevit_report[0].as_dict()
+    assert "dense" in fast.sparsevit_report.table()
