@@ -58,13 +58,16 @@ def _extensions():
     if os.environ.get("SPARSEVIT_NO_CUDA", "0") == "1":
         with_cuda = False
 
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wno-unused-function"]
+    # torch >= 2.10 headers need C++20; older ones are fine with C++17 (and some reject C++20 flags)
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    std = "-std=c++20" if (major, minor) >= (2, 10) else "-std=c++17"
+    cxx_flags = ["-O3", std, "-fno-math-errno", "-Wno-unused-function"]
     define_macros = []
     kwargs = dict(extra_compile_args={"cxx": cxx_flags}, define_macros=define_macros)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.7;9.0")
         define_macros.append(("SPARSEVIT_WITH_CUDA", None))
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", std, "--use_fast_math", "-lineinfo",
                                                "-DSPARSEVIT_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension("sparsevit._C", cpp_sources + cuda_sources, **kwargs)
     else:

@@ -218,12 +218,18 @@ class SparsityPlan:
             missing = set(d["mask_names"]) - set(masks)
             if missing:
                 raise PlanError(f"mask file {mpath} lacks masks for {sorted(missing)[:3]}...; re-save the plan.")
+        return cls.from_json_dict(d, masks, where=path)
+
+    @classmethod
+    def from_json_dict(cls, d: Dict, masks: Optional[Dict[str, torch.Tensor]] = None,
+                       where: str = "plan") -> "SparsityPlan":
+        """Inverse of :meth:`to_json_dict` (masks travel separately)."""
         try:
             blocks = [BlockPlan(**b) for b in d["blocks"]]
         except TypeError as exc:
-            raise PlanError(f"{path}: bad block entry ({exc}).") from None
+            raise PlanError(f"{where}: bad block entry ({exc}).") from None
         return cls(family=d["family"], blocks=blocks, residual_channels=d.get("residual_channels"),
-                   depth=d.get("depth"), masks=masks, signature=d.get("signature", {}),
+                   depth=d.get("depth"), masks=masks or {}, signature=d.get("signature", {}),
                    meta=d.get("meta", {}))
 
     # ------------------------------------------------------------------ helpers
