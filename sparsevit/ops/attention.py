@@ -1,0 +1,113 @@
+"""``sparsevit::attention``: attention for pruned heads, as a custom op.
+
+``attention(q, k, v, attn_bias=None, scale=None)`` computes ``softmax(q k^T * scale + attn_bias) v``
+for ``q``/``k`` ``[B, H, N, Dqk]`` and ``v`` ``[B, H, N, Dv]``. After head pruning ``H`` is any
+count and after head-dim pruning ``Dqk != Dv`` and neither is a power of two. ``scale`` defaults
+to ``Dqk ** -0.5``; callers that pruned head-dim channels pass the *original* head dim's scale,
+since the model was trained with it. ``attn_bias`` is additive and broadcastable to
+``[B, H, N, N]`` (BeiT/Swin relative-position bias, with Swin's shifted-window mask pre-added); a
+boolean mask (True = attend) is accepted and turned into an additive one.
+
+Dispatch: on CUDA the Triton flash kernel (:mod:`sparsevit.kernels.attention`) runs when
+:func:`attention_unsupported_reasons` is empty, else ``F.scaled_dot_product_attention``; on CPU
+always SDPA. The op has a fake impl (traces under ``torch.compile``) and an autograd formula, so
+masked fine-tuning can run through it too.
+"""
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from sparsevit import kernels as _kernels
+except Exception as exc:  # noqa: BLE001 - keep the SDPA path whatever happened
+    _kernels = None
+    _KERNELS_ERROR = f"sparsevit.kernels failed to import ({type(exc).__name__}: {exc})"
+else:
+    _KERNELS_ERROR = None
+
+
+def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = None) -> List[str]:
+    """Why the Triton kernel cannot take this input (empty list: it can). Goes into the report."""
+    if _kernels is None:
+        return [_KERNELS_ERROR]
+    if attn_bias is not None and attn_bias.dtype == torch.bool:
+        attn_bias = torch.empty(attn_bias.shape, device=attn_bias.device, dtype=q.dtype)  # converted below
+    reasons = []
+    if not q.is_cuda:
+        reasons.append(f"q is on {q.device}: the Triton kernel runs on CUDA only (SDPA is used)")
+    reasons += [r for r in _kernels.attention_triton_unsupported_reasons(q, k, v, attn_bias)
+                if "needs CUDA" not in r and "require grad" not in r]
+    return reasons
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], scale: float) -> Tensor:
+    if attn_bias is not None and attn_bias.dtype != q.dtype:
+        attn_bias = attn_bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+
+
+@torch.library.custom_op("sparsevit::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], scale: float) -> Tensor:
+    if q.is_cuda and not attention_unsupported_reasons(q, k, v, attn_bias):
+        with torch.no_grad():
+            return _kernels.attention_triton(q, k, v, attn_bias, scale)
+    return _sdpa(q, k, v, attn_bias, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, attn_bias, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_bias, scale = inputs
+    ctx.save_for_backward(q, k, v, attn_bias)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out):
+    # Recompute the probabilities in fp32 (the forward never materialised them).
+    q, k, v, attn_bias = ctx.saved_tensors
+    qf, kf, vf, go = q.float(), k.float(), v.float(), grad_out.float()
+    s = (qf @ kf.transpose(-2, -1)) * ctx.scale
+    if attn_bias is not None:
+        s = s + attn_bias.float()
+    p = torch.softmax(s, dim=-1)
+    dv = p.transpose(-2, -1) @ go
+    dp = go @ vf.transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = (ds @ kf) * ctx.scale
+    dk = (ds.transpose(-2, -1) @ qf) * ctx.scale
+    dbias = None
+    if attn_bias is not None and ctx.needs_input_grad[3]:
+        dbias = ds
+        for dim, size in enumerate(attn_bias.shape):  # sum over broadcast dims
+            if size == 1 and dbias.shape[dim] != 1:
+                dbias = dbias.sum(dim, keepdim=True)
+        dbias = dbias.to(attn_bias.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = None,
+              scale: Optional[float] = None) -> Tensor:
+    """``softmax(q @ k^T * scale + attn_bias) @ v`` for pruned heads; see the module docstring.
+
+    Args:
+        q, k: ``[B, H, N, Dqk]``; v: ``[B, H, N, Dv]`` (``Dv`` may differ from ``Dqk``).
+        attn_bias: additive float bias broadcastable to ``[B, H, N, N]``, or a bool mask (True =
+            attend), or None.
+        scale: softmax scale; default ``Dqk ** -0.5`` (pass the original head dim's scale after
+            head-dim pruning).
+    Returns: ``[B, H, N, Dv]`` in ``q``'s dtype.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if attn_bias is not None and attn_bias.dtype == torch.bool:
+        attn_bias = torch.zeros(attn_bias.shape, device=q.device, dtype=q.dtype).masked_fill(
+            ~attn_bias, float("-inf"))
+    return _attention_op(q, k, v, attn_bias, float(scale))
