@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # Heavier entry points load lazily so `import sparsevit` stays fast and never needs triton.
-    if name in ("save", "load"):
+    if name in ("save", "load", "export"):
         from sparsevit import serialize
 
         return getattr(serialize, name)

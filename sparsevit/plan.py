@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from sparsevit._io import atomic_write
 from sparsevit.errors import PlanError
 
 Index = Optional[List[int]]
@@ -182,9 +182,9 @@ class SparsityPlan:
             from safetensors.torch import save_file
 
             tensors = {k: v.to(torch.bool).contiguous().cpu() for k, v in self.masks.items()}
-            _atomic_write(_masks_path(path), lambda tmp: save_file(tensors, tmp))
+            atomic_write(_masks_path(path), lambda tmp: save_file(tensors, tmp))
         payload = json.dumps(self.to_json_dict(), indent=1)
-        _atomic_write(path, lambda tmp: open(tmp, "w").write(payload))
+        atomic_write(path, lambda tmp: open(tmp, "w").write(payload))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SparsityPlan":
@@ -244,19 +244,6 @@ class SparsityPlan:
 
 def _masks_path(path: str) -> str:
     return path + ".masks.safetensors"
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def format_summary(stats: Dict, meta: Optional[Dict] = None) -> str:

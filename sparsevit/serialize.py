@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Union
 
 import torch
 from torch import nn
 
+from sparsevit._io import atomic_write
 from sparsevit.errors import CheckpointError
 
 FORMAT = "sparsevit-model"
@@ -42,17 +42,23 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         "report": [d.as_dict() for d in getattr(model, "sparsevit_report", [])],
         "module": model,
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".sparsevit", dir=directory)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(os.fspath(path), lambda tmp: torch.save(payload, tmp), suffix=".sparsevit")
+
+
+def export(model: nn.Module, example_input: torch.Tensor, path: Union[str, os.PathLike]):
+    """``torch.export`` an accelerated model for ``example_input``'s shape and save it (``.pt2``).
+
+    Every sparsevit op is a registered custom op with a fake implementation, so the exported program
+    keeps the sparse kernels as single nodes; load it with ``torch.export.load(path).module()`` in a
+    process that has imported ``sparsevit`` (which registers those ops). Returns the ExportedProgram.
+    """
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError("export needs an example input tensor of the shape you will run, e.g. "
+                        "torch.randn(1, 3, 224, 224)")
+    model.eval()
+    program = torch.export.export(model, (example_input,))
+    atomic_write(os.fspath(path), lambda tmp: torch.export.save(program, tmp), suffix=".pt2")
+    return program
 
 
 def load(path: Union[str, os.PathLike], map_location=None) -> nn.Module:

@@ -60,3 +60,17 @@ def test_bad_files(tmp_path):
         sparsevit.load(truncated)
     with pytest.raises(CheckpointError, match="expects a model returned by sparsevit.accelerate"):
         sparsevit.save(make_model("vit_tiny"), tmp_path / "x.sparsevit")
+
+
+def test_export_round_trip(tmp_path):
+    from sparsevit.plan_presets import plan_structured_then_block_sparse
+
+    m = make_model("vit_tiny")
+    fast = sparsevit.accelerate(m, plan_structured_then_block_sparse(m, 0.5, 0.7))
+    x = torch.randn(2, 3, 32, 32)
+    sparsevit.export(fast, x, tmp_path / "m.pt2")
+    program = torch.export.load(str(tmp_path / "m.pt2"))
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), fast(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="example input"):
+        sparsevit.export(fast, None, tmp_path / "n.pt2")
