@@ -13,6 +13,10 @@ from sparsevit.errors import (CheckpointError, KernelError, PlanError, SparseVit
 from sparsevit.plan import BlockPlan, SparsityPlan  # noqa: F401
 from sparsevit.models import get_adapter, masked_model  # noqa: F401
 from sparsevit.runtime.accelerate import accelerate  # noqa: F401
+# `sparsevit.prune` is the pruning subpackage and, being a callable package, also the entry point
+# `sparsevit.prune(model, method=..., ...)` (see sparsevit/prune/__init__.py).
+from sparsevit import prune  # noqa: E402,F401
+from sparsevit.prune import finetune  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
@@ -23,10 +27,6 @@ def __getattr__(name):
         from sparsevit import serialize
 
         return getattr(serialize, name)
-    if name in ("prune", "finetune"):
-        from sparsevit import prune as _prune_pkg
-
-        return getattr(_prune_pkg, name)
     if name in ("ops", "formats", "kernels"):
         import importlib
 

@@ -1,0 +1,191 @@
+"""Command line: ``sparsevit prune|accelerate|bench|export ...``.
+
+Subcommands live in :data:`COMMANDS` as ``name -> (help, add_arguments(parser), run(args) -> int)``;
+:func:`register_command` adds one (``accelerate``, ``bench``, ``export`` are added the same way).
+
+    sparsevit prune --model vit_tiny_patch16_224 --model-kwargs '{"img_size": 32, "patch_size": 8}' \\
+        --method grouped --criterion taylor --sparsity 0.5 --data digits --out plan.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}
+
+
+def register_command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                     run: Callable[[argparse.Namespace], int]) -> None:
+    """Add subcommand ``name``: ``add_arguments(parser)`` declares its options, ``run(args)`` returns an
+    exit code."""
+    COMMANDS[name] = (help, add_arguments, run)
+
+
+# ----------------------------------------------------------------------------------- shared helpers
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="timm model name (created with pretrained=False)")
+    p.add_argument("--model-kwargs", default="{}", help="JSON dict passed to timm.create_model "
+                   "(e.g. '{\"depth\": 4, \"embed_dim\": 96}')")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (passed to timm as img_size)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size")
+    p.add_argument("--checkpoint", default=None, help="state_dict (.pth/.pt/.safetensors) to load")
+
+
+def load_model(args: argparse.Namespace):
+    """The timm model the arguments describe (pretrained=False, optional checkpoint), in eval mode."""
+    import timm
+    import torch
+
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--model-kwargs is not valid JSON ({exc}); e.g. '{{\"depth\": 4}}'")
+    if not isinstance(kwargs, dict):
+        raise SystemExit("--model-kwargs must be a JSON object, e.g. '{\"depth\": 4}'")
+    if args.img_size is not None:
+        kwargs.setdefault("img_size", args.img_size)
+    if args.num_classes is not None:
+        kwargs.setdefault("num_classes", args.num_classes)
+    try:
+        model = timm.create_model(args.model, pretrained=False, **kwargs)
+    except RuntimeError as exc:  # unknown model name
+        raise SystemExit(f"timm cannot create '{args.model}': {exc}")
+    if args.checkpoint:
+        if args.checkpoint.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(args.checkpoint)
+        else:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            elif isinstance(state, dict) and "model" in state:
+                state = state["model"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            print(f"warning: checkpoint: {len(missing)} missing, {len(unexpected)} unexpected keys "
+                  f"(e.g. {(missing or unexpected)[:3]})", file=sys.stderr)
+    return model.eval()
+
+
+def model_img_size(model, default: int = 224) -> int:
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if isinstance(size, (tuple, list)):
+        return int(size[0])
+    return int(size) if size else default
+
+
+def make_data(args: argparse.Namespace, model):
+    """Training loader for ``--data`` (``digits`` or an ImageFolder path), or None."""
+    if not args.data:
+        return None
+    img = args.img_size or model_img_size(model)
+    if args.data == "digits":
+        from sparsevit.data import digits_loaders
+
+        n = args.num_classes or getattr(model, "num_classes", 10) or 10
+        return digits_loaders(classes=range(min(int(n), 10)), img_size=img, batch_size=args.batch_size)[0]
+    from sparsevit.data import image_folder_loaders
+
+    return image_folder_loaders(args.data, img_size=img, batch_size=args.batch_size)[0]
+
+
+def _parse_value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+# ----------------------------------------------------------------------------------- prune
+def _prune_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--method", default="grouped", help="pruning method (see --list-methods)")
+    p.add_argument("--criterion", default="taylor", help="l1 | l2 | taylor | hessian | random | lamp")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of prunable parameters to remove")
+    p.add_argument("--macs", type=float, default=None, help="fraction of MACs to remove instead (grouped)")
+    p.add_argument("--data", default=None, help="'digits' (bundled, no download) or an ImageFolder path; "
+                   "needed by taylor/hessian")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-batches", type=int, default=8, help="batches used for gradient criteria")
+    p.add_argument("--prune-residual", action="store_true", help="also prune embedding (residual) channels")
+    p.add_argument("--prune-head-dims", action="store_true", help="also prune head-dim channels")
+    p.add_argument("--no-prune-heads", action="store_true")
+    p.add_argument("--no-prune-mlp", action="store_true")
+    p.add_argument("--round-to", type=int, default=1, help="kept channel counts become multiples of this")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra method option (JSON value), repeatable, e.g. --option block=[32,32]")
+    p.add_argument("--out", required=True, help="where to write the plan (JSON)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _prune_run(args: argparse.Namespace) -> int:
+    import sparsevit.prune as P
+
+    model = load_model(args)
+    data = make_data(args, model)
+    opts = {}
+    if args.method.lower() in ("grouped", "depgraph", "structured"):
+        opts = dict(prune_residual=args.prune_residual, prune_head_dims=args.prune_head_dims,
+                    prune_heads=not args.no_prune_heads, prune_mlp=not args.no_prune_mlp, round_to=args.round_to,
+                    progress=not args.quiet)
+        if args.macs is not None:
+            opts["macs"] = args.macs
+    for kv in args.option:
+        if "=" not in kv:
+            raise SystemExit(f"--option expects KEY=VALUE, got '{kv}'")
+        k, v = kv.split("=", 1)
+        opts[k.strip()] = _parse_value(v)
+    try:
+        plan = P.prune(model, method=args.method, criterion=args.criterion, sparsity=args.sparsity, data=data,
+                       num_batches=args.num_batches, **opts)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # PlanError, UnsupportedModelError
+        if type(exc).__module__.startswith("sparsevit"):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    plan.meta.setdefault("model", args.model)
+    plan.save(args.out)
+    if not args.quiet:
+        print(plan.summary())
+        print(f"plan written to {args.out}")
+    return 0
+
+
+register_command("prune", "score a timm model and write a SparsityPlan", _prune_arguments, _prune_run)
+
+
+# ----------------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsevit", description="Prune timm Vision Transformers and run "
+                                     "them on sparse kernels.")
+    parser.add_argument("--list-methods", action="store_true", help="list registered pruning methods")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_, description=help_))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_methods:
+        from sparsevit.prune.registry import available_methods
+
+        for k, v in available_methods().items():
+            print(f"{k:24s} {v}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 1
+    return int(COMMANDS[args.command][2](args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
