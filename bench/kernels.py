@@ -1,0 +1,207 @@
+"""Per-op CPU benchmark: dense torch vs torch.sparse (BSR, CSR) vs sparsevit's C++ BSR kernel.
+
+Shapes are the Linear layers of ViT-B/16 and DeiT-S (MLP fc1/fc2, attention qkv/proj); tokens are
+197 x batch; weights are random non-zero data under random block masks at the benchmarked block
+shape (exactly round((1 - sparsity) * n_blocks) blocks kept). Every method of one configuration is
+timed in interleaved rounds (so background load hits all of them alike); reported is the median
+after warm-up, and the speed-up vs dense torch in the same dtype.
+
+    python bench/kernels.py --quick                 # ViT-B fc1/fc2, 197x8 tokens, the target grid
+    python bench/kernels.py --threads 2 --out bench/out/kernels
+    python bench/kernels.py --shapes vit_b.fc1 --tokens 197 1576 --blocks 32x32 --dtypes float32 bfloat16
+
+Writes ``<out>.json`` (one record per configuration and method, timm-style ``infer_step_time`` in
+ms and ``infer_samples_per_sec`` in tokens/s) and ``<out>.md`` (one table per dtype/shape/tokens).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sparsevit import _ext  # noqa: E402
+from sparsevit.formats import BlockSparseWeight  # noqa: E402
+from sparsevit.ops.bsr import bsr_linear, cpp_kernel_name  # noqa: E402
+
+SHAPES = {  # name: (in_features, out_features)
+    "vit_b.fc1": (768, 3072), "vit_b.fc2": (3072, 768), "vit_b.qkv": (768, 2304), "vit_b.proj": (768, 768),
+    "deit_s.fc1": (384, 1536), "deit_s.fc2": (1536, 384), "deit_s.qkv": (384, 1152), "deit_s.proj": (384, 384),
+}
+METHODS = ("dense", "torch_bsr", "torch_csr", "sparsevit")
+
+
+def block_mask(out_f, in_f, block, sparsity, gen):
+    bh, bw = block
+    nbr, nbc = -(-out_f // bh), -(-in_f // bw)
+    n = nbr * nbc
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.randperm(n, generator=gen)[: max(1, round((1 - sparsity) * n))]] = True
+    return keep.reshape(nbr, nbc).repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:out_f, :in_f]
+
+
+def make_methods(x, w, mask, block, wanted=METHODS):
+    """name -> zero-arg callable (or the reason it cannot run)."""
+    wm = w * mask
+    out = {"dense": lambda: F.linear(x, wm)}
+    for name, conv in (("torch_bsr", lambda: wm.to_sparse_bsr(block)), ("torch_csr", wm.to_sparse_csr)):
+        if name not in wanted:
+            out[name] = "not run"
+            continue
+        try:
+            ws = conv()
+            F.linear(x[:2], ws)  # probe: unsupported dtype/layout combos raise here
+            out[name] = (lambda ws=ws: F.linear(x, ws))
+        except Exception as exc:  # noqa: BLE001 - report any unsupported combination as n/a
+            out[name] = f"n/a ({type(exc).__name__})"
+    if _ext.has_op("bsr_linear") and x.dtype in (torch.float32, torch.bfloat16):
+        bs = BlockSparseWeight.from_dense(w, block=block, mask=mask)
+        out["sparsevit"] = lambda: bsr_linear(x, bs)
+    else:
+        out["sparsevit"] = "n/a (no C++ kernel)"
+    return out
+
+
+def time_interleaved(fns, warmup, reps, max_s, stat="median"):
+    """Median (or min) ms per callable; methods alternate within each round, so background load
+    hits all of them alike. Slow configurations stop after 3 rounds once ``max_s`` is spent."""
+    times = {k: [] for k in fns}
+    for k, f in fns.items():
+        for _ in range(warmup):
+            f()
+    t_start = time.perf_counter()
+    for r in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+        if r >= 2 and time.perf_counter() - t_start > max_s:
+            break
+    agg = min if stat == "min" else statistics.median
+    return {k: agg(v) for k, v in times.items()}
+
+
+def run(args):
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for shape_name in args.shapes:
+            in_f, out_f = SHAPES[shape_name]
+            w = (torch.randn(out_f, in_f, generator=gen) * 0.02 + 0.01).to(dtype)
+            for tokens in args.tokens:
+                x = torch.randn(tokens, in_f, generator=gen).to(dtype)
+                for block in args.blocks:
+                    for sp in args.sparsity:
+                        mask = block_mask(out_f, in_f, block, sp, gen)
+                        methods = make_methods(x, w, mask, block, args.methods)
+                        runnable = {k: v for k, v in methods.items() if callable(v)
+                                    and (k == "dense" or k in args.methods)}
+                        ms = time_interleaved(runnable, args.warmup, args.reps, args.max_seconds, args.stat)
+                        dense_ms = ms["dense"]
+                        density = float(mask.float().mean())
+                        flops = 2.0 * tokens * in_f * out_f
+                        for m in METHODS:
+                            rec = dict(dtype=dtype_name, shape=shape_name, in_features=in_f, out_features=out_f,
+                                       tokens=tokens, block=f"{block[0]}x{block[1]}", sparsity=sp,
+                                       density=round(density, 4), method=m, threads=args.threads)
+                            if m in ms:
+                                rec.update(infer_step_time=round(ms[m], 4),
+                                           infer_samples_per_sec=round(tokens / ms[m] * 1e3, 1),
+                                           speedup=round(dense_ms / ms[m], 3),
+                                           effective_gflops=round(flops / ms[m] / 1e6, 1))
+                            else:
+                                rec.update(infer_step_time=None,
+                                           note=methods[m] if isinstance(methods[m], str) else "not run")
+                            records.append(rec)
+                        r = {rr["method"]: rr for rr in records[-len(METHODS):]}
+                        print(f"{dtype_name:8s} {shape_name:10s} T={tokens:5d} {block[0]}x{block[1]:<3d} "
+                              f"sp={sp:.2f} " + "  ".join(
+                                  f"{m}={r[m]['infer_step_time']}ms({r[m].get('speedup', '-')}x)" for m in METHODS),
+                              flush=True)
+    return records
+
+
+def fmt(rec):
+    if rec.get("infer_step_time") is None:
+        return "not run" if rec.get("note") == "not run" else "n/a"
+    return f"{rec['infer_step_time']:.2f} ({rec['speedup']:.2f}x)"
+
+
+def to_markdown(records, meta):
+    lines = [f"CPU: {meta['cpu']}; torch {meta['torch']}; threads {meta['threads']}; kernel "
+             f"`{meta['kernel']}`; {meta['stat']} of interleaved runs; ms (speed-up vs dense torch, same dtype); "
+             f"load average at start {meta['loadavg']}.", ""]
+    groups = {}
+    for r in records:
+        groups.setdefault((r["dtype"], r["shape"], r["tokens"]), {}).setdefault(
+            (r["block"], r["sparsity"]), {})[r["method"]] = r
+    for (dt, shape, tokens), rows in groups.items():
+        lines.append(f"**{shape}** ({rows[next(iter(rows))]['dense']['in_features']}->"
+                     f"{rows[next(iter(rows))]['dense']['out_features']}), {dt}, {tokens} tokens")
+        lines.append("")
+        lines.append("| block | sparsity | dense ms | torch BSR | torch CSR | sparsevit |")
+        lines.append("|---|---|---|---|---|---|")
+        for (block, sp), ms in rows.items():
+            lines.append(f"| {block} | {sp:.0%} | {ms['dense']['infer_step_time']:.2f} | {fmt(ms['torch_bsr'])} | "
+                         f"{fmt(ms['torch_csr'])} | {fmt(ms['sparsevit'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_block(s):
+    a, b = s.lower().split("x")
+    return int(a), int(b)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="small grid: ViT-B fc1/fc2, 197x8 tokens")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=[197, 197 * 8, 197 * 32])
+    p.add_argument("--sparsity", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+    p.add_argument("--blocks", nargs="+", type=parse_block, default=[(1, 8), (16, 16), (32, 32), (64, 64)])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--max-seconds", type=float, default=6.0, help="per configuration, after 3 rounds")
+    p.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=list(METHODS[1:]),
+                   help="methods besides dense (always timed)")
+    p.add_argument("--stat", choices=["median", "min"], default="median")
+    p.add_argument("--out", default="bench/out/kernels")
+    args = p.parse_args(argv)
+    if args.quick:  # the issue's target grid, in a few minutes
+        args.shapes = ["vit_b.fc1", "vit_b.fc2"]
+        args.tokens = [197 * 8]
+        args.sparsity = [0.25, 0.5, 0.7, 0.9]
+        args.blocks = [(16, 16), (32, 32)]
+        args.dtypes = ["float32"]
+        args.reps = min(args.reps, 5)
+    meta = dict(cpu=platform.processor() or platform.machine(), torch=torch.__version__, threads=args.threads,
+                kernel=cpp_kernel_name() or "none", stat=args.stat, loadavg=tuple(round(v, 2) for v in os.getloadavg()))
+    try:
+        with open("/proc/cpuinfo") as f:
+            meta["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    records = run(args)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "args": {k: v for k, v in vars(args).items()}, "results": records}, f, indent=1)
+    md = to_markdown(records, meta)
+    with open(args.out + ".md", "w") as f:
+        f.write(md + "\n")
+    print()
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

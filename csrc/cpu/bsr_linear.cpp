@@ -1,0 +1,259 @@
+// sparsevit_C::bsr_linear -- y = act(x @ W^T + b) with W block-sparse (BSR), on CPU.
+//
+// This file holds the torch-facing part: argument checks, scratch allocation (all of it before the
+// parallel region, none in the hot loop), run-time ISA choice and the work split over threads. The
+// register-tiled micro-kernels live in bsr_kernel_impl.h, compiled once per ISA by
+// bsr_avx512bf16.cpp / bsr_avx512.cpp / bsr_avx2.cpp (function-level `target` options, no -march).
+//
+// Ops registered here:
+//   bsr_linear(x[T,in], packed, col_indices, crow_indices, bias?, out_features, in_features, bh, bw,
+//              act, isa) -> y[T,out]        act: 0 none, 1 gelu(erf), 2 gelu(tanh); isa: -1 auto
+//   bsr_linear_isa(isa) -> str              kernel name that `isa` resolves to on this CPU ("" = none)
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "bsr_params.h"
+
+namespace sparsevit_cpu {
+namespace {
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// isa: -1 best available, 0 avx2, 1 avx512 (bf16 widened), 2 avx512 + avx512_bf16.
+// Returns nullptr when the requested level is not supported by this CPU.
+const BsrKernels* select_kernels(int64_t isa) {
+  static const int best = cpu_has_avx512bf16() ? 2 : cpu_has_avx512() ? 1 : cpu_has_avx2() ? 0 : -2;
+  if (isa < 0) isa = best;
+  if (isa > best || isa < 0) return nullptr;
+  if (isa == 2) return bsr_kernels_avx512bf16();
+  if (isa == 1) return bsr_kernels_avx512();
+  return bsr_kernels_avx2();
+}
+
+int64_t packed_rows(int64_t bh) {  // must match sparsevit/formats/bsr.py::packed_block_rows
+  if (bh <= 8) {
+    int64_t p = 1;
+    while (p < bh) p *= 2;
+    return p;
+  }
+  return (bh + 15) / 16 * 16;
+}
+
+// Packed-activation scratch, kept per calling thread and grown on demand: a fresh multi-MB
+// allocation per call costs more in page faults (first touch, ~15 ms for 19 MB in a VM) than the
+// sparse product itself at high sparsity.
+struct Workspace {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  ~Workspace() { std::free(ptr); }
+  void* get(size_t n) {
+    if (n > bytes) {
+      std::free(ptr);
+      ptr = nullptr;
+      bytes = 0;
+      if (posix_memalign(&ptr, 64, n) != 0) ptr = nullptr;
+      TORCH_CHECK(ptr != nullptr, "sparsevit_C::bsr_linear: cannot allocate ", n, " bytes of scratch");
+      bytes = n;
+    }
+    return ptr;
+  }
+};
+
+std::string bsr_linear_isa(int64_t isa) {
+  const BsrKernels* k = select_kernels(isa);
+  return k ? std::string(k->name) : std::string();
+}
+
+at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& col,
+                      const at::Tensor& crow, const c10::optional<at::Tensor>& bias,
+                      int64_t out_features, int64_t in_features, int64_t bh, int64_t bw, int64_t act,
+                      int64_t isa) {
+  TORCH_CHECK(x.device().is_cpu(), "sparsevit_C::bsr_linear: x must be on CPU, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, "sparsevit_C::bsr_linear: x must be 2-D [tokens, in_features], got ",
+              x.sizes(), " (the Python wrapper flattens leading dims)");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat,
+              "sparsevit_C::bsr_linear: supports float32 and bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type(), "sparsevit_C::bsr_linear: weight dtype ",
+              packed.scalar_type(), " != input dtype ", x.scalar_type(), "; convert one of them");
+  TORCH_CHECK(x.size(1) == in_features, "sparsevit_C::bsr_linear: x has ", x.size(1),
+              " features, weight expects ", in_features);
+  TORCH_CHECK(bh >= 1 && bw >= 1 && bh <= 64, "sparsevit_C::bsr_linear: bad block ", bh, "x", bw);
+  TORCH_CHECK(act >= 0 && act <= 2, "sparsevit_C::bsr_linear: act must be 0, 1 or 2");
+  TORCH_CHECK(col.scalar_type() == at::kInt && crow.scalar_type() == at::kInt,
+              "sparsevit_C::bsr_linear: col_indices / crow_indices must be int32");
+  const int64_t nbr = (out_features + bh - 1) / bh, nbc = (in_features + bw - 1) / bw;
+  TORCH_CHECK(crow.dim() == 1 && crow.size(0) == nbr + 1, "sparsevit_C::bsr_linear: crow_indices has ",
+              crow.sizes(), " entries, expected ", nbr + 1);
+  const int64_t V = bf16 ? 2 : 1, BHP = packed_rows(bh), KP = bf16 ? (bw + 1) / 2 * 2 : bw;
+  TORCH_CHECK(packed.dim() == 4 && packed.size(0) == col.size(0) && packed.size(1) == KP / V &&
+                  packed.size(2) == BHP && packed.size(3) == V,
+              "sparsevit_C::bsr_linear: packed values have shape ", packed.sizes(), ", expected [",
+              col.size(0), ", ", KP / V, ", ", BHP, ", ", V,
+              "]; re-pack with BlockSparseWeight.to(dtype=...) after changing dtype");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features,
+                "sparsevit_C::bsr_linear: bias must be [", out_features, "], got ", bias->sizes());
+  }
+  const BsrKernels* kern = select_kernels(isa);
+  TORCH_CHECK(kern != nullptr, "sparsevit_C::bsr_linear: this CPU lacks the requested ISA level ", isa,
+              " (AVX2+FMA is the minimum); use the reference path");
+  const int TT = kern->token_tile((int)BHP, bf16);
+  TORCH_CHECK(TT > 0, "sparsevit_C::bsr_linear: no kernel for packed block height ", BHP);
+
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor pc = packed.contiguous(), cc = col.contiguous(), rc = crow.contiguous();
+  const int64_t T = xc.size(0);
+  at::Tensor y = at::empty({T, out_features}, xc.options());
+  if (T == 0 || out_features == 0) return y;
+
+  at::Tensor bias_pad;
+  if (bias.has_value()) {
+    at::Tensor bf = bias->to(at::kFloat).contiguous();
+    bias_pad = at::zeros({nbr * BHP}, bf.options());
+    const float* bs = bf.data_ptr<float>();
+    float* bp = bias_pad.data_ptr<float>();
+    for (int64_t r = 0; r < nbr; ++r)
+      for (int64_t i = 0; i < bh && r * bh + i < out_features; ++i) bp[r * BHP + i] = bs[r * bh + i];
+  }
+  const int64_t n_tiles = (T + TT - 1) / TT;
+  const int64_t tile_stride = nbc * KP * TT;
+  const int64_t esz = xc.element_size();
+  const bool kernel_a = BHP >= 16;
+  // Kernel A reads x in place, unless a block could run past the end of a row, or the row stride
+  // aliases in L1 (indexed by address bits 6..11): when more rows of a tile than L1 ways fall into
+  // one set (a 12 KiB stride puts all 16 rows of a 16-token tile in one set) they evict each other
+  // within every block. Then it reads a zero-padded copy whose stride is an odd number of lines.
+  auto aliases = [&](int64_t ld) {
+    if ((ld * esz) % 64 != 0) return false;
+    int64_t g = 64, a = (ld * esz / 64) % 64;
+    while (a) { const int64_t t = g % a; g = a; a = t; }  // gcd(lines mod 64, 64)
+    return (TT + 64 / g - 1) / (64 / g) > 12;  // more rows per set than L1 ways (12 on Zen 4/5)
+  };
+  const bool pad_copy = kernel_a && ((in_features % bw) != 0 || (bf16 && (bw % 2) != 0) ||
+                                     aliases(xc.stride(0)));
+  int64_t lda = xc.stride(0);
+  if (pad_copy) {
+    const int64_t line = 64 / esz;
+    lda = (nbc * bw + 1 + line - 1) / line * line;
+    if ((lda / line) % 2 == 0) lda += line;
+  }
+  const bool tail = kernel_a && !pad_copy && (T % TT) != 0;
+  int64_t scratch = 0;
+  if (!kernel_a) scratch = n_tiles * tile_stride;
+  else if (pad_copy) scratch = n_tiles * TT * lda;
+  else if (tail) scratch = TT * lda;
+  static thread_local Workspace workspace;
+  char* ws = (char*)workspace.get((size_t)std::max<int64_t>(scratch, 1) * esz);
+
+  BsrParams p;
+  p.x = xc.data_ptr();
+  p.ldx = xc.stride(0);
+  p.y = y.data_ptr();
+  p.ldy = out_features;
+  p.wpack = pc.data_ptr();
+  p.col = cc.data_ptr<int32_t>();
+  p.crow = rc.data_ptr<int32_t>();
+  p.bias_pad = bias.has_value() ? bias_pad.data_ptr<float>() : nullptr;
+  p.xp = ws;
+  p.xa = pad_copy ? (const void*)ws : xc.data_ptr();
+  p.lda = lda;
+  p.xa_tail = tail ? (const void*)ws : nullptr;
+  p.T = T;
+  p.in = in_features;
+  p.out = out_features;
+  p.nbr = nbr;
+  p.nbc = nbc;
+  p.bh = (int)bh;
+  p.bw = (int)bw;
+  p.BHP = (int)BHP;
+  p.KP = (int)KP;
+  p.TT = TT;
+  p.bf16 = bf16 ? 1 : 0;
+  p.act = (int)act;
+  p.tile_stride = tile_stride;
+  p.n_tiles = n_tiles;
+
+  const char* xs = (const char*)xc.data_ptr();
+  const int64_t row_bytes = in_features * esz;
+  if (!kernel_a) {
+    at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) { kern->pack(&p, b, e); });
+  } else if (pad_copy) {  // rows [0, n_tiles*TT) of a zero-padded copy with row stride lda
+    at::parallel_for(0, n_tiles * TT, 64, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        char* d = ws + t * lda * esz;
+        const int64_t n = t < T ? row_bytes : 0;
+        if (n) std::memcpy(d, xs + t * p.ldx * esz, n);
+        std::memset(d + n, 0, lda * esz - n);
+      }
+    });
+  } else if (tail) {
+    const int64_t t0 = (n_tiles - 1) * TT;
+    for (int64_t t = 0; t < TT; ++t) {
+      char* d = ws + t * lda * esz;
+      if (t0 + t < T) std::memcpy(d, xs + (t0 + t) * p.ldx * esz, row_bytes);
+      else std::memset(d, 0, row_bytes);
+    }
+  }
+
+  // Work split: ~2 units per thread, handed out dynamically (an atomic counter), so a thread that
+  // loses its core to another process does not hold the others up. Units are groups of block rows
+  // balanced by kept blocks (plus a small per-row cost for the epilogue); with few block rows the
+  // token tiles are split too.
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = nth == 1 ? 1 : 2 * nth;
+  const int64_t P_r = std::max<int64_t>(1, std::min(nbr, want));
+  const int64_t P_t = std::max<int64_t>(1, std::min(n_tiles, (want + P_r - 1) / P_r));
+  const int32_t* cr = p.crow;
+  auto cost = [&](int64_t r) { return (double)cr[r] + 0.25 * (double)r; };
+  const double total = cost(nbr);
+  std::vector<int64_t> rb(P_r + 1, nbr);
+  rb[0] = 0;
+  int64_t r = 0;
+  for (int64_t q = 1; q < P_r; ++q) {
+    const double target = total * (double)q / (double)P_r;
+    while (r < nbr && cost(r) < target) ++r;
+    rb[q] = r;
+  }
+  const int64_t n_units = P_r * P_t;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nth, n_units), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) {
+        const int64_t pr = u % P_r, pt = u / P_r;
+        const int64_t t0 = n_tiles * pt / P_t, t1 = n_tiles * (pt + 1) / P_t;
+        if (rb[pr] < rb[pr + 1] && t0 < t1) kern->compute(&p, rb[pr], rb[pr + 1], t0, t1);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace sparsevit_cpu
+
+TORCH_LIBRARY_FRAGMENT(sparsevit_C, m) {
+  m.def(
+      "bsr_linear(Tensor x, Tensor packed, Tensor col_indices, Tensor crow_indices, Tensor? bias, "
+      "int out_features, int in_features, int bh, int bw, int act, int isa=-1) -> Tensor");
+  m.def("bsr_linear_isa(int isa=-1) -> str", &sparsevit_cpu::bsr_linear_isa);
+}
+
+TORCH_LIBRARY_IMPL(sparsevit_C, CPU, m) { m.impl("bsr_linear", &sparsevit_cpu::bsr_linear); }

@@ -1,0 +1,148 @@
+"""sparsevit::bsr_linear on CPU: C++ kernel (every ISA level this CPU has) and reference, against
+float64. The fast kernel's error must stay within 2x of dense torch's error in the same dtype."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsevit import _ext
+from sparsevit.formats import BlockSparseWeight
+from sparsevit.ops.bsr import apply_activation, bsr_linear, reference_bsr_linear
+
+HAS_CPP = _ext.has_op("bsr_linear")
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"C++ extension not built: {_ext.unavailable_reason('bsr_linear')}")
+ACTS = [None, "gelu", "gelu_tanh"]
+ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2}
+BLOCKS = [(32, 32), (16, 16), (64, 64), (1, 8), (24, 40), (3, 5), (48, 8), (8, 16)]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _case(T, out_f, in_f, block, dtype, bias, density=0.3, seed=0):
+    g = _gen(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    mask = torch.rand(out_f, in_f, generator=g) < density
+    x = torch.randn(T, in_f, generator=g).to(dtype)
+    b = torch.randn(out_f, generator=g).to(dtype) if bias else None
+    ws = BlockSparseWeight.from_dense(w.to(dtype), block=block, mask=mask)
+    return x, ws, b
+
+
+def _assert_close_to_ref(y, x, ws, b, act, what):
+    """|y - ref64| <= 2 * |dense_torch(dtype) - ref64| (max over elements), plus one ulp of slack."""
+    wd = ws.to_dense()
+    ref = apply_activation(F.linear(x.double(), wd.double(), None if b is None else b.double()), act)
+    dense = apply_activation(F.linear(x, wd, b), act)
+    err = (y.double() - ref).abs()
+    err_dense = (dense.double() - ref).abs().max().item()
+    tol = 2 * err_dense + torch.finfo(x.dtype).eps * ref.abs().max().item()
+    worst = int(err.argmax())
+    r, c = divmod(worst, y.shape[-1])
+    assert err.max().item() <= tol, (
+        f"{what}: max err {err.max().item():.3g} > 2x dense-torch err {err_dense:.3g} (+1ulp); worst at "
+        f"[{r}, {c}]: got {y.reshape(-1, y.shape[-1])[r, c].item():.6g}, float64 ref {ref[r, c].item():.6g}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_cpp_matches_float64(dtype, block):
+    for T, out_f, in_f in [(197, 200, 300), (7, 48, 64)]:
+        for bias in (False, True):
+            x, ws, b = _case(T, out_f, in_f, block, dtype, bias)
+            for act in ACTS:
+                y = bsr_linear(x, ws, b, act)
+                assert y.dtype == dtype and y.shape == (T, out_f)
+                _assert_close_to_ref(y, x, ws, b, act, f"{dtype} {block} T={T} bias={bias} act={act}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_every_isa_level(isa, dtype):
+    """AVX2 and AVX-512 (bf16 widened or vdpbf16ps) builds all run where the CPU has them."""
+    if not torch.ops.sparsevit_C.bsr_linear_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    for block in [(32, 32), (16, 16), (64, 64), (1, 8), (8, 16), (20, 6)]:
+        x, ws, b = _case(45, 100, 70, block, dtype, True, seed=3)
+        for act in ACTS:
+            y = torch.ops.sparsevit_C.bsr_linear(x, ws.packed, ws.col_indices, ws.crow_indices, b, 100, 70,
+                                                 block[0], block[1], ACT_CODE[act], isa)
+            _assert_close_to_ref(y, x, ws, b, act, f"isa={isa} {dtype} {block} act={act}")
+
+
+@needs_cpp
+def test_cpp_edge_cases():
+    # no kept block at all: bias (+ activation) only
+    w = torch.zeros(40, 50)
+    ws = BlockSparseWeight.from_dense(w, block=(16, 16))
+    b = torch.randn(40)
+    x = torch.randn(9, 50)
+    torch.testing.assert_close(bsr_linear(x, ws, b, "gelu"), F.gelu(b).expand(9, 40))
+    # strided rows (a column slice of a wider tensor), leading dims, one token, many threads' worth
+    x_big = torch.randn(3, 11, 130)
+    x = x_big[..., :100]
+    x, ws, b = x, *_case(1, 64, 100, (32, 32), torch.float32, True)[1:]
+    y = bsr_linear(x, ws, b)
+    _assert_close_to_ref(y.reshape(-1, 64), x.reshape(-1, 100), ws, b, None, "strided x")
+    # a 4 KiB row stride (1024 fp32) aliases in L1: the kernel reads a re-strided copy
+    xa, wa, ba = _case(40, 48, 1024, (16, 16), torch.float32, True)
+    _assert_close_to_ref(bsr_linear(xa, wa, ba, "gelu"), xa, wa, ba, "gelu", "aliasing stride")
+    x1 = torch.randn(1, 100)
+    _assert_close_to_ref(bsr_linear(x1, ws, b), x1, ws, b, None, "one token")
+    # whatever lies past the end of a row (here inf) must not leak through padded block columns
+    for dtype, block in [(torch.float32, (32, 32)), (torch.bfloat16, (16, 15)), (torch.bfloat16, (16, 9))]:
+        xs, ws2, _ = _case(20, 33, 45, block, dtype, False)
+        wide = torch.full((20, 64), float("inf"), dtype=dtype)
+        wide[:, :45] = xs
+        y = bsr_linear(wide[:, :45], ws2)
+        assert torch.isfinite(y).all(), f"padding leaked inf for {dtype} {block}"
+        _assert_close_to_ref(y, xs, ws2, None, None, f"padded {dtype} {block}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_reference_matches_float64(dtype):
+    x, ws, b = _case(33, 70, 90, (16, 32), dtype, True)
+    for act in ACTS:
+        _assert_close_to_ref(reference_bsr_linear(x, ws, b, act), x, ws, b, act, f"reference {dtype} {act}")
+    # float64 has no C++ kernel: the op falls back to the reference
+    if dtype == torch.float64:
+        torch.testing.assert_close(bsr_linear(x, ws, b, "gelu"), reference_bsr_linear(x, ws, b, "gelu"))
+
+
+def test_wrapper_errors():
+    x, ws, b = _case(5, 32, 64, (16, 16), torch.float32, True)
+    with pytest.raises(ValueError, match="in_features=64"):
+        bsr_linear(torch.randn(5, 63), ws)
+    with pytest.raises(TypeError, match="w.to\\(dtype"):
+        bsr_linear(x.double(), ws)
+    with pytest.raises(ValueError, match="activation"):
+        bsr_linear(x, ws, activation="relu")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        bsr_linear(x, ws, torch.randn(31))
+    with pytest.raises(ValueError, match="move one of them"):
+        bsr_linear(x.to("meta"), ws)
+    with pytest.raises(TypeError, match="BlockSparseWeight"):
+        bsr_linear(x, ws.to_dense())
+
+
+def _op_args(dtype=torch.float32):
+    x, ws, b = _case(19, 40, 72, (16, 24), dtype, True)
+    return (x, ws.values, ws.col_indices, ws.crow_indices, ws.packed, 40, 72, 16, 24, b, "gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    torch.library.opcheck(torch.ops.sparsevit.bsr_linear.default, _op_args(dtype))
+
+
+def test_under_torch_compile():
+    x, ws, b = _case(13, 40, 64, (16, 16), torch.float32, True)
+
+    def f(x):
+        return bsr_linear(x * 2.0, ws, b, "gelu_tanh") + 1.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
