@@ -61,9 +61,10 @@ def _extensions():
     # torch >= 2.10 headers need C++20; older ones are fine with C++17 (and some reject C++20 flags)
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
     std = "-std=c++20" if (major, minor) >= (2, 10) else "-std=c++17"
-    cxx_flags = ["-O3", std, "-fno-math-errno", "-Wno-unused-function"]
+    # at::parallel_for is inlined OpenMP: without -fopenmp every CPU kernel would run on one thread
+    cxx_flags = ["-O3", std, "-fno-math-errno", "-fopenmp", "-Wno-unused-function"]
     define_macros = []
-    kwargs = dict(extra_compile_args={"cxx": cxx_flags}, define_macros=define_macros)
+    kwargs = dict(extra_compile_args={"cxx": cxx_flags}, define_macros=define_macros, extra_link_args=["-fopenmp"])
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.7;9.0")
         define_macros.append(("SPARSEVIT_WITH_CUDA", None))

@@ -11,60 +11,94 @@
 #include <torch/types.h>
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 namespace {
 
-template <typename T>
-inline float to_f(T v) { return static_cast<float>(v); }
-
-template <typename T>
-void ln_gather_rows(const T* x, const float* w, const float* b, const int64_t* idx, T* y, int64_t rows,
-                    int64_t D, int64_t K, float eps) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * D;
-      // two-pass mean/variance in fp32 (rows are short and hot in cache; matches F.layer_norm)
-      float sum = 0.f;
+// Row kernels, compiled for AVX-512, AVX2 and a baseline; the loader picks the best the CPU has
+// (GCC function multi-versioning). `omp simd` (enabled by -fopenmp-simd, no OpenMP runtime) lets the
+// compiler reassociate the sums into vector lanes and use vector gathers/scatters for the index
+// loops, which is safe because indices are checked to be strictly increasing (no duplicates).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void ln_gather_row(const float* xr, int64_t D, const int64_t* idx, const float* w, const float* b, int64_t K,
+                   float eps, float* out) {
+  float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t d = 0; d < D; ++d) sum += to_f(xr[d]);
-      const float mean = sum / static_cast<float>(D);
-      float sq = 0.f;
+  for (int64_t d = 0; d < D; ++d) sum += xr[d];
+  const float mean = sum / static_cast<float>(D);
+  float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
-      for (int64_t d = 0; d < D; ++d) {
-        const float c = to_f(xr[d]) - mean;
-        sq += c * c;
-      }
-      const float rstd = 1.f / std::sqrt(sq / static_cast<float>(D) + eps);
-      T* yr = y + r * K;
-      for (int64_t j = 0; j < K; ++j) {
-        float v = (to_f(xr[idx[j]]) - mean) * rstd;
-        if (w) v *= w[j];
-        if (b) v += b[j];
-        yr[j] = static_cast<T>(v);
+  for (int64_t d = 0; d < D; ++d) {
+    const float c = xr[d] - mean;
+    sq += c * c;
+  }
+  const float rstd = 1.f / std::sqrt(sq / static_cast<float>(D) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < K; ++j) out[j] = (xr[idx[j]] - mean) * rstd * w[j] + b[j];
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void scatter_add_row(float* orow, const int64_t* idx, const float* yr, int64_t K) {
+#pragma omp simd
+  for (int64_t j = 0; j < K; ++j) orow[idx[j]] += yr[j];
+}
+
+void widen(const c10::BFloat16* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+void narrow(const float* src, int64_t n, c10::BFloat16* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+}
+
+void ln_gather_rows(const at::Tensor& x, const float* w, const float* b, const int64_t* idx, at::Tensor& y,
+                    int64_t rows, int64_t D, int64_t K, float eps) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> xbuf(bf16 ? D : 0), ybuf(bf16 ? K : 0);  // bf16 rows are widened once per row
+    for (int64_t r = r0; r < r1; ++r) {
+      if (bf16) {
+        widen(x.data_ptr<c10::BFloat16>() + r * D, D, xbuf.data());
+        ln_gather_row(xbuf.data(), D, idx, w, b, K, eps, ybuf.data());
+        narrow(ybuf.data(), K, y.data_ptr<c10::BFloat16>() + r * K);
+      } else {
+        ln_gather_row(x.data_ptr<float>() + r * D, D, idx, w, b, K, eps, y.data_ptr<float>() + r * K);
       }
     }
   });
 }
 
-template <typename T>
-void scatter_add_rows(const T* x, const int64_t* idx, const T* y, T* out, int64_t rows, int64_t D, int64_t K) {
+// out = x (unless out is x: in place); out[:, idx] += y
+void scatter_add_rows(const at::Tensor& x, const int64_t* idx, const at::Tensor& y, at::Tensor& out, int64_t rows,
+                      int64_t D, int64_t K) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const bool inplace = x.data_ptr() == out.data_ptr();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> obuf(bf16 ? D : 0), ybuf(bf16 ? K : 0);
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * D;
-      T* orow = out + r * D;
-      std::memcpy(orow, xr, sizeof(T) * D);
-      const T* yr = y + r * K;
-      for (int64_t j = 0; j < K; ++j) orow[idx[j]] = static_cast<T>(to_f(orow[idx[j]]) + to_f(yr[j]));
+      if (bf16) {
+        widen(x.data_ptr<c10::BFloat16>() + r * D, D, obuf.data());
+        widen(y.data_ptr<c10::BFloat16>() + r * K, K, ybuf.data());
+        scatter_add_row(obuf.data(), idx, ybuf.data(), K);
+        narrow(obuf.data(), D, out.data_ptr<c10::BFloat16>() + r * D);
+      } else {
+        float* orow = out.data_ptr<float>() + r * D;
+        if (!inplace) std::memcpy(orow, x.data_ptr<float>() + r * D, sizeof(float) * D);
+        scatter_add_row(orow, idx, y.data_ptr<float>() + r * K, K);
+      }
     }
   });
 }
 
 void check_index(const at::Tensor& index, int64_t D, const char* op) {
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.device().is_cpu(), op,
-              ": index must be a 1-D int64 CPU tensor");
-  if (index.numel() > 0) {
-    TORCH_CHECK(index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < D, op,
-                ": index out of range for last dim ", D);
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.device().is_cpu() &&
+                  index.is_contiguous(), op, ": index must be a contiguous 1-D int64 CPU tensor");
+  // a plain loop: a bad index would otherwise write out of bounds
+  const int64_t* p = index.data_ptr<int64_t>();
+  for (int64_t j = 0; j < index.numel(); ++j) {
+    TORCH_CHECK(p[j] >= 0 && p[j] < D, op, ": index ", p[j], " out of range for last dim ", D);
+    TORCH_CHECK(j == 0 || p[j] > p[j - 1], op, ": index must be strictly increasing (sorted, no duplicates)");
   }
 }
 
@@ -77,23 +111,17 @@ at::Tensor layernorm_gather(const at::Tensor& x, const c10::optional<at::Tensor>
   check_index(index, D, "layernorm_gather");
   auto xc = x.contiguous();
   auto idx = index.contiguous();
-  auto w = weight.has_value() ? weight->to(at::kFloat).contiguous() : at::Tensor();
-  auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  TORCH_CHECK(!w.defined() || w.numel() == K, "layernorm_gather: weight must have len(index) entries");
-  TORCH_CHECK(!b.defined() || b.numel() == K, "layernorm_gather: bias must have len(index) entries");
+  // missing affine parameters become ones/zeros so the row kernel has no branches
+  auto w = weight.has_value() ? weight->to(at::kFloat).contiguous() : at::ones({K}, x.options().dtype(at::kFloat));
+  auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({K}, x.options().dtype(at::kFloat));
+  TORCH_CHECK(w.numel() == K, "layernorm_gather: weight must have len(index) entries");
+  TORCH_CHECK(b.numel() == K, "layernorm_gather: bias must have len(index) entries");
   auto sizes = x.sizes().vec();
   sizes.back() = K;
   auto y = at::empty(sizes, x.options());
   const int64_t rows = D == 0 ? 0 : xc.numel() / D;
-  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  if (x.scalar_type() == at::kFloat) {
-    ln_gather_rows<float>(xc.data_ptr<float>(), wp, bp, idx.data_ptr<int64_t>(), y.data_ptr<float>(), rows, D, K,
-                          static_cast<float>(eps));
-  } else {
-    ln_gather_rows<c10::BFloat16>(xc.data_ptr<c10::BFloat16>(), wp, bp, idx.data_ptr<int64_t>(),
-                                  y.data_ptr<c10::BFloat16>(), rows, D, K, static_cast<float>(eps));
-  }
+  ln_gather_rows(xc, w.data_ptr<float>(), b.data_ptr<float>(), idx.data_ptr<int64_t>(), y, rows, D, K,
+                 static_cast<float>(eps));
   return y;
 }
 
@@ -110,14 +138,23 @@ at::Tensor residual_scatter_add(const at::Tensor& x, const at::Tensor& index, co
   auto xc = x.contiguous(), yc = y.contiguous(), idx = index.contiguous();
   auto out = at::empty_like(xc);
   const int64_t rows = D == 0 ? 0 : xc.numel() / D;
-  if (x.scalar_type() == at::kFloat) {
-    scatter_add_rows<float>(xc.data_ptr<float>(), idx.data_ptr<int64_t>(), yc.data_ptr<float>(),
-                            out.data_ptr<float>(), rows, D, K);
-  } else {
-    scatter_add_rows<c10::BFloat16>(xc.data_ptr<c10::BFloat16>(), idx.data_ptr<int64_t>(),
-                                    yc.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, D, K);
-  }
+  scatter_add_rows(xc, idx.data_ptr<int64_t>(), yc, out, rows, D, K);
   return out;
+}
+
+void residual_scatter_add_(at::Tensor& x, const at::Tensor& index, const at::Tensor& y) {
+  TORCH_CHECK(x.is_contiguous(), "residual_scatter_add_: x must be contiguous to be updated in place");
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "residual_scatter_add_: tensors must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "residual_scatter_add_: x and y dtypes differ");
+  const int64_t D = x.size(-1), K = index.numel();
+  check_index(index, D, "residual_scatter_add_");
+  TORCH_CHECK(y.size(-1) == K && y.numel() / std::max<int64_t>(K, 1) == x.numel() / std::max<int64_t>(D, 1),
+              "residual_scatter_add_: y does not match x and index");
+  auto yc = y.contiguous();
+  const int64_t rows = D == 0 ? 0 : x.numel() / D;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "residual_scatter_add_: float32 or bfloat16 only");
+  scatter_add_rows(x, index.data_ptr<int64_t>(), yc, x, rows, D, K);
 }
 
 }  // namespace
@@ -125,9 +162,11 @@ at::Tensor residual_scatter_add(const at::Tensor& x, const at::Tensor& index, co
 TORCH_LIBRARY_FRAGMENT(sparsevit_C, m) {
   m.def("layernorm_gather(Tensor x, Tensor? weight, Tensor? bias, Tensor index, float eps) -> Tensor");
   m.def("residual_scatter_add(Tensor x, Tensor index, Tensor y) -> Tensor");
+  m.def("residual_scatter_add_(Tensor(a!) x, Tensor index, Tensor y) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sparsevit_C, CPU, m) {
   m.impl("layernorm_gather", &layernorm_gather);
   m.impl("residual_scatter_add", &residual_scatter_add);
+  m.impl("residual_scatter_add_", &residual_scatter_add_);
 }

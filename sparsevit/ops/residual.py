@@ -51,6 +51,20 @@ def _(x, index, y):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("sparsevit::residual_scatter_add_", mutates_args=("x",))
+def _residual_scatter_add_(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor) -> None:
+    if x.device.type == "cpu" and _ext.has_op("residual_scatter_add_") and x.dtype in (torch.float32, torch.bfloat16) \
+            and x.is_contiguous():
+        torch.ops.sparsevit_C.residual_scatter_add_(x, index, y)
+    else:
+        x.index_add_(-1, index, y.to(x.dtype))
+
+
+@_residual_scatter_add_.register_fake
+def _(x, index, y):
+    return None
+
+
 def layernorm_gather(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                      index: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``layer_norm(x)[..., index]`` without materialising the full-width normalised tensor.
@@ -63,11 +77,19 @@ def layernorm_gather(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     return _layernorm_gather(x, weight, bias, index, float(eps))
 
 
-def residual_scatter_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x`` with ``y`` added into channels ``index`` of its last dim (out of place)."""
+def residual_scatter_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, *,
+                         inplace: bool = False) -> torch.Tensor:
+    """``x`` with ``y`` added into channels ``index`` of its last dim.
+
+    Out of place by default; ``inplace=True`` updates and returns ``x`` itself (saves a full copy of
+    the residual stream when the caller owns ``x``).
+    """
     if y.shape[-1] != index.shape[0] or y.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"residual_scatter_add: y {tuple(y.shape)} does not fit x {tuple(x.shape)} with "
                          f"{index.shape[0]} indices; y's last dim must equal len(index).")
+    if inplace:
+        _residual_scatter_add_(x, index, y)
+        return x
     return _residual_scatter_add(x, index, y)
 
 

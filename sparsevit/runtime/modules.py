@@ -134,10 +134,11 @@ class BranchIO(nn.Module):
             return self.full_norm(x)
         return layernorm_gather(x, self.norm_weight, self.norm_bias, self.read, self.eps)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def add(self, x: torch.Tensor, y: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Write the branch output back; ``inplace`` only for tensors the block itself created."""
         if self.write is None:
-            return x + y
-        return residual_scatter_add(x, self.write, y)
+            return x.add_(y) if inplace else x + y
+        return residual_scatter_add(x, self.write, y, inplace=inplace)
 
 
 class ConstBranch(nn.Module):
@@ -168,14 +169,15 @@ class SparseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        owned = False  # the block input belongs to the caller: never update it in place
         if self.attn is not None:
             y = self.attn(self.attn_io.norm(x), attn_mask=attn_mask, is_causal=is_causal,
                           shared_rel_pos_bias=shared_rel_pos_bias)
-            x = self.attn_io.add(x, y)
+            x, owned = self.attn_io.add(x, y), True
         elif self.attn_const is not None:
-            x = self.attn_const(x)
+            x, owned = self.attn_const(x), True
         if self.mlp is not None:
-            x = self.mlp_io.add(x, self.mlp(self.mlp_io.norm(x)))
+            x = self.mlp_io.add(x, self.mlp(self.mlp_io.norm(x)), inplace=owned and not torch.is_grad_enabled())
         elif self.mlp_const is not None:
             x = self.mlp_const(x)
         return x
