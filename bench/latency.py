@@ -16,40 +16,16 @@ import argparse
 import json
 import os
 import statistics
-import time
 from typing import Callable, Dict, List
 
 import torch
 
 import sparsevit
-from sparsevit.plan_presets import (plan_block_sparse, plan_heads_mlp, plan_residual_io,
-                                    plan_residual_io_no_gather, plan_structured_then_block_sparse)
+from sparsevit.benchmark import time_models
+from sparsevit.plan_presets import PRESETS, plan_residual_io_no_gather
 
 
-SCENARIOS: Dict[str, Callable] = {
-    "heads_mlp_50": plan_heads_mlp,
-    "residual_io_50": plan_residual_io,
-    "block_sparse_70_32x32": plan_block_sparse,
-    "heads_mlp_50+block_sparse_70": plan_structured_then_block_sparse,
-}
-
-
-# ----------------------------------------------------------------------------------------- timing
-def time_models(models: Dict[str, torch.nn.Module], x: torch.Tensor, warmup: int, runs: int) -> Dict[str, List[float]]:
-    """Time the models alternately (so drift hits all equally); seconds per forward, per model."""
-    times = {k: [] for k in models}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for m in models.values():
-                m(x)
-        for _ in range(runs):
-            for k, m in models.items():
-                t0 = time.perf_counter()
-                m(x)
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-                times[k].append(time.perf_counter() - t0)
-    return times
+SCENARIOS: Dict[str, Callable] = PRESETS
 
 
 def run(args) -> List[Dict]:

@@ -161,6 +161,121 @@ def _prune_run(args: argparse.Namespace) -> int:
 register_command("prune", "score a timm model and write a SparsityPlan", _prune_arguments, _prune_run)
 
 
+# ----------------------------------------------------------------------------------- accelerate
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _sparsevit_errors(run):
+    """Print sparsevit's own errors (they name the problem and the fix) instead of a traceback."""
+    def wrapped(args):
+        try:
+            return run(args)
+        except Exception as exc:
+            if type(exc).__module__.startswith("sparsevit"):
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            raise
+    return wrapped
+
+
+def _accelerate_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--plan", default=None, help="plan JSON (default: read the plan from the checkpoint's zeros)")
+    p.add_argument("--backend", default="auto", help="auto | dense | sparse | cpp | reference | triton | cuda")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="convert weights first")
+    p.add_argument("--batch-hint", type=int, default=8, help="batch size the kernel choice is tuned for")
+    p.add_argument("--out", required=True, help="where to write the accelerated model (.sparsevit)")
+    p.add_argument("--quiet", action="store_true")
+
+
+@_sparsevit_errors
+def _accelerate_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparsevit
+
+    model = load_model(args)
+    plan = sparsevit.SparsityPlan.load(args.plan) if args.plan else None
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    fast = sparsevit.accelerate(model, plan, backend=args.backend, dtype=dtype, batch_hint=args.batch_hint)
+    sparsevit.save(fast, args.out)
+    if not args.quiet:
+        print(fast.sparsevit_report.table())
+        print(fast.sparsevit_plan.summary(model))
+        print(f"accelerated model written to {args.out}")
+    return 0
+
+
+register_command("accelerate", "build the fast model from a timm model (+ plan) and save it", _accelerate_arguments,
+                 _accelerate_run)
+
+
+# ----------------------------------------------------------------------------------- bench
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from sparsevit.plan_presets import PRESETS
+
+    add_model_arguments(p)
+    p.add_argument("--plan", default=None, help="plan JSON to benchmark")
+    p.add_argument("--preset", default="heads_mlp_50", choices=list(PRESETS),
+                   help="synthetic plan when --plan is not given")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backend", default="auto")
+
+
+@_sparsevit_errors
+def _bench_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparsevit
+    from sparsevit.benchmark import median_ms, time_models
+    from sparsevit.plan_presets import PRESETS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args)
+    plan = sparsevit.SparsityPlan.load(args.plan) if args.plan else PRESETS[args.preset](model)
+    fast = sparsevit.accelerate(model, plan, backend=args.backend, batch_hint=args.batch)
+    size = model_img_size(model)
+    x = torch.randn(args.batch, 3, size, size)
+    times = time_models({"dense": model, "sparsevit": fast}, x, args.warmup, args.runs)
+    t_d, t_f = median_ms(times["dense"]), median_ms(times["sparsevit"])
+    macs = plan.summary(model, as_dict=True)["total"]["mac_ratio"]
+    print(f"{args.model} batch {args.batch}, {torch.get_num_threads()} threads, median of {args.runs}")
+    print(f"dense {t_d:.2f} ms | sparsevit {t_f:.2f} ms | speed-up {t_d / t_f:.2f}x | MAC reduction {macs:.2f}x"
+          f" | efficiency {t_d / t_f / macs:.2f}")
+    return 0
+
+
+register_command("bench", "time dense timm vs accelerated side by side", _bench_arguments, _bench_run)
+
+
+# ----------------------------------------------------------------------------------- export
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="accelerated model file (.sparsevit) from `sparsevit accelerate`")
+    p.add_argument("--out", required=True, help="where to write the exported program (.pt2)")
+    p.add_argument("--input-size", type=int, nargs=4, default=[1, 3, 224, 224], metavar=("B", "C", "H", "W"))
+
+
+@_sparsevit_errors
+def _export_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparsevit
+
+    fast = sparsevit.load(args.model)
+    dtype = next(fast.parameters()).dtype
+    sparsevit.export(fast, torch.randn(*args.input_size, dtype=dtype), args.out)
+    print(f"exported {args.model} for input {tuple(args.input_size)} to {args.out} "
+          "(load with torch.export.load after `import sparsevit`)")
+    return 0
+
+
+register_command("export", "torch.export an accelerated model (.sparsevit -> .pt2)", _export_arguments, _export_run)
+
+
 # ----------------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsevit", description="Prune timm Vision Transformers and run "

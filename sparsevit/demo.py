@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -29,27 +27,18 @@ def accuracy(model, loader) -> float:
     return 100.0 * evaluate(model, loader)
 
 
-def median_ms(model, x, runs: int, warmup: int = 2) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        ts = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(x)
-            ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
-
-
 def latency_rows(dense, variants, x, runs):
-    rows = [("dense timm", median_ms(dense, x, runs), 1.0, "torch")]
-    base = rows[0][1]
+    from sparsevit.benchmark import median_ms, time_models
+
+    models, info = {"dense timm": dense}, {"dense timm": (1.0, "torch")}
     for label, plan in variants:
         fast = sparsevit.accelerate(dense, plan, batch_hint=x.shape[0])
-        stats = plan.summary(dense, as_dict=True)["total"]
-        ms = median_ms(fast, x, runs)
         kernels = sorted({d.kernel for d in fast.sparsevit_report if d.name.endswith(("qkv", "proj", "fc1", "fc2"))})
-        rows.append((label, ms, stats["mac_ratio"], ", ".join(kernels)))
+        models[label] = fast
+        info[label] = (plan.summary(dense, as_dict=True)["total"]["mac_ratio"], ", ".join(kernels))
+    times = time_models(models, x, warmup=2, runs=runs)
+    rows = [(label, median_ms(times[label]), *info[label]) for label in models]
+    base = rows[0][1]
     print(f"  {'model':<34} {'ms':>9} {'speed-up':>9} {'MAC cut':>8}  kernels")
     for label, ms, macs, kernels in rows:
         print(f"  {label:<34} {ms:>9.1f} {base / ms:>8.2f}x {macs:>7.2f}x  {kernels}")

@@ -60,3 +60,11 @@ def plan_structured_then_block_sparse(model, frac=0.5, sparsity=0.7, block=(32, 
     plan = plan_heads_mlp(model, frac)
     plan.masks = plan_block_sparse(model, sparsity, block).masks
     return plan
+
+
+PRESETS = {
+    "heads_mlp_50": plan_heads_mlp,
+    "residual_io_50": plan_residual_io,
+    "block_sparse_70_32x32": plan_block_sparse,
+    "heads_mlp_50+block_sparse_70": plan_structured_then_block_sparse,
+}
