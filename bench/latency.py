@@ -21,8 +21,7 @@ from typing import Callable, Dict, List
 import torch
 
 import sparsevit
-from sparsevit.benchmark import time_models
-from sparsevit.plan_presets import PRESETS, plan_residual_io_no_gather
+from sparsevit.benchmark import PRESETS, plan_residual_io_no_gather, time_models
 
 
 SCENARIOS: Dict[str, Callable] = PRESETS

@@ -212,7 +212,7 @@ register_command("accelerate", "build the fast model from a timm model (+ plan) 
 
 # ----------------------------------------------------------------------------------- bench
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    from sparsevit.plan_presets import PRESETS
+    from sparsevit.benchmark import PRESETS
 
     add_model_arguments(p)
     p.add_argument("--plan", default=None, help="plan JSON to benchmark")
@@ -230,8 +230,7 @@ def _bench_run(args: argparse.Namespace) -> int:
     import torch
 
     import sparsevit
-    from sparsevit.benchmark import median_ms, time_models
-    from sparsevit.plan_presets import PRESETS
+    from sparsevit.benchmark import PRESETS, median_ms, time_models
 
     if args.threads:
         torch.set_num_threads(args.threads)

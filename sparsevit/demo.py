@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     print(f"  the digits ViT, batch {x.shape[0]}:")
     latency_rows(tuned, [("pruned + accelerated", plan)], x, args.runs)
     if not args.skip_deit:
-        from sparsevit.plan_presets import plan_block_sparse, plan_heads_mlp, plan_structured_then_block_sparse
+        from sparsevit.benchmark import plan_block_sparse, plan_heads_mlp, plan_structured_then_block_sparse
 
         deit = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
         xd = torch.randn(8, 3, 224, 224)

@@ -63,7 +63,7 @@ def test_bad_files(tmp_path):
 
 
 def test_export_round_trip(tmp_path):
-    from sparsevit.plan_presets import plan_structured_then_block_sparse
+    from sparsevit.benchmark import plan_structured_then_block_sparse
 
     m = make_model("vit_tiny")
     fast = sparsevit.accelerate(m, plan_structured_then_block_sparse(m, 0.5, 0.7))

@@ -65,10 +65,15 @@ class LinearFactory:
             why = ("dense: backend='dense' requested" if has_zeros else
                    "dense: no unstructured sparsity left after structural slicing")
             density = float(mask.float().mean()) if has_zeros else 1.0
+            kernel = "torch.linear"
+            if activation is not None:  # fuse the GELU (in place at inference) into the Linear
+                from sparsevit.runtime.linear import DenseLinear
+
+                lin, kernel = DenseLinear.from_dense(lin, None, activation), f"torch.linear+{activation}"
             self.report.append(LayerDecision(
-                name, "sliced" if tuple(weight.shape) != tuple(shape_before) else "kept", "dense", "torch.linear",
+                name, "sliced" if tuple(weight.shape) != tuple(shape_before) else "kept", "dense", kernel,
                 why, shape_before, tuple(weight.shape), density))
-            return lin, False
+            return lin, activation is not None
         from sparsevit.runtime.linear import choose_linear
 
         module, decision = choose_linear(lin, mask if has_zeros else None, name=name, activation=activation,

@@ -162,7 +162,11 @@ class DenseLinear(nn.Linear):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
-        return apply_activation(F.linear(x, self.weight, self.bias), self.activation)
+        y = F.linear(x, self.weight, self.bias)
+        if self.activation is not None and not torch.is_grad_enabled():
+            # in place on the fresh linear output: saves a second activation-sized buffer
+            return torch.ops.aten.gelu_(y, approximate="none" if self.activation == "gelu" else "tanh")
+        return apply_activation(y, self.activation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"
