@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsevit import _ext
 from sparsevit.formats.bsr import BlockSparseWeight, pack_values
 from sparsevit.ops.bsr import (apply_activation, bsr_linear, cpp_kernel_name, cpp_unsupported_reasons,
                                reference_bsr_linear)
