@@ -21,6 +21,8 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
   done
 fi
 export MAX_JOBS=${MAX_JOBS:-2}
+# CI and the demo want the kernels: a failed compile is an error here (users get a warning instead)
+export SPARSEVIT_STRICT_BUILD=${SPARSEVIT_STRICT_BUILD:-1}
 python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import sparsevit, sparsevit._ext as e; print('sparsevit', sparsevit.__version__, '| compiled kernels:', \
   (__import__('torch').ops.sparsevit_C.build_info() if e.HAS_EXTENSION else 'none (' + str(e.LOAD_ERROR) + ')'))"

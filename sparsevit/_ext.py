@@ -13,6 +13,11 @@ HAS_CUDA_EXTENSION = False
 LOAD_ERROR = None
 
 try:
+    import importlib.util
+
+    if importlib.util.find_spec("sparsevit._C") is None:
+        raise ImportError("sparsevit._C was not built (installed with SPARSEVIT_SKIP_BUILD=1, or the compile "
+                          "failed: see the pip install log)")
     from sparsevit import _C  # noqa: F401  (loading registers torch.ops.sparsevit_C.*)
 
     HAS_EXTENSION = True
