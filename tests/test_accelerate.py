@@ -142,3 +142,20 @@ def test_report_lists_every_linear():
             assert f"blocks.{i}.{lin}" in names or any(n.startswith(f"blocks.{i}.") and "dropped" for n in names)
     assert "reason" in fast.sparsevit_report[0].as_dict()
     assert "dense" in fast.sparsevit_report.table()
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "reference"])
+def test_full_plan_with_unstructured_masks(model, backend):
+    """Every kind of removal at once, including unstructured masks packed into block-sparse kernels."""
+    from sparsevit import _ext
+
+    if backend == "cpp" and not _ext.has_op("bsr_linear"):
+        pytest.skip("compiled extension not built")
+    plan = random_plan(model, 7)
+    assert plan.masks
+    fast = sparsevit.accelerate(model, plan, backend=backend)
+    ref, out, _ = _outputs(model, fast, plan, 3)
+    assert rel_err(out, ref) < 1e-5
+    packed = [d for d in fast.sparsevit_report if d.action == "packed"]
+    if backend != "auto":
+        assert packed, "forced sparse backend packed nothing"

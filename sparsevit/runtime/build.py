@@ -135,7 +135,8 @@ def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactor
         report.append(LayerDecision(f"{b.fqn}.attn", "sliced" if len(r.heads) < b.num_heads or
                                     r.qk.shape[1] < b.head_dim or r.v.shape[1] < b.head_dim else "kept",
                                     f"heads {len(r.heads)}/{b.num_heads}, qk {r.qk.shape[1]}, v {r.v.shape[1]}",
-                                    attention_kernel, _attn_reason(attention_kernel)))
+                                    *_attention_choice(attention_kernel, len(r.heads), b.tokens, r.qk.shape[1],
+                                                       r.v.shape[1], qkv_w)))
     elif r.attn_mode == "const":
         attn_const = const_branch(b.proj.bias, b.ls1, r.attn_out)
         report.append(LayerDecision(f"{b.fqn}.attn", "dropped", "const", "add",
@@ -177,7 +178,16 @@ def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactor
     return SparseBlock(attn_io, attn, attn_const, mlp_io, mlp, mlp_const)
 
 
-def _attn_reason(kernel: str) -> str:
+def _attention_choice(kernel: str, heads: int, tokens: int, qk_dim: int, v_dim: int, like: torch.Tensor):
+    """(kernel, reason) for the report: which attention runs for these shapes, and why."""
     if kernel == "sdpa":
-        return "torch scaled_dot_product_attention (CPU, or chosen over the Triton kernel)"
-    return "sparsevit attention op (Triton on CUDA where supported)"
+        where = "CPU" if like.device.type == "cpu" else "backend forced"
+        return "sdpa", f"{where}: torch scaled_dot_product_attention (the Triton attention kernel is CUDA-only)"
+    from sparsevit.ops import attention_unsupported_reasons
+
+    q = like.new_empty((1, heads, tokens, qk_dim))
+    v = like.new_empty((1, heads, tokens, v_dim))
+    reasons = attention_unsupported_reasons(q, q, v, None)
+    if reasons:
+        return "sdpa", "Triton attention not used: " + "; ".join(reasons)
+    return "triton_attention", f"Triton attention for {heads} heads, qk {qk_dim} / v {v_dim}"
