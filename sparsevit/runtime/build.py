@@ -132,6 +132,7 @@ def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactor
         attn = SparseAttention(qkv, proj, len(r.heads), r.qk.shape[1], r.v.shape[1], b.attn.scale, rel_table,
                                rel_index, r.heads.to(dev), attention_kernel)
         attn_io = BranchIO(sliced_layernorm(b.norm1, R), _positions(r.attn_in, R), _positions(r.attn_out, R))
+        _report_io(report, f"{b.fqn}.attn", attn_io, len(r.attn_in), len(r.attn_out), len(R), qkv_w)
         report.append(LayerDecision(f"{b.fqn}.attn", "sliced" if len(r.heads) < b.num_heads or
                                     r.qk.shape[1] < b.head_dim or r.v.shape[1] < b.head_dim else "kept",
                                     f"heads {len(r.heads)}/{b.num_heads}, qk {r.qk.shape[1]}, v {r.v.shape[1]}",
@@ -161,6 +162,7 @@ def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactor
                              tuple(b.fc2.weight.shape), T)
         mlp = SparseMlp(fc1, None if fused else act, fc2)
         mlp_io = BranchIO(sliced_layernorm(b.norm2, R), _positions(r.mlp_in, R), _positions(r.mlp_out, R))
+        _report_io(report, f"{b.fqn}.mlp", mlp_io, len(r.mlp_in), len(r.mlp_out), len(R), fc1_w)
     elif r.mlp_mode == "const":
         mlp_const = const_branch(b.fc2.bias, b.ls2, r.mlp_out)
         report.append(LayerDecision(f"{b.fqn}.mlp", "dropped", "const", "add",
@@ -176,6 +178,23 @@ def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactor
                                         "supported; create the model with a fixed img_size.")
         return SparseSwinBlock(b.block, attn_io, attn, attn_const, mlp_io, mlp, mlp_const)
     return SparseBlock(attn_io, attn, attn_const, mlp_io, mlp, mlp_const)
+
+
+def _report_io(report: Report, name: str, io: BranchIO, n_in: int, n_out: int, width: int, like: torch.Tensor):
+    """Say how a branch's residual read/write subsets run (fused C++ ops, or why not)."""
+    if io.read is None and io.write is None:
+        return
+    from sparsevit import _ext
+
+    ok = like.device.type == "cpu" and like.dtype in (torch.float32, torch.bfloat16)
+    if ok and _ext.has_op("layernorm_gather"):
+        kernel, why = "cpp_layernorm_gather+scatter_add", "fused C++ LayerNorm+gather and scatter-add"
+    else:
+        kernel = "torch_reference"
+        why = ("reference PyTorch ops: " + (_ext.unavailable_reason("layernorm_gather") if ok else
+               f"the C++ ops take CPU float32/bfloat16, weights are {like.device.type} {like.dtype}"))
+    report.append(LayerDecision(f"{name}.residual_io", "fused", f"read {n_in}/{width}, write {n_out}/{width}",
+                                kernel, why))
 
 
 def _attention_choice(kernel: str, heads: int, tokens: int, qk_dim: int, v_dim: int, like: torch.Tensor):
