@@ -152,13 +152,6 @@ class ModelAdapter:
         """
         raise NotImplementedError
 
-    def prunable_names(self) -> List[str]:
-        """Parameters that count as prunable for the ``sparsity`` target: every block parameter."""
-        names = []
-        for b in self.blocks:
-            names += [f"{b.fqn}.{n}" for n, _ in b.block.named_parameters()]
-        return names
-
     # ---------------------------------------------------------------- shared logic
     def signature(self) -> Dict:
         return {

@@ -48,11 +48,6 @@ class SwinAdapter(ModelAdapter):
                 raise UnsupportedModelError(f"Swin stage {s} has blocks of widths {sorted(dims)}.")
             self.stage_dims.append(dims.pop())
 
-    def prunable_names(self) -> List[str]:
-        names = super().prunable_names()
-        names += [n for n, _ in self.model.named_parameters() if ".downsample." in n]
-        return names
-
     def _stage_res(self, s: int) -> tuple:
         stage = self.model.layers[s]
         return tuple(stage.blocks[0].input_resolution)
