@@ -278,7 +278,12 @@ class ModelAdapter:
 
     # ---------------------------------------------------------------- counting
     def count(self, plan: SparsityPlan) -> Dict:
-        """Exact parameter counts and MACs per image of what ``accelerate`` keeps under ``plan``."""
+        """Exact parameter counts and MACs per image of what ``accelerate`` keeps under ``plan``.
+
+        Structured removal is counted exactly (equal to the accelerated model's parameter count);
+        weights under an unstructured mask count as their nonzeros (params) and nonzero multiply-adds
+        (MACs), i.e. what a sparse kernel stores and computes, not the padding of its blocks.
+        """
         residual = self.residual_indices(plan)
         blocks = []
         tot_pb = tot_pa = tot_mb = tot_ma = 0
@@ -311,7 +316,6 @@ class ModelAdapter:
         T = b.tokens * b.seqs  # tokens per image through the block's Linears
 
         def lin(role, rows, cols):
-            layer = getattr(b, role)
             m = masks.get(names[role])
             w = len(rows) * len(cols) if m is None else int(m[rows][:, cols].sum())
             return w, w * T
