@@ -159,3 +159,21 @@ def test_full_plan_with_unstructured_masks(model, backend):
     packed = [d for d in fast.sparsevit_report if d.action == "packed"]
     if backend != "auto":
         assert packed, "forced sparse backend packed nothing"
+
+
+def test_beit_shared_relative_position_bias():
+    """BeiT with one rel-pos table shared by all blocks: each block slices it to its kept heads."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=96, num_heads=4,
+                          num_classes=5, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=1.0).eval()
+    with torch.no_grad():
+        m.rel_pos_bias.relative_position_bias_table.normal_(0, 0.5)
+    plan = random_plan(m, 3, kinds=("heads", "qk", "v", "mlp", "io"))
+    fast = sparsevit.accelerate(m, plan)
+    masked = sparsevit.masked_model(m, plan)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(fast(x), masked(x)) < 1e-5
+        assert rel_err(masked(x), m(x)) > 1e-4
