@@ -19,21 +19,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from sparsevit.benchmark import cuda_median_ms
+
 
 def median_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
+    return cuda_median_ms(fn, reps=reps, warmup=warmup)
 
 
 def block_masked_weight(out_f, in_f, block, sparsity, dtype, seed=0):

@@ -12,12 +12,13 @@ every candidate left out go into the :class:`LayerDecision`. Candidates:
 
 Every module here applies ``activation`` itself (``None`` / ``"gelu"`` / ``"gelu_tanh"``).
 """
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsevit.benchmark import cuda_median_ms
 from sparsevit.runtime.report import LayerDecision
 
 BLOCK_CANDIDATES = ((64, 64), (32, 32), (32, 64), (64, 32), (16, 16))
@@ -132,21 +133,6 @@ def is_2_4(mask: Tensor) -> bool:
     return bool(mask.ne(0).reshape(mask.shape[0], -1, 4).sum(-1).le(2).all())
 
 
-def _time_ms(fn: Callable[[], Tensor], reps: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
-
-
 def _candidates(weight: Tensor, bias, mask, activation, x) -> Tuple[Dict[str, Tuple[nn.Module, str, float]], List[str]]:
     """name -> (module, format, density) for every candidate that builds; plus why others did not."""
     from sparsevit.ops.bsr_gpu import gpu_unsupported_reasons
@@ -234,7 +220,7 @@ def choose_cuda_linear(linear: nn.Linear, mask: Optional[Tensor], *, name: str, 
                     skipped.append(f"{key}: rejected, relative error {err:.2e} vs dense")
                     pool.pop(key)
                     continue
-                timings[key] = _time_ms(lambda: mod(x))
+                timings[key] = cuda_median_ms(lambda: mod(x))
             except Exception as exc:  # noqa: BLE001 - compile errors, resource limits ...
                 skipped.append(f"{key}: failed ({type(exc).__name__}: {exc})")
                 pool.pop(key)
