@@ -177,3 +177,27 @@ def test_beit_shared_relative_position_bias():
     with torch.no_grad():
         assert rel_err(fast(x), masked(x)) < 1e-5
         assert rel_err(masked(x), m(x)) > 1e-4
+
+
+def test_relative_position_cache_follows_loaded_weights():
+    m = make_model("swin_tiny")
+    fast = sparsevit.accelerate(m, random_plan(m, 0, kinds=("heads", "mlp")))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = fast(x)  # builds the cached [1, H, N, N] bias
+        state = {k: (v * 50 if k.endswith("relative_position_bias_table") else v) for k, v in fast.state_dict().items()}
+        fast.load_state_dict(state)
+        fresh = copy.deepcopy(fast)
+        for mod in fresh.modules():
+            if hasattr(mod, "_rel_cache"):
+                mod._rel_cache = None
+        after = fast(x)
+    assert rel_err(after, fresh(x)) < 1e-6
+    assert rel_err(after, before) > 1e-4
+
+
+def test_result_is_entirely_in_eval_mode():
+    m = make_model("swin_tiny").train()
+    fast = sparsevit.accelerate(m, random_plan(m, 0, kinds=("heads", "mlp")))
+    assert not any(mod.training for mod in fast.modules())
+    assert m.training  # the user's model keeps its mode

@@ -70,6 +70,7 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
             parent, attr = _parent_of(fast, b.fqn)
             parent[int(attr)] = nb
         _slice_outside_blocks(adapter, residual, report)
+    fast.eval()  # again: the swapped-in modules are created in training mode
     fast.sparsevit_report = report
     fast.sparsevit_plan = plan
     fast._sparsevit_accelerated = True

@@ -54,6 +54,10 @@ class SparseAttention(nn.Module):
         self._rel_cache = None  # dtype/device changes invalidate the cached bias
         return super()._apply(fn, *args, **kwargs)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._rel_cache = None  # a loaded table replaces the one the cache was built from
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, kernel={self.attention_kernel}"
 
