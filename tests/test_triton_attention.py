@@ -1,11 +1,7 @@
 """Triton attention for pruned heads (interpreter, vs float64) and the ``sparsevit::attention`` op.
 
-Interpreter mode: Triton 3.8 reads ``TRITON_INTERPRET`` when it decorates a function, including
-its own ``tl.zeros``/``tl.max``... at ``import triton``. So the interpreter only works if triton was
-first imported with the variable set. Run alone, this module sets it before importing triton and
-runs in-process; in a full pytest run something (timm) imported triton earlier, so the tests run
-once more in a child pytest process on this file with the variable set (``test_in_subprocess``),
-and the in-process copies skip. sparsevit's kernels themselves are decorated lazily per mode.
+Interpreter mode (``TRITON_INTERPRET=1``; in a full pytest run the tests re-run in a child process):
+see ``tests/triton_harness.py``.
 
 Accuracy rule (flash-attention / xformers style): the kernel's max error against a float64
 reference is at most 2x the error of PyTorch doing the same computation in the same dtype (with a

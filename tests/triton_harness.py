@@ -1,7 +1,8 @@
 """Shared harness of the Triton interpreter tests.
 
-Triton decides at import whether it interprets (``TRITON_INTERPRET=1``), and ``import timm`` imports
-triton, so in a full pytest run the variable is often set too late. Each interpreter test module
+Triton 3.8 reads ``TRITON_INTERPRET`` when it decorates a function, including its own ``tl.zeros``
+... at ``import triton``, and ``import timm`` imports triton, so in a full pytest run the variable is
+often set too late (sparsevit's own kernels are decorated lazily per mode). Each interpreter test module
 therefore runs its own tests in-process when the interpreter is active, and otherwise re-runs itself
 in a child pytest process with the variable set (``run_self_in_subprocess``).
 """
