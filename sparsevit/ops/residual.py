@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from sparsevit import _ext
 
@@ -91,8 +90,3 @@ def residual_scatter_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, 
         _residual_scatter_add_(x, index, y)
         return x
     return _residual_scatter_add(x, index, y)
-
-
-def layer_norm(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
-    """Plain LayerNorm over the last dim (the non-gather case, for symmetry in the runtime)."""
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
