@@ -2,8 +2,8 @@
 
 ``layernorm_gather`` fuses the gather into the norm before the branch (statistics over all channels,
 output only for the channels the branch reads); ``residual_scatter_add`` adds the branch output back
-into its channels of the residual stream. Both are custom ops with a C++ CPU kernel (one pass over
-each token row, no intermediate full-width tensor) and a PyTorch reference path.
+into its channels of the residual stream. Both are custom ops with a C++ CPU kernel (each token row
+read from memory once, no intermediate full-width tensor) and a PyTorch reference path.
 """
 from __future__ import annotations
 
