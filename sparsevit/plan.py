@@ -91,6 +91,9 @@ class SparsityPlan:
     masks:             per Linear (fully qualified name in the original model), an unstructured bool
                        mask of the weight's original shape; what survives the structured part is
                        packed into block-sparse formats by ``accelerate``.
+    block:             tile shape ``[rows, cols]`` the unstructured masks were made for (e.g. ``[32, 32]``;
+                       ``[1, 1]`` for fine-grained masks); ``accelerate`` tries this packing first.
+    nm:                ``[n, m]`` when the masks are N:M (n kept of every m consecutive input weights).
     signature:         the model facts the plan was made for (block count, dims, heads), checked by
                        :meth:`validate`.
     meta:              free-form provenance (method, criterion, target, measured reductions).
@@ -101,6 +104,8 @@ class SparsityPlan:
     residual_channels: Optional[List[Index]] = None
     depth: Optional[int] = None
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)
+    block: Optional[List[int]] = None
+    nm: Optional[List[int]] = None
     signature: Dict = field(default_factory=dict)
     meta: Dict = field(default_factory=dict)
 
@@ -166,6 +171,8 @@ class SparsityPlan:
             "blocks": [asdict(b) for b in self.blocks],
             "residual_channels": self.residual_channels,
             "depth": self.depth,
+            "block": None if self.block is None else [int(v) for v in self.block],
+            "nm": None if self.nm is None else [int(v) for v in self.nm],
             "signature": self.signature,
             "meta": self.meta,
             "mask_names": sorted(self.masks),
@@ -229,7 +236,8 @@ class SparsityPlan:
         except TypeError as exc:
             raise PlanError(f"{where}: bad block entry ({exc}).") from None
         return cls(family=d["family"], blocks=blocks, residual_channels=d.get("residual_channels"),
-                   depth=d.get("depth"), masks=masks or {}, signature=d.get("signature", {}),
+                   depth=d.get("depth"), masks=masks or {}, block=d.get("block"), nm=d.get("nm"),
+                   signature=d.get("signature", {}),
                    meta=d.get("meta", {}))
 
     # ------------------------------------------------------------------ helpers
@@ -238,6 +246,7 @@ class SparsityPlan:
 
         return SparsityPlan(family=self.family, blocks=copy.deepcopy(self.blocks),
                             residual_channels=copy.deepcopy(self.residual_channels), depth=self.depth,
+                            block=copy.deepcopy(self.block), nm=copy.deepcopy(self.nm),
                             masks={k: v.clone() for k, v in self.masks.items()},
                             signature=copy.deepcopy(self.signature), meta=copy.deepcopy(self.meta))
 

@@ -243,7 +243,7 @@ def unstructured(model, *, criterion: str = "l1", sparsity: Optional[float] = 0.
             masks[name] = _remove_lowest(s, sizes[name], frac * s.numel() if sizes[name] is None
                                          else frac * float(sizes[name].sum()))
     plan = SparsityPlan(family=adapter.family, blocks=[BlockPlan() for _ in adapter.blocks],
-                        signature=adapter.signature())
+                        block=list(blk), signature=adapter.signature())
     for name, rm in masks.items():
         shape = linears[name].weight.shape
         keep = ~(_expand(rm, shape, blk) if blk != (1, 1) else rm)
