@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -41,33 +42,74 @@ def load_model(args: argparse.Namespace):
     try:
         kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"--model-kwargs is not valid JSON ({exc}); e.g. '{{\"depth\": 4}}'")
+        raise ValueError(f"--model-kwargs is not valid JSON ({exc}); e.g. '{{\"depth\": 4}}'") from None
     if not isinstance(kwargs, dict):
-        raise SystemExit("--model-kwargs must be a JSON object, e.g. '{\"depth\": 4}'")
+        raise ValueError("--model-kwargs must be a JSON object, e.g. '{\"depth\": 4}'")
     if args.img_size is not None:
         kwargs.setdefault("img_size", args.img_size)
     if args.num_classes is not None:
         kwargs.setdefault("num_classes", args.num_classes)
     try:
         model = timm.create_model(args.model, pretrained=False, **kwargs)
-    except RuntimeError as exc:  # unknown model name
-        raise SystemExit(f"timm cannot create '{args.model}': {exc}")
+    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:  # unknown name or bad kwargs
+        raise ValueError(f"timm cannot create '{args.model}' with --model-kwargs {kwargs}: {exc}") from None
     if args.checkpoint:
-        if args.checkpoint.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(args.checkpoint)
-        else:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            elif isinstance(state, dict) and "model" in state:
-                state = state["model"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        state = _read_checkpoint(args.checkpoint)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise ValueError(f"--checkpoint {args.checkpoint} does not fit {args.model}: {exc}") from None
         if missing or unexpected:
             print(f"warning: checkpoint: {len(missing)} missing, {len(unexpected)} unexpected keys "
                   f"(e.g. {(missing or unexpected)[:3]})", file=sys.stderr)
     return model.eval()
+
+
+def _read_checkpoint(path: str) -> dict:
+    """A state_dict from a .safetensors or torch file (weights only: nothing in it is executed)."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--checkpoint {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"--checkpoint {path} is not a readable state_dict ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"--checkpoint {path} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def _check_out(path: str) -> str:
+    """Fail before any work when ``--out`` cannot be written (missing folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--out {path}: folder {folder} does not exist; create it first")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--out {path} is a directory; give a file name")
+    return path
+
+
+def _positive(name: str):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v!r}") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {n}")
+        return n
+    return parse
 
 
 def model_img_size(model, default: int = 224) -> int:
@@ -90,6 +132,8 @@ def make_data(args: argparse.Namespace, model):
         return digits_loaders(classes=range(min(int(n), 10)), img_size=img, batch_size=args.batch_size)[0]
     from sparsevit.data import image_folder_loaders
 
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such folder (use 'digits' or an ImageFolder path)")
     return image_folder_loaders(args.data, img_size=img, batch_size=args.batch_size)[0]
 
 
@@ -125,6 +169,7 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
 def _prune_run(args: argparse.Namespace) -> int:
     import sparsevit.prune as P
 
+    _check_out(args.out)
     model = load_model(args)
     data = make_data(args, model)
     opts = {}
@@ -136,20 +181,14 @@ def _prune_run(args: argparse.Namespace) -> int:
             opts["macs"] = args.macs
     for kv in args.option:
         if "=" not in kv:
-            raise SystemExit(f"--option expects KEY=VALUE, got '{kv}'")
+            raise ValueError(f"--option expects KEY=VALUE, got '{kv}'")
         k, v = kv.split("=", 1)
         opts[k.strip()] = _parse_value(v)
     try:
         plan = P.prune(model, method=args.method, criterion=args.criterion, sparsity=args.sparsity, data=data,
                        num_batches=args.num_batches, **opts)
-    except (ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # PlanError, UnsupportedModelError
-        if type(exc).__module__.startswith("sparsevit"):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except TypeError as exc:  # an option the method does not take
+        raise ValueError(f"{exc} (check the --option names)") from None
     plan.meta.setdefault("model", args.model)
     plan.save(args.out)
     if not args.quiet:
@@ -163,37 +202,25 @@ register_command("prune", "score a timm model and write a SparsityPlan", _prune_
 
 # ----------------------------------------------------------------------------------- accelerate
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def _sparsevit_errors(run):
-    """Print sparsevit's own errors (they name the problem and the fix) instead of a traceback."""
-    def wrapped(args):
-        try:
-            return run(args)
-        except Exception as exc:
-            if type(exc).__module__.startswith("sparsevit"):
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            raise
-    return wrapped
+BACKENDS = ("auto", "dense", "sparse", "cpp", "triton", "cuda", "reference", "semi_structured")
 
 
 def _accelerate_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--plan", default=None, help="plan JSON (default: read the plan from the checkpoint's zeros)")
-    p.add_argument("--backend", default="auto", help="auto | dense | sparse | cpp | reference | triton | cuda")
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS), help="kernel choice (auto picks per layer)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="convert weights first")
     p.add_argument("--batch-hint", type=int, default=8, help="batch size the kernel choice is tuned for")
     p.add_argument("--out", required=True, help="where to write the accelerated model (.sparsevit)")
     p.add_argument("--quiet", action="store_true")
 
 
-@_sparsevit_errors
 def _accelerate_run(args: argparse.Namespace) -> int:
     import torch
 
     import sparsevit
 
+    _check_out(args.out)
     model = load_model(args)
     plan = sparsevit.SparsityPlan.load(args.plan) if args.plan else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -218,14 +245,13 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, help="plan JSON to benchmark")
     p.add_argument("--preset", default="heads_mlp_50", choices=list(PRESETS),
                    help="synthetic plan when --plan is not given")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--batch", type=_positive("--batch"), default=8)
+    p.add_argument("--threads", type=_positive("--threads"), default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--runs", type=_positive("--runs"), default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS))
 
 
-@_sparsevit_errors
 def _bench_run(args: argparse.Namespace) -> int:
     import torch
 
@@ -255,19 +281,25 @@ register_command("bench", "time dense timm vs accelerated side by side", _bench_
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="accelerated model file (.sparsevit) from `sparsevit accelerate`")
     p.add_argument("--out", required=True, help="where to write the exported program (.pt2)")
-    p.add_argument("--input-size", type=int, nargs=4, default=[1, 3, 224, 224], metavar=("B", "C", "H", "W"))
+    p.add_argument("--input-size", type=_positive("--input-size"), nargs=4, default=None, metavar=("B", "C", "H", "W"),
+                   help="input shape to export for (default: batch 1 at the model's own size)")
 
 
-@_sparsevit_errors
 def _export_run(args: argparse.Namespace) -> int:
     import torch
 
     import sparsevit
 
+    _check_out(args.out)
     fast = sparsevit.load(args.model)
     dtype = next(fast.parameters()).dtype
-    sparsevit.export(fast, torch.randn(*args.input_size, dtype=dtype), args.out)
-    print(f"exported {args.model} for input {tuple(args.input_size)} to {args.out} "
+    size = model_img_size(fast)
+    shape = args.input_size or [1, 3, size, size]
+    if shape[1:] != [3, size, size]:
+        raise ValueError(f"--input-size {' '.join(map(str, shape))} does not fit {args.model}, which takes "
+                         f"B x 3 x {size} x {size} images; e.g. --input-size 1 3 {size} {size}")
+    sparsevit.export(fast, torch.randn(*shape, dtype=dtype), args.out)
+    print(f"exported {args.model} for input {tuple(shape)} to {args.out} "
           "(load with torch.export.load after `import sparsevit`)")
     return 0
 
@@ -276,17 +308,46 @@ register_command("export", "torch.export an accelerated model (.sparsevit -> .pt
 
 
 # ----------------------------------------------------------------------------------- entry point
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are exceptions (one line from ``main``), never silent typos."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--optoin` or `--opt` is an error, not a guess
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(ValueError):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsevit", description="Prune timm Vision Transformers and run "
-                                     "them on sparse kernels.")
+    parser = _Parser(prog="sparsevit", description="Prune timm Vision Transformers and run them on sparse kernels.")
     parser.add_argument("--list-methods", action="store_true", help="list registered pruning methods")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_, description=help_))
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; every error is one line on stderr and exit code 2 (``SPARSEVIT_DEBUG=1``
+    re-raises it with its traceback)."""
+    from sparsevit.errors import SparseVitError
+
+    try:
+        return _main(argv)
+    except (SparseVitError, ValueError, FileNotFoundError, OSError) as exc:
+        if os.environ.get("SPARSEVIT_DEBUG") == "1":
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_methods:

@@ -24,7 +24,7 @@ from sparsevit.errors import PlanError
 Index = Optional[List[int]]
 HeadChannels = Optional[Union[List[int], List[List[int]]]]
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # 2: one checksummed file with embedded masks; 1: JSON + .masks.safetensors
 
 
 @dataclass
@@ -179,66 +179,80 @@ class SparsityPlan:
         }
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``path`` (JSON) and, when the plan has masks, ``path`` + ``.masks.safetensors``.
+        """Write the plan to ``path``: one JSON file with the masks embedded and a SHA-256 checksum.
 
-        Both files are written atomically (temporary file + rename), so an interrupted save never
-        leaves a truncated plan behind.
+        The write is atomic (temporary file + rename), so an interrupted save never leaves a
+        truncated plan behind; see :mod:`sparsevit.io.plan_file` for the layout.
         """
-        path = os.fspath(path)
-        if self.masks:
-            from safetensors.torch import save_file
+        from sparsevit.io.plan_file import check_plan_dict, encode_plan
 
-            tensors = {k: v.to(torch.bool).contiguous().cpu() for k, v in self.masks.items()}
-            atomic_write(_masks_path(path), lambda tmp: save_file(tensors, tmp))
-        payload = json.dumps(self.to_json_dict(), indent=1)
-        atomic_write(path, lambda tmp: open(tmp, "w").write(payload))
+        body = self.to_json_dict()
+        check_plan_dict(body, where="plan")
+        text = encode_plan(body, self.masks)
+        path = os.fspath(path)
+
+        def write(tmp):
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(text)
+        atomic_write(path, write, suffix=".json")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SparsityPlan":
-        """Read a plan written by :meth:`save`; a corrupt or foreign file raises :class:`PlanError`."""
+        """Read a plan written by :meth:`save` (or the older JSON + ``.masks.safetensors`` pair).
+
+        The checksum and every field's type are checked; a corrupt or foreign file raises
+        :class:`PlanError` naming the problem.
+        """
+        from sparsevit._io import check_readable_file
+        from sparsevit.io.plan_file import decode_plan
+
         path = os.fspath(path)
+        check_readable_file(path, lambda msg: PlanError(f"plan file not found: {msg}" if "no such" in msg else msg),
+                            "plan")
         try:
-            with open(path) as f:
+            with open(path, encoding="ascii") as f:
                 d = json.load(f)
-        except FileNotFoundError:
-            raise PlanError(f"plan file not found: {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"{path} is not a sparsevit plan (invalid JSON: {exc}). "
                             "Re-create it with plan.save(path).") from None
-        if not isinstance(d, dict) or "blocks" not in d or "family" not in d:
-            raise PlanError(f"{path} is JSON but not a sparsevit plan (missing 'family'/'blocks').")
-        if d.get("format_version", 0) > PLAN_FORMAT_VERSION:
-            raise PlanError(f"{path} was written by a newer sparsevit (format "
-                            f"{d['format_version']} > {PLAN_FORMAT_VERSION}); upgrade sparsevit.")
-        masks = {}
-        if d.get("mask_names"):
-            mpath = _masks_path(path)
-            try:
-                from safetensors.torch import load_file
-
-                masks = load_file(mpath)
-            except FileNotFoundError:
-                raise PlanError(f"plan {path} lists {len(d['mask_names'])} masks but {mpath} is missing; "
-                                "copy it next to the plan.") from None
-            except Exception as exc:
-                raise PlanError(f"mask file {mpath} is corrupt ({exc}); re-save the plan.") from None
-            missing = set(d["mask_names"]) - set(masks)
-            if missing:
-                raise PlanError(f"mask file {mpath} lacks masks for {sorted(missing)[:3]}...; re-save the plan.")
+        except OSError as exc:
+            raise PlanError(f"cannot read plan {path}: {exc}") from None
+        if not isinstance(d, dict):
+            raise PlanError(f"{path} is not a sparsevit plan (a JSON {type(d).__name__}, not an object).")
+        masks = decode_plan(d, path)
+        if masks is None:
+            masks = _load_v1_masks(path, d)
         return cls.from_json_dict(d, masks, where=path)
 
     @classmethod
     def from_json_dict(cls, d: Dict, masks: Optional[Dict[str, torch.Tensor]] = None,
                        where: str = "plan") -> "SparsityPlan":
-        """Inverse of :meth:`to_json_dict` (masks travel separately)."""
-        try:
-            blocks = [BlockPlan(**b) for b in d["blocks"]]
-        except TypeError as exc:
-            raise PlanError(f"{where}: bad block entry ({exc}).") from None
+        """Inverse of :meth:`to_json_dict` (masks travel separately); every field is type-checked."""
+        from sparsevit.io.plan_file import check_mask, check_plan_dict
+
+        check_plan_dict(d, where)
+        version = d.get("format_version", 0)
+        if version > PLAN_FORMAT_VERSION:
+            raise PlanError(f"{where} was written by a newer sparsevit (format {version} > "
+                            f"{PLAN_FORMAT_VERSION}); upgrade sparsevit.")
+        masks = {k: check_mask(k, v, where) for k, v in (masks or {}).items()}
+        missing = sorted(set(d.get("mask_names", [])) - set(masks))
+        if missing:
+            raise PlanError(f"{where} lists masks it does not hold (e.g. {missing[:3]}); re-save the plan.")
+        blocks = [BlockPlan(**b) for b in d["blocks"]]
         return cls(family=d["family"], blocks=blocks, residual_channels=d.get("residual_channels"),
-                   depth=d.get("depth"), masks=masks or {}, block=d.get("block"), nm=d.get("nm"),
-                   signature=d.get("signature", {}),
-                   meta=d.get("meta", {}))
+                   depth=d.get("depth"), masks=masks, block=d.get("block"), nm=d.get("nm"),
+                   signature=d.get("signature") or {}, meta=d.get("meta") or {})
+
+    def check_types(self) -> "SparsityPlan":
+        """Raise :class:`PlanError` naming the field when a field has the wrong type (e.g. ``depth=1.5``,
+        ``heads=[True]``, a float mask holding 0.5); model-independent, see :meth:`validate` for the rest."""
+        from sparsevit.io.plan_file import check_mask, check_plan_dict
+
+        check_plan_dict(self.to_json_dict())
+        for k, v in self.masks.items():
+            check_mask(k, v)
+        return self
 
     # ------------------------------------------------------------------ helpers
     def copy(self) -> "SparsityPlan":
@@ -253,6 +267,29 @@ class SparsityPlan:
 
 def _masks_path(path: str) -> str:
     return path + ".masks.safetensors"
+
+
+def _load_v1_masks(path: str, d: Dict) -> Dict[str, torch.Tensor]:
+    """Masks of a version-1 plan, read from its companion ``.masks.safetensors`` file."""
+    names = d.get("mask_names")
+    if not names:
+        return {}
+    if not isinstance(names, list):
+        return {}  # check_plan_dict names the bad field
+    mpath = _masks_path(path)
+    try:
+        from safetensors.torch import load_file
+
+        masks = load_file(mpath)
+    except FileNotFoundError:
+        raise PlanError(f"plan {path} lists {len(names)} masks but {mpath} is missing; "
+                        "copy it next to the plan.") from None
+    except Exception as exc:
+        raise PlanError(f"mask file {mpath} is corrupt ({exc}); re-save the plan.") from None
+    missing = set(names) - set(masks)
+    if missing:
+        raise PlanError(f"mask file {mpath} lacks masks for {sorted(missing)[:3]}...; re-save the plan.")
+    return {k: v for k, v in masks.items() if k in set(names)}
 
 
 def format_summary(stats: Dict, meta: Optional[Dict] = None) -> str:

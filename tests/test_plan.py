@@ -81,7 +81,7 @@ def test_corrupt_and_foreign_files(tmp_path):
     plan = random_plan(m, 0, kinds=("masks",))
     p = tmp_path / "p.json"
     plan.save(p)
-    (tmp_path / "p.json.masks.safetensors").write_bytes(b"garbage")
+    p.write_text(p.read_text().replace('"bits": "', '"bits": "AA', 1))  # masks live inside the plan file
     with pytest.raises(PlanError, match="corrupt"):
         SparsityPlan.load(p)
 

@@ -10,6 +10,7 @@ from torch import nn
 from sparsevit.errors import PlanError, UnsupportedModelError
 from sparsevit.models import get_adapter
 from sparsevit.models.masking import MaskedLayerNorm
+from sparsevit.models.spec import architecture_spec
 from sparsevit.plan import SparsityPlan
 from sparsevit.runtime.build import LinearFactory, build_block, sliced_layernorm
 from sparsevit.runtime.report import LayerDecision, Report
@@ -46,6 +47,7 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
     if plan is not None and not isinstance(plan, SparsityPlan):
         raise PlanError(f"plan must be a SparsityPlan (or None to read zeros), got {type(plan).__name__}")
     get_adapter(model)  # fail fast, before copying, on unsupported models
+    source = architecture_spec(model)  # what sparsevit.save rebuilds from; before anything is modified
     fast = model if inplace else copy.deepcopy(model)
     fast.eval()
     if dtype is not None:
@@ -74,6 +76,7 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
     fast.sparsevit_report = report
     fast.sparsevit_plan = plan
     fast._sparsevit_accelerated = True
+    fast.sparsevit_source, fast.sparsevit_options = source, {"backend": backend, "dtype": dtype and str(dtype)[6:]}
     if cuda_graph:
         from sparsevit.runtime.cuda_graph import capture_cuda_graph
 
