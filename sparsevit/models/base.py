@@ -9,7 +9,7 @@ parameters (embeddings, norms, head, Swin patch merging).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -116,6 +116,14 @@ class BlockInfo:
             if e.attr == "relative_position_bias_table":
                 return e.get()
         return None
+
+    def prunable(self, kind: str) -> bool:
+        """Whether units of ``kind`` (``head``, ``qk``, ``v``, ``mlp``) can be removed: not when a norm
+        runs over them (qk-norm over the head dim, scale-norm over all heads, an MLP norm)."""
+        norm_of = {"head": (self.attn, "norm"), "v": (self.attn, "norm"), "qk": (self.attn, "q_norm"),
+                   "mlp": (self.mlp, "norm")}
+        module, attr = norm_of[kind]
+        return isinstance(getattr(module, attr, nn.Identity()), nn.Identity)
 
     def branch_parameters(self, branch: str) -> List[torch.Tensor]:
         """Every parameter of the ``attn`` or ``mlp`` branch: its module, its norm and its layer scale."""

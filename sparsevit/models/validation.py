@@ -1,8 +1,6 @@
 """Checking a plan against a model: every error names the block, the field and the fix."""
 from __future__ import annotations
 
-from torch import nn
-
 from sparsevit.errors import PlanError
 from sparsevit.plan import BlockPlan, SparsityPlan
 
@@ -72,18 +70,14 @@ def _check_block(b, bp: BlockPlan, residual: set, where: str) -> None:
     if qk_len == 0 and v_len > 0 and nh > 0 and not bp.drop_attn:
         raise PlanError(f"{where}: qk_channels is empty while v channels are kept; attention "
                         "would be uniform. Keep at least one q/k channel or drop the heads.")
-    if not _is_identity(b.attn, "q_norm") and bp.qk_channels is not None:
+    if not b.prunable("qk") and bp.qk_channels is not None:
         raise PlanError(f"{where}: qk_channels cannot be pruned with qk_norm (LayerNorm over the "
                         "head dim); prune whole heads instead.")
-    if not _is_identity(b.attn, "norm") and (bp.heads is not None or bp.v_channels is not None):
+    if not b.prunable("head") and (bp.heads is not None or bp.v_channels is not None):
         raise PlanError(f"{where}: heads/v_channels cannot be pruned with scale_norm (LayerNorm over "
                         "all heads); prune MLP channels only.")
-    if not _is_identity(b.mlp, "norm") and bp.mlp_channels is not None:
+    if not b.prunable("mlp") and bp.mlp_channels is not None:
         raise PlanError(f"{where}: mlp_channels cannot be pruned with an MLP norm over the hidden dim.")
-
-
-def _is_identity(module: nn.Module, attr: str) -> bool:
-    return isinstance(getattr(module, attr, nn.Identity()), nn.Identity)
 
 
 def check_index(v, n: int, where: str) -> None:
