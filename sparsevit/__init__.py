@@ -6,12 +6,13 @@ Public API::
     plan.save("plan.json"); plan = sparsevit.SparsityPlan.load("plan.json")
     fast = sparsevit.accelerate(model, plan)        # or accelerate(masked_model)
     fast.sparsevit_report                           # per layer: format, kernel, why
+    print(sparsevit.summary(model, plan))           # exact params / MACs before and after
     sparsevit.save(fast, "model.sparsevit"); fast = sparsevit.load("model.sparsevit")
 """
 from sparsevit.errors import (CheckpointError, KernelError, PlanError, SparseVitError,  # noqa: F401
                               UnsupportedModelError)
 from sparsevit.plan import BlockPlan, SparsityPlan  # noqa: F401
-from sparsevit.models import get_adapter, masked_model  # noqa: F401
+from sparsevit.models import get_adapter, masked_model, summary  # noqa: F401
 from sparsevit.runtime.accelerate import accelerate  # noqa: F401
 # `sparsevit.prune` is the pruning subpackage and, being a callable package, also the entry point
 # `sparsevit.prune(model, method=..., ...)` (see sparsevit/prune/__init__.py).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -109,15 +109,14 @@ class SparsityPlan:
     signature: Dict = field(default_factory=dict)
     meta: Dict = field(default_factory=dict)
 
-    # ------------------------------------------------------------------ construction
+    # ------------------------------------------------------------------ model-dependent operations
+    # These read the model through its adapter. plan.py imports nothing of sparsevit.models: the
+    # models package registers its adapter lookup here when it is imported (see
+    # ``register_adapter_lookup``), which ``import sparsevit`` always does first.
     @classmethod
     def dense(cls, model) -> "SparsityPlan":
         """A plan that keeps everything of ``model`` (a starting point to edit)."""
-        from sparsevit.models import get_adapter
-
-        adapter = get_adapter(model)
-        return cls(family=adapter.family, blocks=[BlockPlan() for _ in adapter.blocks],
-                   signature=adapter.signature())
+        return _adapter(model).dense_plan()
 
     @classmethod
     def from_masked_model(cls, model, *, atol: float = 0.0) -> "SparsityPlan":
@@ -127,32 +126,24 @@ class SparsityPlan:
         residual channels that no branch reads or writes, whole zero branches, and the remaining
         scattered zeros of every Linear (as unstructured masks) are recovered.
         """
-        from sparsevit.models import get_adapter
+        return _adapter(model).infer_plan(atol=atol)
 
-        return get_adapter(model).infer_plan(atol=atol)
-
-    # ------------------------------------------------------------------ checks
     def validate(self, model) -> "SparsityPlan":
         """Raise :class:`PlanError` naming the block and field when this plan does not fit ``model``."""
-        from sparsevit.models import get_adapter
-
-        get_adapter(model).validate_plan(self)
+        _adapter(model).validate_plan(self)
         return self
 
-    # ------------------------------------------------------------------ reporting
     def summary(self, model=None, *, as_dict: bool = False):
         """Parameters and MACs before/after, per block and in total.
 
         Uses the statistics stored in the plan by the method that made it; with ``model`` they are
         recomputed from the model's shapes (exact counts of what ``accelerate`` keeps; MACs count
         the multiply-accumulates of every Linear/conv plus attention's two matmuls, per image).
+        Same as ``sparsevit.summary(model, plan)``.
         """
-        stats = self.meta.get("stats")
         if model is not None:
-            from sparsevit.models import get_adapter
-
-            stats = get_adapter(model).count(self)
-            self.meta["stats"] = stats
+            return _adapter(model).summary(self, as_dict=as_dict)
+        stats = self.meta.get("stats")
         if stats is None:
             raise PlanError("plan.summary() needs the model: this plan carries no stored statistics. "
                             "Call plan.summary(model).")
@@ -263,6 +254,25 @@ class SparsityPlan:
                             block=copy.deepcopy(self.block), nm=copy.deepcopy(self.nm),
                             masks={k: v.clone() for k, v in self.masks.items()},
                             signature=copy.deepcopy(self.signature), meta=copy.deepcopy(self.meta))
+
+
+_ADAPTER_LOOKUP: Optional[Callable] = None
+
+
+def register_adapter_lookup(get_adapter: Callable) -> None:
+    """Install the function that maps a model to its adapter (``sparsevit.models.get_adapter``).
+
+    The adapter must offer ``dense_plan()``, ``infer_plan(atol)``, ``validate_plan(plan)`` and
+    ``summary(plan, as_dict)``; that is all the plan asks of a model.
+    """
+    global _ADAPTER_LOOKUP
+    _ADAPTER_LOOKUP = get_adapter
+
+
+def _adapter(model):
+    if _ADAPTER_LOOKUP is None:  # only when plan.py is loaded without the sparsevit package
+        raise RuntimeError("no model adapters are registered; `import sparsevit` first.")
+    return _ADAPTER_LOOKUP(model)
 
 
 def _masks_path(path: str) -> str:

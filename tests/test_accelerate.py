@@ -201,3 +201,44 @@ def test_result_is_entirely_in_eval_mode():
     fast = sparsevit.accelerate(m, random_plan(m, 0, kinds=("heads", "mlp")))
     assert not any(mod.training for mod in fast.modules())
     assert m.training  # the user's model keeps its mode
+
+
+def test_coupling_table_knows_beit_layout():
+    """A BeiT head couples its q/k/v rows, its q_bias and v_bias entries (k has no bias), its proj
+    columns and its rel-pos table column: the layout the adapter writes once."""
+    from sparsevit.prune.groups import coupled_slices
+
+    m = make_model("beit_base")
+    ad = sparsevit.get_adapter(m)
+    b = ad.blocks[0]
+    got = {}
+    for n, d, idx in coupled_slices(ad, "head", 0, 1):  # q, k and v each list their qkv rows
+        got[(n, d)] = got.get((n, d), []) + idx
+    hd, HD = b.head_dim, b.num_heads * b.head_dim
+    ch = list(range(hd, 2 * hd))
+    assert got[("blocks.0.attn.qkv.weight", 0)] == ch + [HD + c for c in ch] + [2 * HD + c for c in ch]
+    assert got[("blocks.0.attn.q_bias", 0)] == ch and got[("blocks.0.attn.v_bias", 0)] == ch
+    assert got[("blocks.0.attn.proj.weight", 1)] == ch
+    assert got[("blocks.0.attn.relative_position_bias_table", 1)] == [1]
+    bias = b.qkv_bias()
+    assert torch.equal(bias[HD:2 * HD], torch.zeros(HD)) and torch.equal(bias[:HD], b.attn.q_bias)
+
+
+def test_window_partition_matches_timm():
+    from timm.models.swin_transformer import window_partition as timm_partition
+
+    from sparsevit.runtime.modules import window_partition, window_reverse
+
+    x = torch.randn(2, 8, 12, 5)
+    ours = window_partition(x, (4, 3))
+    assert torch.equal(ours, timm_partition(x, (4, 3)).view(-1, 12, 5))
+    assert torch.equal(window_reverse(ours, (4, 3), 8, 12), x)
+
+
+def test_swin_dynamic_mask_is_refused():
+    m = make_model("swin_tiny")
+    for stage in m.layers:
+        for blk in stage.blocks:
+            blk.dynamic_mask = True
+    with pytest.raises(sparsevit.UnsupportedModelError, match="dynamic_mask"):
+        sparsevit.accelerate(m)

@@ -34,6 +34,12 @@ def test_summary_reports_params_and_macs():
     assert "params" in text and "MACs" in text and "removed" in text
     with pytest.raises(PlanError, match="needs the model"):
         SparsityPlan(family="vit", blocks=[]).summary()
+    fresh = plan.copy()
+    fresh.meta.pop("stats", None)
+    assert sparsevit.summary(m, fresh) == text  # the front door and the plan method agree
+    assert fresh.summary() == text  # the counts are stored in the plan
+    stats = sparsevit.summary(m, fresh, as_dict=True)
+    assert stats["total"]["params_after"] < stats["total"]["params_before"]
 
 
 @pytest.mark.parametrize("edit, match", [

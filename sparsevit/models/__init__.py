@@ -8,8 +8,12 @@ import copy
 
 from torch import nn
 
+from sparsevit.errors import UnsupportedModelError
 from sparsevit.models.base import BlockInfo, ModelAdapter, ResolvedBlock, unsupported  # noqa: F401
+from sparsevit.models.coupling import (AttentionValues, Coupled, MlpValues, WindowValues,  # noqa: F401
+                                       activation_kind)
 from sparsevit.models.masking import MaskedLayerNorm  # noqa: F401
+from sparsevit.plan import register_adapter_lookup
 
 SUPPORTED = ("timm VisionTransformer (ViT, DeiT, DeiT-3), timm Beit, timm SwinTransformer "
              "(each with timm Attention/WindowAttention and Mlp blocks)")
@@ -22,8 +26,6 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     name = type(model).__name__
     mod = type(model).__module__
     if getattr(model, "_sparsevit_accelerated", False):
-        from sparsevit.errors import UnsupportedModelError
-
         raise UnsupportedModelError("this model was already accelerated by sparsevit; pass the original "
                                     "timm model (or the masked dense model) instead.")
     if name == "VisionTransformer" and mod.startswith("timm."):
@@ -53,3 +55,12 @@ def masked_model(model: nn.Module, plan, *, inplace: bool = False) -> nn.Module:
     adapter.validate_plan(plan)
     adapter.apply_masks(plan)
     return target
+
+
+def summary(model: nn.Module, plan, *, as_dict: bool = False):
+    """Exact parameters and MACs per image of ``model`` before and after ``plan``, per block and in
+    total, as a table (``as_dict=True``: the statistics). Stores them in ``plan.meta["stats"]``."""
+    return get_adapter(model).summary(plan, as_dict=as_dict)
+
+
+register_adapter_lookup(get_adapter)

@@ -1,19 +1,25 @@
-"""What every model adapter shares: the block view, plan resolution, validation and counting.
+"""What every model adapter shares: the block view, the coupling table, plan resolution and the
+sliced tensors the runtime builds from.
 
 An adapter is the only place that knows a timm family's attribute names. Pruning methods and the
-runtime see a model through it: a flat list of :class:`BlockInfo` (one per transformer block) plus a
-few family hooks for the non-block parameters (embeddings, norms, head, Swin patch merging).
+runtime see a model through it: a flat list of :class:`BlockInfo` (one per transformer block), each
+with its coupling table (``models/coupling.py``), plus a few family hooks for the non-block
+parameters (embeddings, norms, head, Swin patch merging).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from sparsevit.errors import PlanError, UnsupportedModelError
-from sparsevit.plan import BlockPlan, SparsityPlan
+from sparsevit.errors import UnsupportedModelError
+from sparsevit.models.coupling import AttentionValues, Coupled, MlpValues, WindowValues, activation_kind, find
+from sparsevit.models.counting import count
+from sparsevit.models.masking import apply_plan_masks, infer_plan_from_zeros
+from sparsevit.models.validation import validate_plan
+from sparsevit.plan import BlockPlan, SparsityPlan, format_summary
 
 
 @dataclass
@@ -43,6 +49,8 @@ class BlockInfo:
     seqs: int = 1
     ls1: Optional[torch.Tensor] = None
     ls2: Optional[torch.Tensor] = None
+    #: unit kind -> coupled slices (see ``models/coupling.py`` for the kinds and unit numbering)
+    coupling: Dict[str, List[Coupled]] = field(default_factory=dict)
 
     @property
     def qkv(self) -> nn.Linear:
@@ -64,16 +72,63 @@ class BlockInfo:
         return {"qkv": f"{self.fqn}.attn.qkv", "proj": f"{self.fqn}.attn.proj",
                 "fc1": f"{self.fqn}.mlp.fc1", "fc2": f"{self.fqn}.mlp.fc2"}
 
+    # ------------------------------------------------------------ reading the coupling table
+    def rows_of(self, kind: str, units: torch.Tensor) -> torch.Tensor:
+        """Rows of the fused qkv weight that ``units`` of ``kind`` (q, k or v) occupy."""
+        return find(self.coupling[kind], self.qkv, "weight", 0).positions(units)
+
+    def proj_cols(self, v_units: torch.Tensor) -> torch.Tensor:
+        """Columns of ``proj`` that read v channels ``v_units``."""
+        return find(self.coupling["v"], self.proj, "weight", 1).positions(v_units)
+
+    def _bias_entry(self, kind: str) -> Optional[Coupled]:
+        for e in self.coupling[kind]:
+            t = e.get()
+            if e.role == "out" and isinstance(t, torch.Tensor) and t.dim() == 1:
+                return e
+        return None
+
+    def has_qkv_bias(self) -> bool:
+        return any(self._bias_entry(k) is not None for k in ("q", "k", "v"))
+
+    def fused_qkv_bias(self, units: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The ``[q | k | v]`` bias of ``units`` per kind; zeros for a kind without a bias (BeiT's k)."""
+        if not self.has_qkv_bias():
+            return None
+        w = self.qkv.weight
+        parts = []
+        for kind in ("q", "k", "v"):
+            e = self._bias_entry(kind)
+            u = units[kind]
+            if e is None:
+                parts.append(w.new_zeros(len(u)).detach())
+            else:
+                parts.append(e.get().detach()[e.positions(u).to(w.device)])
+        return torch.cat(parts)
+
     def qkv_bias(self) -> Optional[torch.Tensor]:
-        """The effective qkv bias (BeiT keeps q/v biases apart and k's at zero)."""
-        if self.kind == "beit":
-            if self.attn.q_bias is None:
-                return None
-            return torch.cat((self.attn.q_bias, torch.zeros_like(self.attn.q_bias), self.attn.v_bias))
-        return self.attn.qkv.bias
+        """The effective fused qkv bias of the whole block."""
+        HD = torch.arange(self.num_heads * self.head_dim)
+        return self.fused_qkv_bias({"q": HD, "k": HD, "v": HD})
 
     def rel_pos_table(self) -> Optional[torch.Tensor]:
-        return getattr(self.attn, "relative_position_bias_table", None)
+        for e in self.coupling.get("head", []):
+            if e.attr == "relative_position_bias_table":
+                return e.get()
+        return None
+
+    def prunable(self, kind: str) -> bool:
+        """Whether units of ``kind`` (``head``, ``qk``, ``v``, ``mlp``) can be removed: not when a norm
+        runs over them (qk-norm over the head dim, scale-norm over all heads, an MLP norm)."""
+        norm_of = {"head": (self.attn, "norm"), "v": (self.attn, "norm"), "qk": (self.attn, "q_norm"),
+                   "mlp": (self.mlp, "norm")}
+        module, attr = norm_of[kind]
+        return isinstance(getattr(module, attr, nn.Identity()), nn.Identity)
+
+    def branch_parameters(self, branch: str) -> List[torch.Tensor]:
+        """Every parameter of the ``attn`` or ``mlp`` branch: its module, its norm and its layer scale."""
+        module, norm, ls = (self.attn, self.norm1, self.ls1) if branch == "attn" else (self.mlp, self.norm2, self.ls2)
+        return list(module.parameters()) + list(norm.parameters()) + ([ls] if ls is not None else [])
 
 
 @dataclass
@@ -99,10 +154,23 @@ class ResolvedBlock:
     mlp_out: torch.Tensor
     mlp_mode: str
     residual: torch.Tensor
+    qk_units: Optional[torch.Tensor] = None  # kept q/k units (``h * head_dim + c``), head by head
+    v_units: Optional[torch.Tensor] = None
 
     @property
     def qkv_rows(self) -> torch.Tensor:
         return torch.cat((self.q_rows, self.k_rows, self.v_rows))
+
+    def kept_units(self) -> Dict[str, torch.Tensor]:
+        """Kept units per coupling kind (nothing of a branch that does not run in full)."""
+        none = torch.zeros(0, dtype=torch.long)
+        attn, mlp = self.attn_mode == "full", self.mlp_mode == "full"
+        return {"q": self.qk_units if attn else none, "k": self.qk_units if attn else none,
+                "v": self.v_units if attn else none, "head": self.heads if attn else none,
+                "mlp": self.hidden if mlp else none, "attn_in": self.attn_in,
+                "attn_out": self.attn_out if self.attn_mode != "none" else none,
+                "mlp_in": self.mlp_in, "mlp_out": self.mlp_out if self.mlp_mode != "none" else none,
+                "residual": self.residual}
 
 
 def _idx(v, n: int) -> torch.Tensor:
@@ -136,21 +204,31 @@ class ModelAdapter:
         self.stage_dims: List[int] = []
 
     # ---------------------------------------------------------------- family hooks
-    def nonblock_params(self, residual: List[torch.Tensor]) -> Dict[str, int]:
-        """Parameter counts outside the blocks as they will be after residual slicing, by name."""
+    def nonblock_coupling(self, stage: int) -> List[Coupled]:
+        """Everything outside the blocks that follows the residual channels of ``stage``.
+
+        Entries index the stage's channels (``index`` is ``[stage_dim, slots]``); masking zeroes (or
+        masks) them, ``accelerate`` slices them, scoring and counting read them.
+        """
         raise NotImplementedError
 
     def nonblock_macs(self, residual: List[torch.Tensor]) -> int:
         raise NotImplementedError
 
-    def residual_coupled(self, residual: List[torch.Tensor]) -> List[tuple]:
-        """Everything outside the blocks that follows the residual channels.
+    def attention_scale(self, b: BlockInfo) -> float:
+        return float(b.attn.scale)
 
-        Returns ``(parent_module, attribute, dim, keep)`` tuples: ``dim`` is the tensor dim that runs
-        over residual channels, or ``None`` when the attribute is a LayerNorm over them. Masking zeroes
-        (or masks) these; ``accelerate`` slices them.
-        """
-        raise NotImplementedError
+    def rel_pos_index(self, b: BlockInfo) -> Optional[torch.Tensor]:
+        """``[N, N]`` index into the block's relative-position-bias table (None without a table)."""
+        index = getattr(b.attn, "relative_position_index", None)
+        if index is None or b.rel_pos_table() is None:
+            return None
+        n = index.shape[0]
+        return index.detach().reshape(n, n).clone()
+
+    def window(self, b: BlockInfo) -> Optional[WindowValues]:
+        """Shifted-window attention values (Swin); None for global attention."""
+        return None
 
     # ---------------------------------------------------------------- shared logic
     def signature(self) -> Dict:
@@ -181,11 +259,10 @@ class ModelAdapter:
         heads = _idx(bp.heads, H)
         qk = _per_head(bp.qk_channels, heads, hd)
         v = _per_head(bp.v_channels, heads, hd)
-        base = (heads * hd).unsqueeze(1)
-        q_rows = (base + qk).reshape(-1)
-        k_rows = q_rows + H * hd
-        v_rows = (base + v).reshape(-1) + 2 * H * hd
-        proj_cols = (base + v).reshape(-1)
+        qk_units = ((heads * hd).unsqueeze(1) + qk).reshape(-1)
+        v_units = ((heads * hd).unsqueeze(1) + v).reshape(-1)
+        q_rows, k_rows, v_rows = b.rows_of("q", qk_units), b.rows_of("k", qk_units), b.rows_of("v", v_units)
+        proj_cols = b.proj_cols(v_units)
         attn_in, attn_out = _subset(bp.attn_in, R), _subset(bp.attn_out, R)
         cut = plan.depth is not None and i >= plan.depth
         if cut or bp.drop_attn or len(attn_out) == 0:
@@ -203,204 +280,78 @@ class ModelAdapter:
         else:
             mlp_mode = "full"
         return ResolvedBlock(heads, qk, v, q_rows, k_rows, v_rows, proj_cols, attn_in, attn_out, attn_mode,
-                             hidden, mlp_in, mlp_out, mlp_mode, R)
+                             hidden, mlp_in, mlp_out, mlp_mode, R, qk_units, v_units)
 
-    # ---------------------------------------------------------------- validation
+    def residual_coupling(self, stage: int) -> List[Coupled]:
+        """Every slice a residual channel of ``stage`` couples: its blocks' branch inputs/outputs,
+        norms and layer scales, and the entries outside the blocks."""
+        out = []
+        for b in self.blocks:
+            if b.stage == stage:
+                for kind in ("attn_in", "attn_out", "mlp_in", "mlp_out", "residual"):
+                    out += b.coupling[kind]
+        return out + self.nonblock_coupling(stage)
+
+    # ---------------------------------------------------------------- plans
+    def dense_plan(self) -> SparsityPlan:
+        """A plan that keeps everything of the model."""
+        return SparsityPlan(family=self.family, blocks=[BlockPlan() for _ in self.blocks],
+                            signature=self.signature())
+
     def validate_plan(self, plan: SparsityPlan) -> None:
-        if not isinstance(plan, SparsityPlan):
-            raise PlanError(f"expected a SparsityPlan, got {type(plan).__name__}")
-        if plan.family != self.family:
-            raise PlanError(f"plan was made for a '{plan.family}' model but this model is '{self.family}' "
-                            f"({type(self.model).__name__}); make the plan on this model.")
-        n = len(self.blocks)
-        if len(plan.blocks) != n:
-            raise PlanError(f"plan has {len(plan.blocks)} blocks but the model has {n}; "
-                            "the plan was made for another depth/variant.")
-        sig = plan.signature.get("blocks")
-        if sig is not None:
-            for i, (b, s) in enumerate(zip(self.blocks, sig)):
-                if list(s) != [b.dim, b.num_heads, b.head_dim, b.hidden]:
-                    raise PlanError(f"block {i}: plan was made for dim/heads/head_dim/hidden {list(s)}, "
-                                    f"model has {[b.dim, b.num_heads, b.head_dim, b.hidden]}.")
-        if plan.depth is not None and not (0 <= plan.depth <= n):
-            raise PlanError(f"depth={plan.depth} is outside [0, {n}] blocks.")
-        rc = plan.residual_channels
-        if rc is not None:
-            if len(rc) != len(self.stage_dims):
-                raise PlanError(f"residual_channels has {len(rc)} stages, model has {len(self.stage_dims)}.")
-            for s, (r, d) in enumerate(zip(rc, self.stage_dims)):
-                _check_index(r, d, f"residual_channels[stage {s}]")
-                if r is not None and len(r) == 0:
-                    raise PlanError(f"residual_channels[stage {s}] is empty: a model needs at least one channel.")
-            self._check_residual_supported(plan)
-        residual = self.residual_indices(plan)
-        for i, (b, bp) in enumerate(zip(self.blocks, plan.blocks)):
-            where = f"block {i} ({b.fqn})"
-            if not isinstance(bp, BlockPlan):
-                raise PlanError(f"{where}: expected BlockPlan, got {type(bp).__name__}")
-            _check_index(bp.heads, b.num_heads, f"{where}.heads")
-            _check_index(bp.mlp_channels, b.hidden, f"{where}.mlp_channels")
-            nh = b.num_heads if bp.heads is None else len(bp.heads)
-            for field in ("qk_channels", "v_channels"):
-                _check_head_channels(getattr(bp, field), nh, b.head_dim, f"{where}.{field}")
-            R = set(residual[b.stage].tolist())
-            for field in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
-                v = getattr(bp, field)
-                _check_index(v, b.dim, f"{where}.{field}")
-                if v is not None and not set(v) <= R:
-                    raise PlanError(f"{where}.{field} uses residual channels removed by residual_channels "
-                                    f"(e.g. {sorted(set(v) - R)[:5]}); keep them or drop them from the field.")
-            qk_len = _channel_count(bp.qk_channels, b.head_dim)
-            v_len = _channel_count(bp.v_channels, b.head_dim)
-            if qk_len == 0 and v_len > 0 and nh > 0 and not bp.drop_attn:
-                raise PlanError(f"{where}: qk_channels is empty while v channels are kept; attention "
-                                "would be uniform. Keep at least one q/k channel or drop the heads.")
-            if b.kind == "vit" and not isinstance(b.attn.q_norm, nn.Identity) and bp.qk_channels is not None:
-                raise PlanError(f"{where}: qk_channels cannot be pruned with qk_norm (LayerNorm over the "
-                                "head dim); prune whole heads instead.")
-            if not isinstance(getattr(b.attn, "norm", nn.Identity()), nn.Identity) and (
-                    bp.heads is not None or bp.v_channels is not None):
-                raise PlanError(f"{where}: heads/v_channels cannot be pruned with scale_norm (LayerNorm over "
-                                "all heads); prune MLP channels only.")
-            if not isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity) and bp.mlp_channels is not None:
-                raise PlanError(f"{where}: mlp_channels cannot be pruned with an MLP norm over the hidden dim.")
-        linears = self.linear_modules()
-        for name, mask in plan.masks.items():
-            if name not in linears:
-                raise PlanError(f"mask '{name}' names no Linear of this model; prunable Linears look like "
-                                f"{next(iter(linears), '?')}.")
-            if tuple(mask.shape) != tuple(linears[name].weight.shape):
-                raise PlanError(f"mask '{name}' has shape {tuple(mask.shape)}, weight is "
-                                f"{tuple(linears[name].weight.shape)}; masks use the original weight shape.")
+        """Raise :class:`PlanError` naming the block and field when ``plan`` does not fit the model."""
+        validate_plan(self, plan)
+
+    def count(self, plan: SparsityPlan) -> Dict:
+        """Exact parameters and MACs per image before/after ``plan`` (see ``models/counting.py``)."""
+        return count(self, plan)
+
+    def summary(self, plan: SparsityPlan, *, as_dict: bool = False):
+        """Count ``plan`` on this model, store the statistics in ``plan.meta["stats"]``, and return
+        them as a table (or as a dict with ``as_dict=True``)."""
+        stats = self.count(plan)
+        plan.meta["stats"] = stats
+        return stats if as_dict else format_summary(stats, plan.meta)
+
+    # ---------------------------------------------------------------- sliced values for the runtime
+    @torch.no_grad()
+    def sliced_attention(self, b: BlockInfo, r: ResolvedBlock) -> AttentionValues:
+        """The attention weights of ``b`` sliced to what ``r`` keeps (detached copies)."""
+        dev = b.qkv.weight.device
+        qkv_w = b.qkv.weight.detach()[r.qkv_rows.to(dev)][:, r.attn_in.to(dev)]
+        qkv_b = b.fused_qkv_bias({"q": r.qk_units, "k": r.qk_units, "v": r.v_units})
+        proj_w = b.proj.weight.detach()[r.attn_out.to(dev)][:, r.proj_cols.to(dev)]
+        proj_b = None if b.proj.bias is None else b.proj.bias.detach()[r.attn_out.to(dev)]
+        rel_table = rel_index = None
+        for e in b.coupling.get("head", []):
+            if e.attr == "relative_position_bias_table":
+                t = e.get().detach()
+                rel_table = t.index_select(e.dim, e.positions(r.heads).to(t.device)).clone()
+                rel_index = self.rel_pos_index(b)
+        return AttentionValues(qkv_w, qkv_b, proj_w, proj_b, self.attention_scale(b), rel_table, rel_index)
+
+    @torch.no_grad()
+    def sliced_mlp(self, b: BlockInfo, r: ResolvedBlock) -> MlpValues:
+        """The MLP weights of ``b`` sliced to what ``r`` keeps, and its activation."""
+        dev = b.fc1.weight.device
+        hidden = r.hidden.to(dev)
+        fc1_w = b.fc1.weight.detach()[hidden][:, r.mlp_in.to(dev)]
+        fc1_b = None if b.fc1.bias is None else b.fc1.bias.detach()[hidden]
+        fc2_w = b.fc2.weight.detach()[r.mlp_out.to(dev)][:, hidden]
+        fc2_b = None if b.fc2.bias is None else b.fc2.bias.detach()[r.mlp_out.to(dev)]
+        return MlpValues(fc1_w, fc1_b, fc2_w, fc2_b, b.mlp.act, activation_kind(b.mlp.act))
 
     def _check_residual_supported(self, plan: SparsityPlan) -> None:
         pass
 
-    # ---------------------------------------------------------------- counting
-    def count(self, plan: SparsityPlan) -> Dict:
-        """Exact parameter counts and MACs per image of what ``accelerate`` keeps under ``plan``.
-
-        Structured removal is counted exactly (equal to the accelerated model's parameter count);
-        weights under an unstructured mask count as their nonzeros (params) and nonzero multiply-adds
-        (MACs), i.e. what a sparse kernel stores and computes, not the padding of its blocks.
-        """
-        residual = self.residual_indices(plan)
-        blocks = []
-        tot_pb = tot_pa = tot_mb = tot_ma = 0
-        dense = SparsityPlan(family=self.family, blocks=[BlockPlan() for _ in self.blocks])
-        for i, b in enumerate(self.blocks):
-            r = self.resolve(plan, i, residual)
-            _, mb = self._block_cost(b, self.resolve(dense, i), {})
-            pb = sum(p.numel() for p in b.block.parameters())
-            pa, ma = self._block_cost(b, r, plan.masks)
-            blocks.append({"index": i, "fqn": b.fqn, "params_before": pb, "params_after": pa,
-                           "macs_before": mb, "macs_after": ma, "heads": len(r.heads) if r.attn_mode == "full" else 0,
-                           "mlp_channels": len(r.hidden) if r.mlp_mode == "full" else 0})
-            tot_pb, tot_pa, tot_mb, tot_ma = tot_pb + pb, tot_pa + pa, tot_mb + mb, tot_ma + ma
-        full = [torch.arange(d) for d in self.stage_dims]
-        nb_before, nb_after = sum(self.nonblock_params(full).values()), sum(self.nonblock_params(residual).values())
-        total = {
-            "params_before": tot_pb + nb_before, "params_after": tot_pa + nb_after,
-            "macs_before": tot_mb + self.nonblock_macs(full), "macs_after": tot_ma + self.nonblock_macs(residual),
-            "prunable_before": tot_pb, "prunable_after": tot_pa,
-            "prunable_removed": 1 - tot_pa / max(tot_pb, 1),
-        }
-        total["params_removed"] = 1 - total["params_after"] / total["params_before"]
-        total["mac_ratio"] = total["macs_before"] / max(total["macs_after"], 1)
-        return {"blocks": blocks, "total": total}
-
-    def _block_cost(self, b: BlockInfo, r: ResolvedBlock, masks: Dict[str, torch.Tensor]):
-        """(params, MACs per image) of a block as accelerate builds it: layer scale is folded into
-        proj/fc2, BeiT's q/v biases become one fused qkv bias, rel-pos tables keep the kept heads."""
-        names = b.linear_names()
-        T = b.tokens * b.seqs  # tokens per image through the block's Linears
-
-        def lin(role, rows, cols):
-            m = masks.get(names[role])
-            w = len(rows) * len(cols) if m is None else int(m[rows][:, cols].sum())
-            return w, w * T
-
-        params = macs = 0
-        if r.attn_mode == "full":
-            w, m = lin("qkv", r.qkv_rows, r.attn_in)
-            params += w + _norm_params(b.norm1, len(r.attn_in))
-            macs += m
-            if b.qkv_bias() is not None:  # BeiT's zero k bias is materialised in the fused qkv bias
-                params += len(r.qkv_rows)
-            table = b.rel_pos_table()
-            if table is not None:
-                params += table.shape[0] * len(r.heads)
-            params += sum(p.numel() for p in b.attn.q_norm.parameters()) if hasattr(b.attn, "q_norm") else 0
-            params += sum(p.numel() for p in b.attn.k_norm.parameters()) if hasattr(b.attn, "k_norm") else 0
-            w, m = lin("proj", r.attn_out, r.proj_cols)
-            params += w + (len(r.attn_out) if b.proj.bias is not None else 0)
-            macs += m + b.seqs * len(r.heads) * b.tokens * b.tokens * (r.qk.shape[1] + r.v.shape[1])
-        if r.attn_mode == "const":
-            params += len(r.attn_out)
-        if r.mlp_mode == "full":
-            w, m = lin("fc1", r.hidden, r.mlp_in)
-            params += w + _norm_params(b.norm2, len(r.mlp_in)) + (len(r.hidden) if b.fc1.bias is not None else 0)
-            macs += m
-            w, m = lin("fc2", r.mlp_out, r.hidden)
-            params += w + (len(r.mlp_out) if b.fc2.bias is not None else 0)
-            macs += m
-        if r.mlp_mode == "const":
-            params += len(r.mlp_out)
-        return params, macs
-
     # ---------------------------------------------------------------- masking and inference
     def apply_masks(self, plan: SparsityPlan):
         """Zero (in place, on ``self.model``) every weight the plan removes. See ``masking.py``."""
-        from sparsevit.models.masking import apply_plan_masks
-
         apply_plan_masks(self, plan)
 
     def infer_plan(self, atol: float = 0.0) -> SparsityPlan:
-        from sparsevit.models.masking import infer_plan_from_zeros
-
+        """Read the plan back from the zeros of the model's weights (see ``masking.py``)."""
         return infer_plan_from_zeros(self, atol)
-
-
-def _norm_params(norm: nn.Module, n_channels: int) -> int:
-    """Parameters of a residual-stream norm once sliced to ``n_channels``."""
-    return sum(p.numel() // p.shape[-1] * n_channels for p in norm.parameters())
-
-
-def _check_index(v, n: int, where: str) -> None:
-    if v is None:
-        return
-    if not isinstance(v, (list, tuple)):
-        raise PlanError(f"{where} must be a list of ints or None, got {type(v).__name__}")
-    if any(isinstance(i, (list, tuple)) for i in v):
-        raise PlanError(f"{where} must be a flat list of ints")
-    bad = [i for i in v if not isinstance(i, int) or i < 0 or i >= n]
-    if bad:
-        raise PlanError(f"{where} has indices outside [0, {n}): {bad[:5]}")
-    if len(set(v)) != len(v):
-        raise PlanError(f"{where} has duplicate indices")
-
-
-def _check_head_channels(v, n_heads: int, head_dim: int, where: str) -> None:
-    if v is None:
-        return
-    if len(v) > 0 and isinstance(v[0], (list, tuple)):
-        if len(v) != n_heads:
-            raise PlanError(f"{where} gives {len(v)} per-head lists but {n_heads} heads are kept")
-        if len({len(c) for c in v}) > 1:
-            raise PlanError(f"{where}: per-head lists must have equal lengths (one head dim per layer), "
-                            f"got {sorted({len(c) for c in v})}")
-        for h, c in enumerate(v):
-            _check_index(list(c), head_dim, f"{where}[{h}]")
-    else:
-        _check_index(v, head_dim, where)
-
-
-def _channel_count(v, head_dim: int) -> int:
-    if v is None:
-        return head_dim
-    if len(v) > 0 and isinstance(v[0], (list, tuple)):
-        return len(v[0])
-    return len(v)
 
 
 def unsupported(model, supported: str) -> UnsupportedModelError:

@@ -50,24 +50,27 @@ def _mask1d(n: int, keep: torch.Tensor, device) -> torch.Tensor:
     return m
 
 
-def _zero_outside(weight: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) -> None:
-    """Zero every entry of a 2-D weight outside rows x cols (None = all)."""
-    dev = weight.device
-    m = torch.ones_like(weight, dtype=torch.bool)
-    if rows is not None:
-        m &= _mask1d(weight.shape[0], rows, dev).unsqueeze(1)
-    if cols is not None:
-        m &= _mask1d(weight.shape[1], cols, dev).unsqueeze(0)
-    weight.mul_(m.to(weight.dtype))
+def _zero_outside(t: torch.Tensor, dim: int, keep: torch.Tensor) -> None:
+    """Zero every slice of ``t`` along ``dim`` whose position is not in ``keep``."""
+    shape = [1] * t.dim()
+    shape[dim] = t.shape[dim]
+    t.mul_(_mask1d(t.shape[dim], keep, t.device).view(shape).to(t.dtype))
 
 
-def _zero_vec(v: Optional[torch.Tensor], keep: Optional[torch.Tensor]) -> None:
-    if v is None:
-        return
-    if keep is None:
-        v.zero_()
-    else:
-        v.mul_(_mask1d(v.shape[-1], keep, v.device).to(v.dtype))
+def _kept_positions(block, kept_units) -> dict:
+    """Per (tensor, dim) the positions some kept unit of some kind owns.
+
+    Kinds share tensors (q, k and v rows partition the fused qkv weight), so the kept positions of a
+    tensor dim are the union over the kinds that own it.
+    """
+    keep = {}
+    for kind, units in kept_units.items():
+        for e in block.coupling[kind]:
+            if e.dim is None or e.get() is None:
+                continue
+            key = (id(e.owner), e.attr, e.dim)
+            keep.setdefault(key, [e, []])[1].append(e.positions(units))
+    return keep
 
 
 @torch.no_grad()
@@ -76,22 +79,10 @@ def apply_plan_masks(adapter, plan: SparsityPlan) -> None:
     residual = adapter.residual_indices(plan)
     for i, b in enumerate(adapter.blocks):
         r = adapter.resolve(plan, i, residual)
-        nothing = torch.zeros(0, dtype=torch.long)
-        attn_rows = r.qkv_rows if r.attn_mode == "full" else nothing
-        _zero_outside(b.qkv.weight, attn_rows, r.attn_in)
-        if b.kind == "beit":
-            HD = b.num_heads * b.head_dim
-            _zero_vec(b.attn.q_bias, attn_rows[attn_rows < HD])
-            _zero_vec(b.attn.v_bias, attn_rows[attn_rows >= 2 * HD] - 2 * HD)
-        else:
-            _zero_vec(b.qkv.bias, attn_rows)
-        _zero_outside(b.proj.weight, r.attn_out, r.proj_cols if r.attn_mode == "full" else nothing)
-        _zero_vec(b.proj.bias, r.attn_out if r.attn_mode != "none" else nothing)
-        mlp_rows = r.hidden if r.mlp_mode == "full" else nothing
-        _zero_outside(b.fc1.weight, mlp_rows, r.mlp_in)
-        _zero_vec(b.fc1.bias, mlp_rows)
-        _zero_outside(b.fc2.weight, r.mlp_out, mlp_rows)
-        _zero_vec(b.fc2.bias, r.mlp_out if r.mlp_mode != "none" else nothing)
+        kept = r.kept_units()
+        del kept["residual"]  # norms and layer scales follow the global residual only (below)
+        for e, parts in _kept_positions(b, kept).values():
+            _zero_outside(e.get(), e.dim, torch.cat(parts))
         if (r.mlp_mode != "none" or plan.blocks[i].mlp_channels is not None) and \
                 not isinstance(b.mlp.act, _ZERO_AT_ZERO):
             raise ValueError(f"{b.fqn}.mlp.act is {type(b.mlp.act).__name__}; pruning MLP channels needs "
@@ -119,32 +110,25 @@ def _mask_norm(parent: nn.Module, attr: str, keep: torch.Tensor) -> None:
     setattr(parent, attr, MaskedLayerNorm(norm, keep))
 
 
+def _mask_entries(entries, units: torch.Tensor) -> None:
+    for e in entries:
+        keep = e.positions(units)
+        if e.dim is None:
+            _mask_norm(e.owner, e.attr, keep)
+        elif e.get() is not None:
+            _zero_outside(e.get(), e.dim, keep)
+
+
 def _apply_residual_masks(adapter, residual: List[torch.Tensor]) -> None:
     for b in adapter.blocks:
         R = residual[b.stage]
-        if len(R) == b.dim:
-            continue
-        _mask_norm(b.block, "norm1", R)
-        _mask_norm(b.block, "norm2", R)
-        for ls in (b.ls1, b.ls2):
-            _zero_vec(ls, R)
-    for parent, attr, dim, keep in adapter.residual_coupled(residual):
-        if dim is None:
-            _mask_norm(parent, attr, keep)
-            continue
-        t = getattr(parent, attr, None)
-        if t is None:
-            continue
-        shape = [1] * t.dim()
-        shape[dim] = t.shape[dim]
-        t.mul_(_mask1d(t.shape[dim], keep, t.device).view(shape).to(t.dtype))
+        if len(R) < b.dim:
+            _mask_entries(b.coupling["residual"], R)
+    for s, R in enumerate(residual):
+        _mask_entries(adapter.nonblock_coupling(s), R)
 
 
 # ------------------------------------------------------------------------------------------ inference
-def _nz_rows(w: torch.Tensor, atol: float) -> torch.Tensor:
-    return (w.abs() > atol).any(dim=1)
-
-
 def _as_list(mask: torch.Tensor) -> Optional[List[int]]:
     """Index list of a bool mask, or None when everything is kept."""
     if bool(mask.all()):
@@ -182,21 +166,46 @@ def infer_plan_from_zeros(adapter, atol: float = 0.0) -> SparsityPlan:
     return plan
 
 
+def _alive(b, kind: str, atol: float) -> torch.Tensor:
+    """Per unit of ``kind``: some producing slice (row, bias entry) is nonzero and, when the kind
+    has consumers (columns), some consuming slice is nonzero too."""
+    produced = consumed = None
+    for e in b.coupling[kind]:
+        if e.role not in ("out", "in"):
+            continue
+        t = e.get()
+        d = e.dim % t.dim()
+        nz = (t.detach().abs() > atol)
+        nz = nz.any(dim=tuple(x for x in range(t.dim()) if x != d)) if t.dim() > 1 else nz
+        unit_nz = nz[e.index.to(nz.device)].any(dim=1).cpu()
+        if e.role == "out":
+            produced = unit_nz if produced is None else produced | unit_nz
+        else:
+            consumed = unit_nz if consumed is None else consumed | unit_nz
+    return produced if consumed is None else produced & consumed
+
+
+def _branch_nz(w: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor],
+               atol: float) -> torch.Tensor:
+    """Which inputs (``cols=None``: columns over ``rows``) or outputs (rows over ``cols``) are nonzero."""
+    w = w.detach()
+    if cols is None:
+        return (w[rows].abs() > atol).any(dim=0).cpu()
+    return (w[:, cols].abs() > atol).any(dim=1).cpu()
+
+
 def _infer_block(b, R: torch.Tensor, atol: float) -> BlockPlan:
-    H, hd = b.num_heads, b.head_dim
-    HD = H * hd
-    bias = b.qkv_bias()
-    rows_nz = _nz_rows(b.qkv.weight, atol)
-    if bias is not None:
-        rows_nz |= bias.abs() > atol
-    proj_cols_nz = (b.proj.weight.abs() > atol).any(dim=0)
-    q_nz = rows_nz[:HD].view(H, hd)
-    k_nz = rows_nz[HD:2 * HD].view(H, hd)
-    v_used = (rows_nz[2 * HD:] & proj_cols_nz).view(H, hd)
-    qk_used = q_nz & k_nz
-    head_kept = v_used.any(dim=1)
     bp = BlockPlan()
-    heads = torch.nonzero(head_kept).flatten()
+    _infer_attention(b, R, atol, bp)
+    _infer_mlp(b, R, atol, bp)
+    return bp
+
+
+def _infer_attention(b, R: torch.Tensor, atol: float, bp: BlockPlan) -> None:
+    H, hd = b.num_heads, b.head_dim
+    qk_used = (_alive(b, "q", atol) & _alive(b, "k", atol)).view(H, hd)
+    v_used = _alive(b, "v", atol).view(H, hd)
+    heads = torch.nonzero(v_used.any(dim=1)).flatten()
     if len(heads) < H:
         bp.heads = heads.tolist()
     if len(heads) > 0:
@@ -204,40 +213,37 @@ def _infer_block(b, R: torch.Tensor, atol: float) -> BlockPlan:
         qk = qk_used[heads].clone()
         qk[~qk.any(dim=1), 0] = True  # keep one (zero) q/k channel rather than an empty score
         bp.qk_channels = _head_channels(qk)
-        rows = torch.cat([(heads * hd).unsqueeze(1) + torch.arange(hd)] * 1).reshape(-1)
-        kept_rows = torch.cat((rows, rows + HD, rows + 2 * HD))
-        in_nz = (b.qkv.weight[kept_rows].abs() > atol).any(dim=0)
-        bp.attn_in = _subset_list(in_nz, R)
-        out_nz = (b.proj.weight[:, (heads * hd).unsqueeze(1).add(torch.arange(hd)).reshape(-1)].abs() > atol).any(1)
+        units = ((heads * hd).unsqueeze(1) + torch.arange(hd)).reshape(-1)
+        rows = torch.cat([b.rows_of(kind, units) for kind in ("q", "k", "v")])
+        bp.attn_in = _subset_list(_branch_nz(b.qkv.weight, rows, None, atol), R)
+        out_nz = _branch_nz(b.proj.weight, None, b.proj_cols(units), atol)
     else:
         out_nz = torch.zeros(b.dim, dtype=torch.bool)
     if b.proj.bias is not None:
-        out_nz |= b.proj.bias.abs() > atol
+        out_nz |= b.proj.bias.detach().abs().cpu() > atol
     bp.attn_out = _subset_list(out_nz, R)
     if len(heads) == 0 and not bool(out_nz.any()):
         bp.drop_attn = True
-    # MLP
+
+
+def _infer_mlp(b, R: torch.Tensor, atol: float, bp: BlockPlan) -> None:
     fc1, fc2 = b.fc1, b.fc2
-    if isinstance(b.mlp.act, _ZERO_AT_ZERO) and isinstance(b.mlp.norm, nn.Identity):
-        h_nz = _nz_rows(fc1.weight, atol)
-        if fc1.bias is not None:
-            h_nz |= fc1.bias.abs() > atol
-        h_used = h_nz & (fc2.weight.abs() > atol).any(dim=0)
+    if isinstance(b.mlp.act, _ZERO_AT_ZERO) and isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity):
+        h_used = _alive(b, "mlp", atol)
     else:
         h_used = torch.ones(b.hidden, dtype=torch.bool)
     hidden = torch.nonzero(h_used).flatten()
     bp.mlp_channels = _as_list(h_used)
     if len(hidden) > 0:
-        bp.mlp_in = _subset_list((fc1.weight[hidden].abs() > atol).any(dim=0), R)
-        o_nz = (fc2.weight[:, hidden].abs() > atol).any(dim=1)
+        bp.mlp_in = _subset_list(_branch_nz(fc1.weight, hidden, None, atol), R)
+        o_nz = _branch_nz(fc2.weight, None, hidden, atol)
     else:
         o_nz = torch.zeros(b.dim, dtype=torch.bool)
     if fc2.bias is not None:
-        o_nz |= fc2.bias.abs() > atol
+        o_nz |= fc2.bias.detach().abs().cpu() > atol
     bp.mlp_out = _subset_list(o_nz, R)
     if len(hidden) == 0 and not bool(o_nz.any()):
         bp.drop_mlp = True
-    return bp
 
 
 def _subset_list(nz: torch.Tensor, R: torch.Tensor) -> Optional[List[int]]:

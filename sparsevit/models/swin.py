@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from sparsevit.errors import PlanError, UnsupportedModelError
 from sparsevit.models.base import BlockInfo, ModelAdapter
+from sparsevit.models.coupling import Coupled, WindowValues, channels, pre_norm_block_coupling
 
 
 class SwinAdapter(ModelAdapter):
@@ -42,7 +43,8 @@ class SwinAdapter(ModelAdapter):
                 self.blocks.append(BlockInfo(
                     index=i, stage=s, fqn=f"layers.{s}.blocks.{j}", block=blk, attn=a, mlp=blk.mlp,
                     norm1=blk.norm1, norm2=blk.norm2, kind="swin", dim=dim, num_heads=H, head_dim=hd,
-                    hidden=blk.mlp.fc1.out_features, tokens=wh * ww, seqs=windows))
+                    hidden=blk.mlp.fc1.out_features, tokens=wh * ww, seqs=windows,
+                    coupling=pre_norm_block_coupling(blk, a, blk.mlp, H, hd, dim)))
                 i += 1
             if len(dims) != 1:
                 raise UnsupportedModelError(f"Swin stage {s} has blocks of widths {sorted(dims)}.")
@@ -51,29 +53,6 @@ class SwinAdapter(ModelAdapter):
     def _stage_res(self, s: int) -> tuple:
         stage = self.model.layers[s]
         return tuple(stage.blocks[0].input_resolution)
-
-    def nonblock_params(self, residual: List[torch.Tensor]) -> Dict[str, int]:
-        out = {}
-        counts = [len(r) for r in residual]
-        for name, p in self.model.named_parameters():
-            if ".blocks." in name:
-                continue
-            if name.startswith("patch_embed."):
-                out[name] = p.numel() // self.stage_dims[0] * counts[0]
-            elif ".downsample." in name:
-                s = int(name.split(".")[1])
-                cin, cout = counts[s - 1] * 4, counts[s]
-                out[name] = cin * cout if name.endswith("reduction.weight") else (
-                    cout if name.endswith("reduction.bias") else cin)
-            elif name.startswith("norm."):
-                out[name] = counts[-1]
-            elif name == "head.fc.weight":
-                out[name] = p.shape[0] * counts[-1]
-            elif name.startswith("absolute_pos_embed"):
-                out[name] = p.numel() // self.stage_dims[0] * counts[0]
-            else:
-                out[name] = p.numel()
-        return out
 
     def nonblock_macs(self, residual: List[torch.Tensor]) -> int:
         m = self.model
@@ -90,24 +69,39 @@ class SwinAdapter(ModelAdapter):
             macs += fc.out_features * counts[-1]
         return macs
 
-    def residual_coupled(self, residual: List[torch.Tensor]) -> List[tuple]:
-        m = self.model
-        R0 = residual[0]
-        out = [(m.patch_embed.proj, "weight", 0, R0), (m.patch_embed.proj, "bias", 0, R0),
-               (m.patch_embed, "norm", None, R0), (m, "absolute_pos_embed", -1, R0)]
-        for s in range(1, len(m.layers)):
-            ds = m.layers[s].downsample
-            if isinstance(ds, nn.Identity):
-                continue
-            # PatchMerging concatenates the 2x2 neighbourhood as 4 groups of the previous width
-            c_in = self.stage_dims[s - 1]
-            keep_in = (torch.arange(4).unsqueeze(1) * c_in + residual[s - 1].unsqueeze(0)).reshape(-1).sort().values
-            out += [(ds, "norm", None, keep_in), (ds.reduction, "weight", 0, residual[s]),
-                    (ds.reduction, "weight", 1, keep_in)]
-        out.append((m, "norm", None, residual[-1]))
-        if isinstance(getattr(m.head, "fc", None), nn.Linear):
-            out.append((m.head.fc, "weight", 1, residual[-1]))
+    def nonblock_coupling(self, stage: int) -> List[Coupled]:
+        m, layers = self.model, self.model.layers
+        units = channels(self.stage_dims[stage])
+        out: List[Coupled] = []
+        if stage == 0:
+            pe = m.patch_embed
+            out += [Coupled(pe.proj, "weight", 0, units, "out")]
+            out += [Coupled(pe.proj, "bias", 0, units, "out")] if pe.proj.bias is not None else []
+            out += [Coupled(pe, "norm", None, units)] if not isinstance(pe.norm, nn.Identity) else []
+            out += [Coupled(m, "absolute_pos_embed", -1, units)] if getattr(m, "absolute_pos_embed", None) \
+                is not None else []
+        ds = layers[stage].downsample
+        if stage > 0 and not isinstance(ds, nn.Identity):  # the patch merging that makes this stage
+            out += [Coupled(ds.reduction, "weight", 0, units, "out")]
+            out += [Coupled(ds.reduction, "bias", 0, units, "out")] if ds.reduction.bias is not None else []
+        nxt = layers[stage + 1].downsample if stage + 1 < len(layers) else nn.Identity()
+        if not isinstance(nxt, nn.Identity):
+            # the next patch merging concatenates the 2x2 neighbourhood: 4 groups of this stage's width
+            grouped = channels(self.stage_dims[stage], slots=4, stride=self.stage_dims[stage])
+            out += [Coupled(nxt, "norm", None, grouped), Coupled(nxt.reduction, "weight", 1, grouped, "in")]
+        if stage == len(layers) - 1:
+            out.append(Coupled(m, "norm", None, units))
+            if isinstance(getattr(m.head, "fc", None), nn.Linear):
+                out.append(Coupled(m.head.fc, "weight", 1, units, "in"))
         return out
+
+    def window(self, b: BlockInfo) -> Optional[WindowValues]:
+        blk = b.block
+        if getattr(blk, "dynamic_mask", False):
+            raise UnsupportedModelError(f"{b.fqn}: Swin with dynamic_mask=True (variable input size) is not "
+                                        "supported; create the model with a fixed img_size.")
+        mask = getattr(blk, "attn_mask", None)
+        return WindowValues(tuple(blk.window_size), tuple(blk.shift_size), None if mask is None else mask.clone())
 
     def _check_residual_supported(self, plan) -> None:
         for s in range(1, len(self.model.layers)):

@@ -1,21 +1,25 @@
 """Adapters for timm's plain (isotropic) ViTs: ``vision_transformer`` (ViT, DeiT) and ``beit``."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from sparsevit.errors import PlanError, UnsupportedModelError
 from sparsevit.models.base import BlockInfo, ModelAdapter
+from sparsevit.models.coupling import Coupled, channels, pre_norm_block_coupling
 
 
-def _layer_scale(block: nn.Module, which: int):
-    """Per-channel layer scale of a branch: timm ViT's ``ls{1,2}.gamma`` or BeiT's ``gamma_{1,2}``."""
+def _layer_scale_slot(block: nn.Module, which: int) -> Optional[Tuple[nn.Module, str]]:
+    """Where a branch's per-channel layer scale lives: timm ViT's ``ls{1,2}.gamma`` or BeiT's
+    ``gamma_{1,2}`` (None without one)."""
     ls = getattr(block, f"ls{which}", None)
     if ls is not None and not isinstance(ls, nn.Identity):
-        return ls.gamma
-    return getattr(block, f"gamma_{which}", None)
+        return ls, "gamma"
+    if getattr(block, f"gamma_{which}", None) is not None:
+        return block, f"gamma_{which}"
+    return None
 
 
 def _check_block(model, i: int, blk: nn.Module, kind: str) -> None:
@@ -58,43 +62,20 @@ class ViTAdapter(ModelAdapter):
             a = blk.attn
             H = a.num_heads
             hd = a.qkv.weight.shape[0] // (3 * H)
+            slots = [_layer_scale_slot(blk, 1), _layer_scale_slot(blk, 2)]
+            ls1, ls2 = (None if s is None else getattr(*s) for s in slots)
+            table = pre_norm_block_coupling(blk, a, blk.mlp, H, hd, a.qkv.weight.shape[1],
+                                            separate_qv_bias=kind == "beit",
+                                            layer_scales=[s for s in slots if s is not None])
             self.blocks.append(BlockInfo(
                 index=i, stage=0, fqn=f"blocks.{i}", block=blk, attn=a, mlp=blk.mlp,
                 norm1=blk.norm1, norm2=blk.norm2, kind=kind, dim=a.qkv.weight.shape[1], num_heads=H,
-                head_dim=hd, hidden=blk.mlp.fc1.out_features, tokens=tokens,
-                ls1=_layer_scale(blk, 1), ls2=_layer_scale(blk, 2)))
+                head_dim=hd, hidden=blk.mlp.fc1.out_features, tokens=tokens, ls1=ls1, ls2=ls2, coupling=table))
         if any(b.dim != dim for b in self.blocks):
             raise UnsupportedModelError("blocks of different widths in an isotropic ViT are not supported.")
 
     def kind_of(self, blk) -> str:
         return "vit"
-
-    # residual-coupled parameters outside the blocks, with the dim that is the residual channel
-    def _nonblock_layout(self) -> Dict[str, int]:
-        """name -> dim along which the parameter follows the residual channels (None: not coupled)."""
-        layout = {}
-        for name, p in self.model.named_parameters():
-            if name.startswith("blocks."):
-                continue
-            if name.startswith("patch_embed.proj."):
-                layout[name] = 0
-            elif name in ("head.weight",):
-                layout[name] = 1
-            elif name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed.norm.", "norm_pre.",
-                                  "norm.", "fc_norm.")):
-                layout[name] = p.dim() - 1
-            else:
-                layout[name] = None
-        return layout
-
-    def nonblock_params(self, residual: List[torch.Tensor]) -> Dict[str, int]:
-        out = {}
-        D, Dk = self.stage_dims[0], len(residual[0])
-        params = dict(self.model.named_parameters())
-        for name, dim in self._nonblock_layout().items():
-            p = params[name]
-            out[name] = p.numel() if dim is None else p.numel() // D * Dk
-        return out
 
     def nonblock_macs(self, residual: List[torch.Tensor]) -> int:
         m = self.model
@@ -106,14 +87,19 @@ class ViTAdapter(ModelAdapter):
             macs += head.out_features * Dk
         return macs
 
-    def residual_coupled(self, residual: List[torch.Tensor]) -> List[tuple]:
-        m, R = self.model, residual[0]
-        out = [(m.patch_embed.proj, "weight", 0, R), (m.patch_embed.proj, "bias", 0, R),
-               (m.patch_embed, "norm", None, R)]
-        out += [(m, name, -1, R) for name in ("cls_token", "reg_token", "pos_embed")]
-        out += [(m, name, None, R) for name in ("norm_pre", "norm", "fc_norm")]
+    def nonblock_coupling(self, stage: int) -> List[Coupled]:
+        m, units = self.model, channels(self.stage_dims[0])
+        pe = m.patch_embed
+        out = [Coupled(pe.proj, "weight", 0, units, "out")]
+        out += [Coupled(pe.proj, "bias", 0, units, "out")] if pe.proj.bias is not None else []
+        out += [Coupled(owner, name, -1, units) for owner, name in ((m, "cls_token"), (m, "reg_token"),
+                                                                     (m, "pos_embed"))
+                if getattr(owner, name, None) is not None]
+        out += [Coupled(owner, name, None, units) for owner, name in ((pe, "norm"), (m, "norm_pre"), (m, "norm"),
+                                                                       (m, "fc_norm"))
+                if not isinstance(getattr(owner, name, nn.Identity()), nn.Identity)]
         if isinstance(getattr(m, "head", None), nn.Linear):
-            out.append((m.head, "weight", 1, R))
+            out.append(Coupled(m.head, "weight", 1, units, "in"))
         return out
 
     def _check_residual_supported(self, plan) -> None:
@@ -129,10 +115,3 @@ class BeitAdapter(ViTAdapter):
 
     def kind_of(self, blk) -> str:
         return "beit"
-
-    def _nonblock_layout(self) -> Dict[str, int]:
-        layout = super()._nonblock_layout()
-        for name in list(layout):
-            if name.startswith("rel_pos_bias."):
-                layout[name] = None  # shared table: per head, not per channel
-        return layout

@@ -10,19 +10,14 @@ Two levels:
    ``lamp`` (per layer: score_j = w_j^2 / sum_{i<=j} w_i^2 over |w| sorted descending; for
    unstructured pruning), ``random`` (seeded).
 2. :func:`unit_scores` sums the elementwise importance over every weight coupled to a structural unit
-   (exactly the slices a structured removal deletes, see METHODS.md "Classic criteria"):
+   (exactly the slices a structured removal deletes: the adapter's coupling table,
+   ``sparsevit/models/coupling.py``):
 
-   - head h: its q, k, v rows of ``qkv`` (+ bias entries, BeiT q_bias/v_bias), its ``proj`` columns,
-     its column of the relative-position-bias table (BeiT/Swin);
-   - head-dim channel (h, c): q/k channel = q row + k row (+ bias); v channel = v row (+ bias) + proj
-     column;
-   - MLP channel j: ``fc1`` row j + bias j + ``fc2`` column j;
-   - residual channel c of stage s: patch-embed output channel, cls/reg/pos-embed channel, every norm's
-     weight/bias entry, every qkv/fc1 input column, every proj/fc2 output row and bias entry, the
-     layer scales, the head's input column; Swin: per stage, including patch merging (norm and
-     reduction columns of the 2x2 neighbourhood it consumes, reduction rows of the stage it makes);
-   - branch: every parameter of a block's attention (norm1, qkv, proj, ls1) or MLP (norm2, fc1, fc2,
-     ls2) branch.
+   - head-dim channel (h, c): q/k channel = its ``q`` group + its ``k`` group; v channel = its ``v``
+     group (which includes the ``proj`` column that reads it);
+   - head h: its q/k and v channels plus its ``head`` group (the rel-pos table column);
+   - MLP channel j: its ``mlp`` group; residual channel c of stage s: ``adapter.residual_coupling(s)``;
+   - branch: every parameter of a block's attention or MLP branch (``BlockInfo.branch_parameters``).
 
 Gradient criteria run on a deep copy of the model in eval mode (dropout / drop-path off, so scores are
 deterministic); the user's model, its mode and its ``.grad`` fields are never touched.
@@ -35,10 +30,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsevit.models import get_adapter
+from sparsevit.prune.batches import default_loss as _default_loss
+from sparsevit.prune.batches import iter_batches as _batches
+from sparsevit.prune.batches import model_device as _device_of
 
 #: criterion name -> needs data (gradients)
 CRITERIA = {"l1": False, "l2": False, "magnitude": False, "taylor": True, "hessian": True,
@@ -71,29 +68,6 @@ def check_data(criterion: str, data) -> None:
 
 
 # ---------------------------------------------------------------------------------- gradients
-def _default_loss(out, target):
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if target.dtype in (torch.long, torch.int, torch.int64, torch.int32):
-        return F.cross_entropy(out, target)
-    return F.mse_loss(out, target)
-
-
-def _batches(data: Iterable, num_batches: Optional[int]):
-    for i, batch in enumerate(data):
-        if num_batches is not None and i >= num_batches:
-            return
-        if isinstance(batch, dict):
-            yield batch.get("image", batch.get("pixel_values")), batch.get("label", batch.get("labels"))
-        else:
-            yield batch[0], batch[1]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def gradient_statistics(model: nn.Module, data: Iterable, *, num_batches: Optional[int] = 8,
                         loss_fn: Optional[Callable] = None, squared: bool = False, micro_batches: int = 1,
                         progress: bool = True) -> Dict[str, torch.Tensor]:
@@ -244,110 +218,37 @@ def _sum(t: Optional[torch.Tensor]) -> float:
     return 0.0 if t is None else float(t.sum())
 
 
+def _reduce_to(e: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum an elementwise importance over every dim but ``dim``."""
+    d = dim % e.dim()
+    return e.transpose(0, d).reshape(e.shape[d], -1).sum(dim=1) if e.dim() > 1 else e
+
+
+def group_scores(entries, E, n_units: int) -> torch.Tensor:
+    """Per unit, the summed importance of every slice the coupling ``entries`` give it."""
+    out = torch.zeros(n_units)
+    for entry in entries:
+        for t, dim in entry.tensors():
+            e = E(t)
+            if e is not None:
+                out = out + _reduce_to(e, dim)[entry.index].sum(dim=1)
+    return out
+
+
 def _block_scores(b, E) -> BlockScores:
     H, hd = b.num_heads, b.head_dim
     HD = H * hd
-    rows = E(b.qkv.weight).sum(dim=1)
-    if b.kind == "beit":
-        qb, vb = E(getattr(b.attn, "q_bias", None)), E(getattr(b.attn, "v_bias", None))
-        if qb is not None:
-            rows = rows + torch.cat((qb, torch.zeros_like(qb), vb))
-    else:
-        bias = E(b.qkv.bias)
-        if bias is not None:
-            rows = rows + bias
-    q, k, v = rows[:HD].view(H, hd), rows[HD:2 * HD].view(H, hd), rows[2 * HD:].view(H, hd)
-    proj_cols = E(b.proj.weight).sum(dim=0).view(H, hd)
-    qk = q + k
-    vv = v + proj_cols
-    heads = qk.sum(dim=1) + vv.sum(dim=1)
-    table = E(b.rel_pos_table())
-    if table is not None:
-        heads = heads + table.sum(dim=0)
-    mlp = E(b.fc1.weight).sum(dim=1) + E(b.fc2.weight).sum(dim=0)
-    if b.fc1.bias is not None:
-        mlp = mlp + E(b.fc1.bias)
-    attn_total = sum(_sum(E(p)) for p in b.attn.parameters()) + sum(_sum(E(p)) for p in b.norm1.parameters()) \
-        + _sum(E(b.ls1))
-    mlp_total = sum(_sum(E(p)) for p in b.mlp.parameters()) + sum(_sum(E(p)) for p in b.norm2.parameters()) \
-        + _sum(E(b.ls2))
+    qk = (group_scores(b.coupling["q"], E, HD) + group_scores(b.coupling["k"], E, HD)).view(H, hd)
+    vv = group_scores(b.coupling["v"], E, HD).view(H, hd)
+    heads = qk.sum(dim=1) + vv.sum(dim=1) + group_scores(b.coupling["head"], E, H)
+    mlp = group_scores(b.coupling["mlp"], E, b.hidden)
+    attn_total = sum(_sum(E(p)) for p in b.branch_parameters("attn"))
+    mlp_total = sum(_sum(E(p)) for p in b.branch_parameters("mlp"))
     return BlockScores(heads=heads, qk=qk, v=vv, mlp=mlp, attn=attn_total, mlp_branch=mlp_total)
 
 
-def _norm_vec(norm, E, n: int) -> torch.Tensor:
-    out = torch.zeros(n)
-    for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
-        e = E(p)
-        if e is not None:
-            e = e.reshape(-1)
-            out += e if e.numel() == n else _fold(e, n)
-    return out
-
-
-def _fold(e: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum a flat vector whose length is a multiple of n onto n channels (index i -> i % n)."""
-    return e.view(-1, n).sum(0)
-
-
 def _residual_scores(adapter, E) -> List[torch.Tensor]:
-    dims = adapter.stage_dims
-    scores = [torch.zeros(d) for d in dims]
-    for b in adapter.blocks:
-        s = scores[b.stage]
-        s += E(b.qkv.weight).sum(dim=0) + E(b.proj.weight).sum(dim=1)
-        s += E(b.fc1.weight).sum(dim=0) + E(b.fc2.weight).sum(dim=1)
-        for bias in (b.proj.bias, b.fc2.bias):
-            e = E(bias)
-            if e is not None:
-                s += e
-        for ls in (b.ls1, b.ls2):
-            e = E(ls)
-            if e is not None:
-                s += e
-        s += _norm_vec(b.norm1, E, b.dim) + _norm_vec(b.norm2, E, b.dim)
-    for stage, tensor, dim in _coupled_with_stage(adapter):
-        e = E(tensor)
-        if e is None:
-            continue
-        n = dims[stage]
-        d = dim % e.dim()
-        vec = e.transpose(0, d).reshape(e.shape[d], -1).sum(dim=1) if e.dim() > 1 else e
-        scores[stage] += vec if len(vec) == n else _fold(vec, n)
-    return scores
-
-
-def _coupled_with_stage(adapter):
-    """(stage, tensor, dim) for every non-block tensor that follows a stage's residual channels.
-
-    The stage of each entry of ``adapter.residual_coupled`` is found by probing with one stage's
-    residual set emptied: the entries whose index set changes belong to that stage. LayerNorms
-    (``dim=None``) are expanded to their weight and bias (last dim).
-    """
-    full = [torch.arange(d) for d in adapter.stage_dims]
-    base = adapter.residual_coupled(full)
-    stage_of = [None] * len(base)
-    for s in range(len(full)):
-        probe = list(full)
-        probe[s] = torch.zeros(0, dtype=torch.long)
-        for j, entry in enumerate(adapter.residual_coupled(probe)):
-            if len(entry[3]) != len(base[j][3]) and stage_of[j] is None:
-                stage_of[j] = s
-    out = []
-    for (parent, attr, dim, _), s in zip(base, stage_of):
-        if s is None:
-            continue
-        obj = getattr(parent, attr, None)
-        if obj is None:
-            continue
-        if dim is None:
-            if isinstance(obj, nn.Identity):
-                continue
-            for t in (getattr(obj, "weight", None), getattr(obj, "bias", None)):
-                if isinstance(t, torch.Tensor):
-                    out.append((s, t, -1))
-        elif isinstance(obj, torch.Tensor):
-            out.append((s, obj, dim))
-    return out
+    return [group_scores(adapter.residual_coupling(s), E, d) for s, d in enumerate(adapter.stage_dims)]
 
 
 def _random_scores(adapter, seed: int) -> UnitScores:

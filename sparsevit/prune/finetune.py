@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sparsevit.models import masked_model
-from sparsevit.prune.criteria import _batches, _default_loss, _device_of
+from sparsevit.prune.batches import default_loss, iter_batches, model_device
 
 
 @torch.no_grad()
@@ -51,10 +51,10 @@ def evaluate(model: nn.Module, data: Iterable, *, num_batches: Optional[int] = N
     """Top-1 accuracy of ``model`` on ``data`` (eval mode, restored afterwards)."""
     was = model.training
     model.eval()
-    dev = _device_of(model)
+    dev = model_device(model)
     correct = total = 0
     with torch.no_grad():
-        for x, y in _batches(data, num_batches):
+        for x, y in iter_batches(data, num_batches):
             out = model(x.to(dev))
             if isinstance(out, (tuple, list)):
                 out = out[0]
@@ -82,8 +82,6 @@ def finetune(model: nn.Module, plan, data: Iterable, *, epochs: float = 1, lr: f
         callback: called as ``callback(step, loss)`` after every step.
     The removed weights stay exactly zero throughout.
     """
-    from tqdm.auto import tqdm
-
     if plan is not None:
         work = masked_model(model, plan, inplace=inplace)
         masks = plan_masks(work, plan)
@@ -92,8 +90,20 @@ def finetune(model: nn.Module, plan, data: Iterable, *, epochs: float = 1, lr: f
         masks = {}
     if device is not None:
         work.to(device)
-    dev = _device_of(work)
-    masks = {k: v.to(dev) for k, v in masks.items()}
+    dev = model_device(work)
+    params = dict(work.named_parameters())
+    mask_params = [(params[n], m.to(dev)) for n, m in masks.items()]
+    total = _total_steps(data, epochs, max_steps)
+    opt = _adamw(params, lr, weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_schedule(total, int(warmup * total),
+                                                                    min_lr / lr if lr > 0 else 0.0))
+    _train(work, data, loss_fn or _classification_loss(label_smoothing), opt, sched, mask_params, total,
+           grad_clip, progress, callback)
+    work.eval()
+    return work
+
+
+def _total_steps(data, epochs: float, max_steps: Optional[int]) -> int:
     try:
         per_epoch = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -105,41 +115,56 @@ def finetune(model: nn.Module, plan, data: Iterable, *, epochs: float = 1, lr: f
         total = min(total, int(max_steps))
     if total <= 0:
         raise ValueError("nothing to train: epochs * len(data) is 0.")
-    if loss_fn is None:
-        ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    return total
 
-        def loss_fn(out, y):
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            return ce(out, y) if y.dtype in (torch.long, torch.int64, torch.int32) else _default_loss(out, y)
 
-    params = dict(work.named_parameters())
-    decay = [p for n, p in params.items() if p.requires_grad and p.ndim >= 2 and "pos_embed" not in n
-             and "token" not in n]
-    no_decay = [p for n, p in params.items() if p.requires_grad and not (p.ndim >= 2 and "pos_embed" not in n
-                                                                          and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    warm = int(warmup * total)
-    floor = min_lr / lr if lr > 0 else 0.0
+def _classification_loss(label_smoothing: float) -> Callable:
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
+    def loss_fn(out, y):
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return ce(out, y) if y.dtype in (torch.long, torch.int64, torch.int32) else default_loss(out, y)
+
+    return loss_fn
+
+
+def _adamw(params: Dict[str, torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases, norms, position embeddings, tokens)."""
+    def decays(n, p):
+        return p.ndim >= 2 and "pos_embed" not in n and "token" not in n
+
+    decay = [p for n, p in params.items() if p.requires_grad and decays(n, p)]
+    no_decay = [p for n, p in params.items() if p.requires_grad and not decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def _cosine_schedule(total: int, warm: int, floor: float) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over ``warm`` steps, then cosine decay to ``floor``."""
     def schedule(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
         t = (step - warm) / max(1, total - warm)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    mask_params = [(params[n], m) for n, m in masks.items()]
+    return schedule
+
+
+def _train(work: nn.Module, data: Iterable, loss_fn: Callable, opt, sched, mask_params, total: int,
+           grad_clip: Optional[float], progress: bool, callback: Optional[Callable]) -> None:
+    """``total`` optimiser steps over ``data`` (re-iterated as needed); removed weights stay zero."""
+    from tqdm.auto import tqdm
+
+    dev = model_device(work)
     work.train()
     step = 0
     bar = tqdm(total=total, desc="finetune", disable=not progress, leave=False)
     while step < total:
-        for x, y in _batches(data, None):
+        for x, y in iter_batches(data, None):
             if step >= total:
                 break
-            x, y = x.to(dev), y.to(dev)
-            loss = loss_fn(work(x), y)
+            loss = loss_fn(work(x.to(dev)), y.to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():
@@ -160,5 +185,3 @@ def finetune(model: nn.Module, plan, data: Iterable, *, epochs: float = 1, lr: f
             if callback is not None:
                 callback(step, loss_val)
     bar.close()
-    work.eval()
-    return work

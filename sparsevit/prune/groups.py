@@ -5,17 +5,16 @@ kind in the same layer form a *layer group* (``LayerGroup``), the scope of per-l
 (keep at least one head, round kept counts to a multiple of 8, ...). Kinds:
 
 =========  ===========  =================================================================================
-kind       layer        coupled slices (original coordinates)
+kind       layer        coupled slices (the adapter's coupling table, ``sparsevit/models/coupling.py``)
 =========  ===========  =================================================================================
-head       block i      qkv rows of q, k, v for head h (+ bias / BeiT q_bias, v_bias entries), proj
-                        columns of head h, column h of the relative-position-bias table (BeiT/Swin)
-qk         block i      q row and k row of head-dim channel c in every kept head (+ bias entries);
-                        one channel list shared by the heads (kept heads keep equal head dims)
-v          block i      v row of channel c in every kept head (+ bias) and the matching proj columns
-mlp        block i      fc1 row j (+ bias j) and fc2 column j
-residual   stage s      patch-embed output channel, cls/reg/pos-embed channel, every norm entry, every
-                        qkv/fc1 input column and proj/fc2 output row (+ bias) of the stage's blocks, layer
-                        scales, the classifier's input column; Swin: patch merging in and out
+head       block i      the q, k and v groups of every channel of head h, and the head's own group
+                        (its rel-pos table column)
+qk         block i      the q and k groups of channel c in every kept head; one channel list shared
+                        by the heads (kept heads keep equal head dims)
+v          block i      the v group of channel c in every kept head (v row, bias, proj column)
+mlp        block i      the mlp group of hidden channel j (fc1 row and bias, fc2 column)
+residual   stage s      ``adapter.residual_coupling(s)``: branch inputs/outputs, norms and layer scales
+                        of the stage's blocks, embeddings, patch merging, the classifier's input column
 =========  ===========  =================================================================================
 
 :func:`coupled_slices` lists these slices by parameter name (used by tests and for inspection); the
@@ -29,9 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 
-from sparsevit.plan import BlockPlan, SparsityPlan
+from sparsevit.plan import SparsityPlan
 
 KINDS = ("head", "qk", "v", "mlp", "residual")
 NORMALIZERS = ("mean", "max", "sum", "none")
@@ -85,17 +83,14 @@ def layer_groups(adapter, scores, *, prune_heads: bool = True, prune_head_dims: 
     groups: List[LayerGroup] = []
     r = max(1, int(round_to))
     for b, bs in zip(adapter.blocks, scores.blocks):
-        scale_norm = not isinstance(getattr(b.attn, "norm", nn.Identity()), nn.Identity)
-        qk_norm = not isinstance(getattr(b.attn, "q_norm", nn.Identity()), nn.Identity)
-        mlp_norm = not isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity)
-        if prune_heads and not scale_norm:
+        if prune_heads and b.prunable("head"):
             groups.append(LayerGroup("head", b.index, bs.heads, 0 if allow_empty else 1))
         if prune_head_dims:
-            if not qk_norm:
+            if b.prunable("qk"):
                 groups.append(LayerGroup("qk", b.index, bs.qk.sum(0), min(b.head_dim, r), r))
-            if not scale_norm:
+            if b.prunable("v"):
                 groups.append(LayerGroup("v", b.index, bs.v.sum(0), min(b.head_dim, r), r))
-        if prune_mlp and not mlp_norm:
+        if prune_mlp and b.prunable("mlp"):
             groups.append(LayerGroup("mlp", b.index, bs.mlp, 0 if allow_empty else min(b.hidden, r), r))
     if prune_residual:
         for s, sc in enumerate(scores.residual):
@@ -146,8 +141,7 @@ class GroupRanking:
 
     def plan(self, k: int) -> SparsityPlan:
         adapter = self.adapter
-        plan = SparsityPlan(family=adapter.family, blocks=[BlockPlan() for _ in adapter.blocks],
-                            signature=adapter.signature())
+        plan = adapter.dense_plan()
         residual: List[Optional[List[int]]] = [None] * len(adapter.stage_dims)
         for g, keep in zip(self.groups, self.kept(k)):
             if len(keep) == g.n:
@@ -184,70 +178,33 @@ class GroupRanking:
 def coupled_slices(adapter, kind: str, layer: int, index: int) -> List[Tuple[str, int, List[int]]]:
     """The parameter slices unit ``index`` of ``kind`` in ``layer`` couples, as (name, dim, indices).
 
-    Names are the model's parameter names; ``dim`` is the tensor dim the indices run over.
+    Names are the model's parameter names; ``dim`` is the tensor dim the indices run over (a norm's
+    weight and bias: their last dim).
     """
-    model = adapter.model
-    names = {id(p): n for n, p in model.named_parameters()}
-
-    def nm(t):
-        return names.get(id(t)) if isinstance(t, torch.Tensor) else None
-
-    out: List[Tuple[str, int, List[int]]] = []
-
-    def add(t, dim, idx):
-        n = nm(t)
-        if n is not None:
-            out.append((n, dim, [int(i) for i in idx]))
-
     if kind == "residual":
-        for b in adapter.blocks:
-            if b.stage != layer:
-                continue
-            add(b.qkv.weight, 1, [index])
-            add(b.fc1.weight, 1, [index])
-            for lin in (b.proj, b.fc2):
-                add(lin.weight, 0, [index])
-                add(lin.bias, 0, [index])
-            for t in (b.ls1, b.ls2, getattr(b.norm1, "weight", None), getattr(b.norm1, "bias", None),
-                      getattr(b.norm2, "weight", None), getattr(b.norm2, "bias", None)):
-                add(t, 0, [index])
-        from sparsevit.prune.criteria import _coupled_with_stage
-
-        for s, t, dim in _coupled_with_stage(adapter):
-            if s != layer:
-                continue
-            d = dim % t.dim()
-            n_ch = adapter.stage_dims[s]
-            add(t, d, list(range(index, t.shape[d], n_ch)))
-        return out
-    b = adapter.blocks[layer]
-    H, hd = b.num_heads, b.head_dim
-    HD = H * hd
-    if kind == "head":
-        ch = list(range(index * hd, (index + 1) * hd))
-        rows = ch + [HD + c for c in ch] + [2 * HD + c for c in ch]
-        add(b.qkv.weight, 0, rows)
-        if b.kind == "beit":
-            add(getattr(b.attn, "q_bias", None), 0, ch)
-            add(getattr(b.attn, "v_bias", None), 0, ch)
-        else:
-            add(b.qkv.bias, 0, rows)
-        add(b.proj.weight, 1, ch)
-        add(b.rel_pos_table(), 1, [index])
-    elif kind in ("qk", "v"):
-        ch = [h * hd + index for h in range(H)]
-        rows = ch + [HD + c for c in ch] if kind == "qk" else [2 * HD + c for c in ch]
-        add(b.qkv.weight, 0, rows)
-        if b.kind == "beit":
-            add(getattr(b.attn, "q_bias" if kind == "qk" else "v_bias", None), 0, ch)
-        else:
-            add(b.qkv.bias, 0, rows)
-        if kind == "v":
-            add(b.proj.weight, 1, ch)
-    elif kind == "mlp":
-        add(b.fc1.weight, 0, [index])
-        add(b.fc1.bias, 0, [index])
-        add(b.fc2.weight, 1, [index])
-    else:
+        return _slices(adapter, [(adapter.residual_coupling(layer), [index])])
+    if kind not in KINDS:
         raise ValueError(f"unknown unit kind '{kind}'; kinds are {KINDS}")
+    b = adapter.blocks[layer]
+    hd = b.head_dim
+    if kind == "head":
+        channels = list(range(index * hd, (index + 1) * hd))
+        parts = [(b.coupling[k], channels) for k in ("q", "k", "v")] + [(b.coupling["head"], [index])]
+    elif kind in ("qk", "v"):
+        channels = [h * hd + index for h in range(b.num_heads)]
+        parts = [(b.coupling[k], channels) for k in (("q", "k") if kind == "qk" else ("v",))]
+    else:
+        parts = [(b.coupling["mlp"], [index])]
+    return _slices(adapter, parts)
+
+
+def _slices(adapter, parts) -> List[Tuple[str, int, List[int]]]:
+    names = {id(p): n for n, p in adapter.model.named_parameters()}
+    out: List[Tuple[str, int, List[int]]] = []
+    for entries, units in parts:
+        for e in entries:
+            positions = e.positions(torch.as_tensor(units, dtype=torch.long)).tolist()
+            for t, dim in e.tensors():
+                if id(t) in names:
+                    out.append((names[id(t)], dim % t.dim(), positions))
     return out

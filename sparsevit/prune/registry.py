@@ -3,18 +3,22 @@
 A method is a function ``fn(model, *, criterion, sparsity, data, num_batches, loss_fn, **options)
 -> SparsityPlan`` registered with :func:`register_method`. It must not modify ``model``.
 
-Built-in method modules are imported lazily on the first lookup; a module that does not exist (yet)
-is skipped, so methods living in their own files (``p3b``, ``art``, ``sls``, ``dimap``) plug in by
-registering themselves at import time.
+Built-in method modules are listed in :data:`METHOD_MODULES` and imported on the first lookup; each
+registers its methods at import time. A new method module is added to that tuple; a listed module
+that fails to import raises (no method silently disappears).
 """
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-BUILTIN_MODULES = ("sparsevit.prune.grouped", "sparsevit.prune.p3b", "sparsevit.prune.art",
-                   "sparsevit.prune.sls", "sparsevit.prune.dimap")
+#: the modules that define sparsevit's own methods, imported on the first lookup
+METHOD_MODULES: Tuple[str, ...] = (
+    "sparsevit.prune.grouped",
+    "sparsevit.prune.unstructured",
+)
 
 
 @dataclass
@@ -54,13 +58,23 @@ def _load_builtins() -> None:
     global _loaded
     if _loaded:
         return
+    for mod in METHOD_MODULES:
+        importlib.import_module(mod)
     _loaded = True
-    for mod in BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:  # a real missing dependency inside an existing module
-                raise
+
+
+def check_fraction(value, name: str) -> Optional[float]:
+    """``value`` as a float in [0, 1) (a fraction removed), ``None`` kept; else a ValueError naming it."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
+    if not (0.0 <= v < 1.0) or math.isnan(v):
+        raise ValueError(f"{name}={value} is impossible: it is the fraction removed and must be in [0, 1) "
+                         f"(e.g. {name}=0.5 removes half).")
+    return v
 
 
 def available_methods() -> Dict[str, str]:

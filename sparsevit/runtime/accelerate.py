@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ BACKENDS = ("auto", "dense", "sparse", "cpp", "triton", "cuda", "reference", "se
 
 def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend: str = "auto",
                dtype: Optional[torch.dtype] = None, inplace: bool = False, batch_hint: int = 8,
-               cuda_graph: bool = False, example_input: Optional[torch.Tensor] = None) -> nn.Module:
+               cuda_graph: bool = False, example_input: Optional[torch.Tensor] = None,
+               formats: Optional[Dict[str, str]] = None) -> nn.Module:
     """Return a model that computes what the masked dense model computes, physically smaller.
 
     Args:
@@ -34,6 +35,11 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
         inplace: modify ``model`` itself; by default it is left untouched and a copy is returned.
         batch_hint: batch size the kernel choice is tuned for.
         cuda_graph: capture the forward as a CUDA graph for ``example_input``'s shape (CUDA only).
+        formats: force the format of some Linears, by fully qualified name (e.g.
+            ``{"blocks.0.mlp.fc1": "bsr"}``); the others are chosen per layer.
+
+    The tile shape the plan's masks were made for (``plan.block``) is the first one the kernel
+    choice tries.
 
     The result is in eval mode, carries ``sparsevit_report`` (one :class:`LayerDecision` per layer:
     what was sliced, which kernel runs, and why) and ``sparsevit_plan``.
@@ -61,13 +67,11 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
     _check_masked_norms(adapter, residual)
 
     report = Report()
-    make_linear = LinearFactory(report, backend, batch_hint)
+    make_linear = LinearFactory(report, backend, batch_hint, **_factory_hints(plan, formats))
     attention_kernel = _attention_kernel(fast, backend)
     with torch.no_grad():
-        new_blocks = []
-        for i, b in enumerate(adapter.blocks):
-            r = adapter.resolve(plan, i, residual)
-            new_blocks.append(build_block(b, r, plan.masks, make_linear, report, attention_kernel))
+        new_blocks = [build_block(adapter, b, adapter.resolve(plan, i, residual), plan.masks, make_linear, report,
+                                  attention_kernel) for i, b in enumerate(adapter.blocks)]
         for b, nb in zip(adapter.blocks, new_blocks):
             parent, attr = _parent_of(fast, b.fqn)
             parent[int(attr)] = nb
@@ -84,6 +88,16 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
             raise ValueError("cuda_graph=True needs example_input (a tensor of the shape you will run).")
         fast = capture_cuda_graph(fast, example_input)
     return fast
+
+
+def _factory_hints(plan: SparsityPlan, formats: Optional[Dict[str, str]]) -> Dict:
+    """Keyword arguments for the Linear factory: only the hints that are set."""
+    hints = {}
+    if plan.block is not None:
+        hints["block_hint"] = tuple(int(v) for v in plan.block)
+    if formats is not None:
+        hints["formats"] = dict(formats)
+    return hints
 
 
 def _attention_kernel(model: nn.Module, backend: str) -> str:
@@ -112,30 +126,36 @@ def _check_masked_norms(adapter, residual) -> None:
 
 def _slice_outside_blocks(adapter, residual, report: Report) -> None:
     """Slice embeddings, norms, patch merging and the head to the kept residual channels."""
-    for parent, attr, dim, keep in adapter.residual_coupled(residual):
-        t = getattr(parent, attr, None)
-        if t is None or isinstance(t, nn.Identity):
-            continue
-        name = _name_of(adapter.model, parent, attr)
-        if dim is None:
-            full = t.normalized_shape[0]
-            if len(keep) == full and not isinstance(t, MaskedLayerNorm):
-                continue
-            setattr(parent, attr, sliced_layernorm(t, keep))
-            report.append(LayerDecision(name, "sliced", "dense", "torch.layer_norm",
-                                        f"residual channels {len(keep)}/{full}", (full,), (len(keep),)))
-            continue
-        if len(keep) == t.shape[dim]:
-            continue
-        before = tuple(t.shape)
-        new = nn.Parameter(t.detach().index_select(dim, keep.to(t.device)).clone(), requires_grad=t.requires_grad)
-        setattr(parent, attr, new)
-        if isinstance(parent, nn.Linear):
-            parent.in_features, parent.out_features = parent.weight.shape[1], parent.weight.shape[0]
-        if isinstance(parent, nn.Conv2d) and attr == "weight":
-            parent.out_channels = new.shape[0]
-        report.append(LayerDecision(name, "sliced", "dense", "torch", f"residual channels {len(keep)}",
-                                    before, tuple(new.shape)))
+    for stage, R in enumerate(residual):
+        for entry in adapter.nonblock_coupling(stage):
+            _slice_entry(adapter.model, entry, entry.positions(R), report)
+
+
+def _slice_entry(root: nn.Module, entry, keep: torch.Tensor, report: Report) -> None:
+    parent, attr, dim = entry.owner, entry.attr, entry.dim
+    t = entry.get()
+    if t is None:
+        return
+    name = _name_of(root, parent, attr)
+    if dim is None:
+        full = t.normalized_shape[0]
+        if len(keep) == full and not isinstance(t, MaskedLayerNorm):
+            return
+        setattr(parent, attr, sliced_layernorm(t, keep))
+        report.append(LayerDecision(name, "sliced", "dense", "torch.layer_norm",
+                                    f"residual channels {len(keep)}/{full}", (full,), (len(keep),)))
+        return
+    if len(keep) == t.shape[dim]:
+        return
+    before = tuple(t.shape)
+    new = nn.Parameter(t.detach().index_select(dim, keep.to(t.device)).clone(), requires_grad=t.requires_grad)
+    setattr(parent, attr, new)
+    if isinstance(parent, nn.Linear):
+        parent.in_features, parent.out_features = parent.weight.shape[1], parent.weight.shape[0]
+    if isinstance(parent, nn.Conv2d) and attr == "weight":
+        parent.out_channels = new.shape[0]
+    report.append(LayerDecision(name, "sliced", "dense", "torch", f"residual channels {len(keep)}",
+                                before, tuple(new.shape)))
 
 
 def _name_of(root: nn.Module, parent: nn.Module, attr: str) -> str:

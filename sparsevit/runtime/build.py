@@ -1,4 +1,8 @@
-"""Builds the sparse replacement of one block from the timm block and its resolved plan."""
+"""Builds the sparse replacement of one block from the values its adapter hands out.
+
+Nothing here reads a timm module: the adapter slices the weights (``sliced_attention`` /
+``sliced_mlp``) and names the attention scale, activation, rel-pos index and Swin windows.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -45,8 +49,10 @@ def _gelu_kind(act: nn.Module) -> Optional[str]:
 class LinearFactory:
     """Makes each Linear: plain dense when nothing unstructured is left, else asks the kernel chooser."""
 
-    def __init__(self, report: Report, backend: str, batch_hint: int):
+    def __init__(self, report: Report, backend: str, batch_hint: int, block_hint: Optional[tuple] = None,
+                 formats: Optional[dict] = None):
         self.report, self.backend, self.batch_hint = report, backend, batch_hint
+        self.block_hint, self.formats = block_hint, formats  # read by the kernel chooser (runtime branch)
 
     def __call__(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                  shape_before: tuple, tokens: int, activation: Optional[str] = None):
@@ -84,100 +90,101 @@ class LinearFactory:
         return module, activation is not None
 
 
-def build_block(b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactory, report: Report,
-                attention_kernel: str = "sdpa") -> nn.Module:
-    """The sparse module that replaces timm block ``b`` under resolved plan ``r``."""
-    R = r.residual
-    dev = b.qkv.weight.device
-    names = b.linear_names()
+class _BranchBuilder:
+    """What building either branch of one block needs: the block, its plan, masks and the factory."""
 
-    def mask_of(role, rows, cols):
-        m = masks.get(names[role])
-        return None if m is None else m[rows][:, cols].to(dev)
+    def __init__(self, adapter, b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactory, report: Report):
+        self.adapter, self.b, self.r, self.masks = adapter, b, r, masks
+        self.make_linear, self.report = make_linear, report
+        self.names = b.linear_names()
+        self.dev = b.qkv.weight.device
+        self.tokens = b.tokens * b.seqs  # tokens per image through the block's Linears
 
-    def const_branch(bias, ls, out_idx):
+    def mask_of(self, role: str, rows: torch.Tensor, cols: torch.Tensor) -> Optional[torch.Tensor]:
+        m = self.masks.get(self.names[role])
+        return None if m is None else m[rows][:, cols].to(self.dev)
+
+    def const_branch(self, bias: torch.Tensor, ls: Optional[torch.Tensor], out_idx: torch.Tensor) -> ConstBranch:
         val = bias.detach()[out_idx]
         if ls is not None:
             val = val * ls.detach()[out_idx]
-        pos = _positions(out_idx, R)
-        return ConstBranch(val.clone(), None if pos is None else pos.to(dev))
+        pos = _positions(out_idx, self.r.residual)
+        return ConstBranch(val.clone(), None if pos is None else pos.to(self.dev))
 
-    def scaled(w, bias, ls, out_idx):
-        if ls is None:
-            return w, bias
-        g = ls.detach()[out_idx]
-        return w * g.unsqueeze(1), (None if bias is None else bias * g)
+    def io(self, norm: nn.Module, read: torch.Tensor, write: torch.Tensor) -> BranchIO:
+        R = self.r.residual
+        return BranchIO(sliced_layernorm(norm, R), _positions(read, R), _positions(write, R))
 
-    # ---------------------------------------------------------------- attention branch
-    attn = attn_io = attn_const = None
-    if r.attn_mode == "full":
-        with torch.no_grad():
-            qkv_w = b.qkv.weight.detach()[r.qkv_rows][:, r.attn_in]
-            qkv_b = b.qkv_bias()
-            qkv_b = None if qkv_b is None else qkv_b.detach()[r.qkv_rows]
-            proj_w = b.proj.weight.detach()[r.attn_out][:, r.proj_cols]
-            proj_b = None if b.proj.bias is None else b.proj.bias.detach()[r.attn_out]
-            proj_w, proj_b = scaled(proj_w, proj_b, b.ls1, r.attn_out)
-        T = b.tokens * b.seqs
-        qkv, _ = make_linear(names["qkv"], qkv_w, qkv_b, mask_of("qkv", r.qkv_rows, r.attn_in),
-                             tuple(b.qkv.weight.shape), T)
-        proj, _ = make_linear(names["proj"], proj_w, proj_b, mask_of("proj", r.attn_out, r.proj_cols),
-                              tuple(b.proj.weight.shape), T)
-        table = b.rel_pos_table()
-        rel_table = rel_index = None
-        if table is not None:
-            rel_table = table.detach()[:, r.heads.to(dev)].clone()
-            n = b.attn.relative_position_index.shape[0]
-            rel_index = b.attn.relative_position_index.detach().reshape(n, n).clone()
-        attn = SparseAttention(qkv, proj, len(r.heads), r.qk.shape[1], r.v.shape[1], b.attn.scale, rel_table,
-                               rel_index, r.heads.to(dev), attention_kernel)
-        attn_io = BranchIO(sliced_layernorm(b.norm1, R), _positions(r.attn_in, R), _positions(r.attn_out, R))
-        _report_io(report, f"{b.fqn}.attn", attn_io, len(r.attn_in), len(r.attn_out), len(R), qkv_w)
-        report.append(LayerDecision(f"{b.fqn}.attn", "sliced" if len(r.heads) < b.num_heads or
-                                    r.qk.shape[1] < b.head_dim or r.v.shape[1] < b.head_dim else "kept",
-                                    f"heads {len(r.heads)}/{b.num_heads}, qk {r.qk.shape[1]}, v {r.v.shape[1]}",
-                                    *_attention_choice(attention_kernel, len(r.heads), b.tokens, r.qk.shape[1],
-                                                       r.v.shape[1], qkv_w)))
-    elif r.attn_mode == "const":
-        attn_const = const_branch(b.proj.bias, b.ls1, r.attn_out)
+
+def _scaled(w: torch.Tensor, bias: Optional[torch.Tensor], ls: Optional[torch.Tensor], out_idx: torch.Tensor):
+    """Fold a layer scale into the branch's last Linear."""
+    if ls is None:
+        return w, bias
+    g = ls.detach()[out_idx]
+    return w * g.unsqueeze(1), (None if bias is None else bias * g)
+
+
+def _build_attention(bb: _BranchBuilder, attention_kernel: str):
+    """(io, attention module, const branch) of the attention branch; the unused ones are None."""
+    b, r, report = bb.b, bb.r, bb.report
+    if r.attn_mode == "const":
         report.append(LayerDecision(f"{b.fqn}.attn", "dropped", "const", "add",
                                     "no heads left: branch reduced to its output bias"))
-    else:
+        return None, None, bb.const_branch(b.proj.bias, b.ls1, r.attn_out)
+    if r.attn_mode != "full":
         report.append(LayerDecision(f"{b.fqn}.attn", "dropped", "none", "-", "attention branch removed"))
+        return None, None, None
+    v = bb.adapter.sliced_attention(b, r)
+    proj_w, proj_b = _scaled(v.proj_weight, v.proj_bias, b.ls1, r.attn_out)
+    qkv, _ = bb.make_linear(bb.names["qkv"], v.qkv_weight, v.qkv_bias, bb.mask_of("qkv", r.qkv_rows, r.attn_in),
+                            tuple(b.qkv.weight.shape), bb.tokens)
+    proj, _ = bb.make_linear(bb.names["proj"], proj_w, proj_b, bb.mask_of("proj", r.attn_out, r.proj_cols),
+                             tuple(b.proj.weight.shape), bb.tokens)
+    qk_dim, v_dim = r.qk.shape[1], r.v.shape[1]
+    attn = SparseAttention(qkv, proj, len(r.heads), qk_dim, v_dim, v.scale, v.rel_table, v.rel_index,
+                           r.heads.to(bb.dev), attention_kernel)
+    io = bb.io(b.norm1, r.attn_in, r.attn_out)
+    _report_io(report, f"{b.fqn}.attn", io, len(r.attn_in), len(r.attn_out), len(r.residual), v.qkv_weight)
+    sliced = len(r.heads) < b.num_heads or qk_dim < b.head_dim or v_dim < b.head_dim
+    report.append(LayerDecision(f"{b.fqn}.attn", "sliced" if sliced else "kept",
+                                f"heads {len(r.heads)}/{b.num_heads}, qk {qk_dim}, v {v_dim}",
+                                *_attention_choice(attention_kernel, len(r.heads), b.tokens, qk_dim, v_dim,
+                                                   v.qkv_weight)))
+    return io, attn, None
 
-    # ---------------------------------------------------------------- MLP branch
-    mlp = mlp_io = mlp_const = None
-    if r.mlp_mode == "full":
-        with torch.no_grad():
-            fc1_w = b.fc1.weight.detach()[r.hidden][:, r.mlp_in]
-            fc1_b = None if b.fc1.bias is None else b.fc1.bias.detach()[r.hidden]
-            fc2_w = b.fc2.weight.detach()[r.mlp_out][:, r.hidden]
-            fc2_b = None if b.fc2.bias is None else b.fc2.bias.detach()[r.mlp_out]
-            fc2_w, fc2_b = scaled(fc2_w, fc2_b, b.ls2, r.mlp_out)
-        T = b.tokens * b.seqs
-        act = b.mlp.act
-        fc1, fused = make_linear(names["fc1"], fc1_w, fc1_b, mask_of("fc1", r.hidden, r.mlp_in),
-                                 tuple(b.fc1.weight.shape), T, activation=_gelu_kind(act))
-        fc2, _ = make_linear(names["fc2"], fc2_w, fc2_b, mask_of("fc2", r.mlp_out, r.hidden),
-                             tuple(b.fc2.weight.shape), T)
-        mlp = SparseMlp(fc1, None if fused else act, fc2)
-        mlp_io = BranchIO(sliced_layernorm(b.norm2, R), _positions(r.mlp_in, R), _positions(r.mlp_out, R))
-        _report_io(report, f"{b.fqn}.mlp", mlp_io, len(r.mlp_in), len(r.mlp_out), len(R), fc1_w)
-    elif r.mlp_mode == "const":
-        mlp_const = const_branch(b.fc2.bias, b.ls2, r.mlp_out)
+
+def _build_mlp(bb: _BranchBuilder):
+    """(io, MLP module, const branch) of the MLP branch; the unused ones are None."""
+    b, r, report = bb.b, bb.r, bb.report
+    if r.mlp_mode == "const":
         report.append(LayerDecision(f"{b.fqn}.mlp", "dropped", "const", "add",
                                     "no hidden channels left: branch reduced to its output bias"))
-    else:
+        return None, None, bb.const_branch(b.fc2.bias, b.ls2, r.mlp_out)
+    if r.mlp_mode != "full":
         report.append(LayerDecision(f"{b.fqn}.mlp", "dropped", "none", "-", "MLP branch removed"))
+        return None, None, None
+    v = bb.adapter.sliced_mlp(b, r)
+    fc2_w, fc2_b = _scaled(v.fc2_weight, v.fc2_bias, b.ls2, r.mlp_out)
+    fc1, fused = bb.make_linear(bb.names["fc1"], v.fc1_weight, v.fc1_bias, bb.mask_of("fc1", r.hidden, r.mlp_in),
+                                tuple(b.fc1.weight.shape), bb.tokens, activation=v.act_kind)
+    fc2, _ = bb.make_linear(bb.names["fc2"], fc2_w, fc2_b, bb.mask_of("fc2", r.mlp_out, r.hidden),
+                            tuple(b.fc2.weight.shape), bb.tokens)
+    io = bb.io(b.norm2, r.mlp_in, r.mlp_out)
+    _report_io(report, f"{b.fqn}.mlp", io, len(r.mlp_in), len(r.mlp_out), len(r.residual), v.fc1_weight)
+    return io, SparseMlp(fc1, None if fused else v.act, fc2), None
 
-    if b.kind == "swin":
-        if getattr(b.block, "dynamic_mask", False):
-            from sparsevit.errors import UnsupportedModelError
 
-            raise UnsupportedModelError(f"{b.fqn}: Swin with dynamic_mask=True (variable input size) is not "
-                                        "supported; create the model with a fixed img_size.")
-        return SparseSwinBlock(b.block, attn_io, attn, attn_const, mlp_io, mlp, mlp_const)
-    return SparseBlock(attn_io, attn, attn_const, mlp_io, mlp, mlp_const)
+def build_block(adapter, b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactory, report: Report,
+                attention_kernel: str = "sdpa") -> nn.Module:
+    """The sparse module that replaces block ``b`` of ``adapter``'s model under resolved plan ``r``."""
+    window = adapter.window(b)  # first: a model the runtime cannot build is refused before any work
+    bb = _BranchBuilder(adapter, b, r, masks, make_linear, report)
+    with torch.no_grad():
+        attn_parts = _build_attention(bb, attention_kernel)
+        mlp_parts = _build_mlp(bb)
+    if window is not None:
+        return SparseSwinBlock(window.window_size, window.shift_size, window.attn_mask, *attn_parts, *mlp_parts)
+    return SparseBlock(*attn_parts, *mlp_parts)
 
 
 def _report_io(report: Report, name: str, io: BranchIO, n_in: int, n_out: int, width: int, like: torch.Tensor):

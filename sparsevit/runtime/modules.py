@@ -1,13 +1,13 @@
 """The modules ``accelerate`` swaps in for timm's: physically smaller, same function.
 
-They are plain ``nn.Module``s built from the original modules' sliced attributes (never a patched
-``forward``), keep the callers' keyword arguments (``attn_mask``/``is_causal`` for ViT,
+They are plain ``nn.Module``s built from explicit values the model adapter hands out (sliced
+weights, scale, rel-pos index, window sizes; never the source module or a patched ``forward``), keep the callers' keyword arguments (``attn_mask``/``is_causal`` for ViT,
 ``shared_rel_pos_bias`` for BeiT, Swin's ``mask``), and hold their Linears as whatever module the
 per-layer kernel choice produced (``nn.Linear``, or a sparse module from ``runtime.linear``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -187,48 +187,55 @@ class SparseBlock(nn.Module):
         return x
 
 
+def window_partition(x: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
+    """``[B, H, W, C]`` (H, W multiples of the window) -> ``[B * nW, wh * ww, C]``, row-major windows."""
+    B, H, W, C = x.shape
+    wh, ww = window
+    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, C)
+
+
+def window_reverse(windows: torch.Tensor, window: Tuple[int, int], H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``[B * nW, wh * ww, C]`` -> ``[B, H, W, C]``."""
+    wh, ww = window
+    C = windows.shape[-1]
+    x = windows.view(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)
+
+
 class SparseSwinBlock(nn.Module):
     """A Swin block (shifted-window attention) with sliced or removed branches.
 
-    Window partitioning is channel-agnostic, so the branch's read subset is gathered by the norm
-    before partitioning and its output scattered back after the windows are merged.
+    Built from explicit values: window and shift sizes and the ``[nW, N, N]`` shifted-window mask
+    (``None`` without a shift). Window partitioning is channel-agnostic, so the branch's read subset
+    is gathered by the norm before partitioning and its output scattered back after the windows are
+    merged.
     """
 
-    def __init__(self, src: nn.Module, attn_io, attn, attn_const, mlp_io, mlp, mlp_const):
+    def __init__(self, window_size: Tuple[int, int], shift_size: Tuple[int, int], attn_mask: Optional[torch.Tensor],
+                 attn_io, attn, attn_const, mlp_io, mlp, mlp_const):
         super().__init__()
-        self.window_size = tuple(src.window_size)
-        self.shift_size = tuple(src.shift_size)
-        self.window_area = self.window_size[0] * self.window_size[1]
-        self.dynamic_mask = bool(getattr(src, "dynamic_mask", False))
-        self.always_partition = bool(getattr(src, "always_partition", False))
-        self.register_buffer("attn_mask", src.attn_mask, persistent=False)
-        self._src_get_mask = src.get_attn_mask if self.dynamic_mask else None
+        self.window_size = tuple(int(v) for v in window_size)
+        self.shift_size = tuple(int(v) for v in shift_size)
+        self.register_buffer("attn_mask", attn_mask, persistent=False)
         self.attn_io, self.attn, self.mlp_io, self.mlp = attn_io, attn, mlp_io, mlp
         self.attn_const, self.mlp_const = attn_const, mlp_const
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        from timm.models.swin_transformer import window_partition, window_reverse
-
         B, H, W, C = x.shape
+        wh, ww = self.window_size
         has_shift = any(self.shift_size)
         if has_shift:
             x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-        pad_h = (self.window_size[0] - H % self.window_size[0]) % self.window_size[0]
-        pad_w = (self.window_size[1] - W % self.window_size[1]) % self.window_size[1]
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        x = F.pad(x, (0, 0, 0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh))
         _, Hp, Wp, _ = x.shape
-        windows = window_partition(x, self.window_size).view(-1, self.window_area, C)
-        mask = self._src_get_mask(x) if self.dynamic_mask else self.attn_mask
-        out = self.attn(windows, mask=mask)
-        Co = out.shape[-1]
-        out = window_reverse(out.view(-1, self.window_size[0], self.window_size[1], Co), self.window_size, Hp, Wp)
-        out = out[:, :H, :W, :]
+        out = self.attn(window_partition(x, self.window_size), mask=self.attn_mask)
+        out = window_reverse(out, self.window_size, Hp, Wp)[:, :H, :W, :]
         if has_shift:
             out = torch.roll(out, shifts=self.shift_size, dims=(1, 2))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
         if self.attn is not None:
             x = self.attn_io.add(x, self._attn(self.attn_io.norm(x)))
         elif self.attn_const is not None:
