@@ -82,9 +82,8 @@ def _spec_for_save(model, architecture, model_kwargs) -> dict:
 
 
 def _payload(model: nn.Module, spec: dict):
-    import timm
-
     from sparsevit import __version__
+    from sparsevit.models.spec import timm_version
 
     plan = model.sparsevit_plan
     tensors = {_MODEL + k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -94,7 +93,7 @@ def _payload(model: nn.Module, spec: dict):
     options["dtype"] = str(_model_dtype(model)).replace("torch.", "")  # what the weights are now
     doc = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "versions": {"sparsevit": __version__, "timm": timm.__version__, "torch": torch.__version__},
+        "versions": {"sparsevit": __version__, "timm": timm_version(), "torch": torch.__version__},
         "architecture": spec, "plan": plan.to_json_dict(), "packed": packed, "accelerate": options,
         "report": [d.as_dict() for d in getattr(model, "sparsevit_report", [])],
     }

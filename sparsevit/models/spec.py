@@ -33,6 +33,13 @@ _ACT_NAMES = ("gelu", "gelu_tanh", "quick_gelu", "silu", "swish", "relu", "tanh"
               "mish", "relu6", "leaky_relu", "elu", "celu", "selu", "hard_sigmoid", "prelu")
 
 
+def timm_version() -> str:
+    """The installed timm's version (recorded in saved files: timm builds the modules on load)."""
+    import timm
+
+    return timm.__version__
+
+
 def _norm_classes() -> Dict[str, type]:
     from timm.layers import LayerNorm as TimmLayerNorm
 
