@@ -368,7 +368,11 @@ class _Trainer:
                  "model": self.work.state_dict(), "heads": self.heads.state_dict(),
                  "opt": self.opt.state_dict(), "lr_sched": self.lr_sched.state_dict(),
                  "gates": self.gates.state_dict(), "pruner": self.pruner.state_dict(), "history": self.history}
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: torch's zip writer rejects some temp-file names
+                torch.save(state, f)
+
+        atomic_write(path, write)
 
     def load(self, path: str, config: Dict) -> int:
         try:
