@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 METHOD_MODULES: Tuple[str, ...] = (
     "sparsevit.prune.grouped",
     "sparsevit.prune.unstructured",
+    "sparsevit.prune.p3b",
 )
 
 
