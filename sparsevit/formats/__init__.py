@@ -16,11 +16,12 @@ Every place that names the storage format of one Linear (the per-layer report's 
 import re
 from typing import Optional, Tuple
 
-from sparsevit.formats.bsr import BlockSparseWeight, bsr_to_dense, check_bsr_indices, pack_values, packed_block_rows  # noqa: F401
+from sparsevit.formats.bsr import (BlockSparseWeight, bsr_to_dense, check_bsr_indices, pack_values,  # noqa: F401
+                                  packed_block_rows, tiles)
 from sparsevit.formats.nm import NMSparseWeight  # noqa: F401
 
 __all__ = ["BlockSparseWeight", "NMSparseWeight", "pack_values", "packed_block_rows", "bsr_to_dense",
-           "check_bsr_indices", "parse_format", "format_string"]
+           "check_bsr_indices", "tiles", "parse_format", "format_string"]
 
 _GRAMMAR = "'dense', 'bsr:BHxBW' (e.g. 'bsr:32x32', sides 1..64) or 'N:M' (e.g. '2:4')"
 

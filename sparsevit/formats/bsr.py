@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["BlockSparseWeight", "packed_block_rows", "pack_values", "bsr_to_dense", "check_bsr_indices"]
+__all__ = ["BlockSparseWeight", "packed_block_rows", "pack_values", "bsr_to_dense", "check_bsr_indices", "tiles"]
 
 
 def packed_block_rows(bh: int) -> int:
@@ -61,6 +61,16 @@ def _check_block(block) -> Tuple[int, int]:
     if not (1 <= bh <= 64 and 1 <= bw <= 64):
         raise ValueError(f"block must be (bh, bw) with 1 <= bh, bw <= 64, got {block}")
     return bh, bw
+
+
+def tiles(t: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
+    """``[nbr, nbc, bh, bw]`` view of the ``[out, in]`` matrix ``t`` cut into ``block`` tiles, the
+    ragged edge zero-padded (False for a boolean ``t``). The one tiling helper of the package."""
+    bh, bw = block
+    out_f, in_f = t.shape
+    nbr, nbc = -(-out_f // bh), -(-in_f // bw)
+    padded = torch.nn.functional.pad(t, (0, nbc * bw - in_f, 0, nbr * bh - out_f))
+    return padded.reshape(nbr, bh, nbc, bw).transpose(1, 2)
 
 
 def bsr_to_dense(values: torch.Tensor, col_indices: torch.Tensor, crow_indices: torch.Tensor,
@@ -159,10 +169,9 @@ class BlockSparseWeight:
             dense = dense * mask.to(device=dense.device, dtype=dense.dtype)
         else:
             keep = dense != 0
-        nbr, nbc = -(-out_f // bh), -(-in_f // bw)
-        pad = (0, nbc * bw - in_f, 0, nbr * bh - out_f)
-        blocks = torch.nn.functional.pad(dense, pad).reshape(nbr, bh, nbc, bw).transpose(1, 2)
-        kb = torch.nn.functional.pad(keep, pad).reshape(nbr, bh, nbc, bw).any(dim=3).any(dim=1)
+        nbr = -(-out_f // bh)
+        blocks = tiles(dense, (bh, bw))
+        kb = tiles(keep, (bh, bw)).any(dim=3).any(dim=2)
         rows, cols = kb.nonzero(as_tuple=True)  # row-major order: sorted by row, then column
         values = blocks[rows, cols].contiguous()
         counts = torch.bincount(rows, minlength=nbr)

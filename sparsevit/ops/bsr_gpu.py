@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from sparsevit import _ext
+from sparsevit.ops.linear_kernels import ACT_CODE
 
 try:
     from sparsevit import kernels as _kernels
@@ -22,7 +23,6 @@ except Exception as exc:  # noqa: BLE001 - the CPU and reference paths must keep
 else:
     _KERNELS_ERROR = None
 
-_ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
 
 def cuda_cpp_reasons(device_index: Optional[int] = None) -> List[str]:
@@ -75,4 +75,4 @@ def run_cuda_cpp(x: Tensor, values: Tensor, col_indices: Tensor, crow_indices: T
                  bias: Optional[Tensor], act: str) -> Tensor:
     return torch.ops.sparsevit_C.bsr_linear_cuda(x, values, col_indices.to(torch.int32),
                                                  crow_indices.to(torch.int32), int(out_features), bias,
-                                                 _ACT_CODE[act])
+                                                 ACT_CODE[act])

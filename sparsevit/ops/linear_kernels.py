@@ -27,10 +27,11 @@ from sparsevit import _ext
 from sparsevit.errors import KernelError
 from sparsevit.formats import bsr_to_dense, pack_values, packed_block_rows, parse_format
 
-__all__ = ["KernelInput", "LinearKernel", "register", "registry", "get_kernel", "walk", "resolve",
+__all__ = ["ACT_CODE", "KernelInput", "LinearKernel", "register", "registry", "get_kernel", "walk", "resolve",
            "apply_activation", "ACTIVATIONS"]
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
+ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # the compiled kernels' `act` argument
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -203,8 +204,6 @@ class CppBSR(LinearKernel):
     def label(cls) -> str:
         return (torch.ops.sparsevit_C.bsr_linear_isa(-1) if _ext.has_op("bsr_linear") else "") or cls.name
 
-    _ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2}
-
     @staticmethod
     def run_bsr(x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias, act):
         if packed.dtype != x.dtype or packed.dim() != 4 or packed.shape[2] != packed_block_rows(bh) \
@@ -212,7 +211,7 @@ class CppBSR(LinearKernel):
             # values cast by autocast (or a hand-made call): the packed layout depends on the dtype
             packed = pack_values(values.to(x.dtype))
         return torch.ops.sparsevit_C.bsr_linear(x, packed, col_indices, crow_indices, bias, out_features,
-                                                in_features, bh, bw, CppBSR._ACT_CODE[act], -1)
+                                                in_features, bh, bw, ACT_CODE[act], -1)
 
 
 @register

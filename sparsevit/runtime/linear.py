@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsevit.errors import KernelError
-from sparsevit.formats import BlockSparseWeight, NMSparseWeight, format_string, pack_values, parse_format
+from sparsevit.formats import BlockSparseWeight, NMSparseWeight, format_string, pack_values, parse_format, tiles
 from sparsevit.ops.bsr import bsr_linear
 from sparsevit.ops.linear_kernels import (ACTIVATIONS, KernelInput, apply_activation, get_kernel, registry,
                                           walk)
@@ -284,11 +284,7 @@ class LayerSpec:
 
 def block_density(keep: Tensor, block: Tuple[int, int]) -> float:
     """Fraction of ``block`` tiles of the boolean ``keep`` matrix holding at least one True."""
-    bh, bw = block
-    out_f, in_f = keep.shape
-    nbr, nbc = -(-out_f // bh), -(-in_f // bw)
-    k = F.pad(keep, (0, nbc * bw - in_f, 0, nbr * bh - out_f))
-    return float(k.reshape(nbr, bh, nbc, bw).any(dim=3).any(dim=1).float().mean())
+    return float(tiles(keep, block).any(dim=3).any(dim=2).float().mean())
 
 
 def _is_nm(keep: Tensor, n: int, m: int) -> bool:
