@@ -267,3 +267,48 @@ def test_accelerated_model_under_cpu_autocast_matches_timm():
     assert out.dtype == ref.dtype
     # bf16 tolerance: the fast model is as far from fp32 as timm under autocast is (plus slack)
     assert rel_err(out, ref32) < max(3 * rel_err(ref, ref32), 2e-2), (rel_err(out, ref32), rel_err(ref, ref32))
+
+
+def test_nm_sparse_linear_runs_anywhere_through_its_op():
+    """A 2:4 layer on CPU (no 2:4 kernel there): the op's reference, state_dict, dtype moves."""
+    torch.manual_seed(4)
+    w = torch.randn(24, 32)
+    mask = torch.zeros(24, 8, 4, dtype=torch.bool)
+    mask.scatter_(-1, torch.rand(24, 8, 4).argsort(-1)[..., :2], True)
+    mask = mask.reshape(24, 32)
+    lin = torch.nn.Linear(32, 24)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    mod = SparseLinear.from_dense(lin, mask, activation="gelu_tanh", fmt="2:4")
+    assert mod.fmt == "2:4" and mod.weight.density == 0.5
+    x = torch.randn(3, 5, 32)
+    ref = F.gelu(F.linear(x.double(), (w * mask).double(), lin.bias.double()), approximate="tanh")
+    torch.testing.assert_close(mod(x).double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.to_dense().weight, w * mask)
+    fresh = SparseLinear.from_dense(lin, mask, activation="gelu_tanh", fmt="2:4")
+    with torch.no_grad():
+        fresh.values.zero_()
+    fresh.load_state_dict(mod.state_dict())
+    torch.testing.assert_close(fresh(x), mod(x), rtol=0, atol=0)
+    with torch.no_grad():
+        assert rel_err(mod.to(torch.bfloat16)(x.bfloat16()), ref) < 2e-2
+    spec = LayerSpec("fc", w, lin.bias.detach(), mask, None, 7, nm_hint=(2, 4))
+    _, dec = choose_linear(spec, backend="reference")
+    assert dec.fmt == "2:4", dec
+
+
+def test_linear_factory_formats_rebuild_without_timing():
+    from sparsevit.runtime.linear import LinearFactory
+
+    torch.manual_seed(5)
+    w, b, mask = torch.randn(64, 40), torch.randn(64), torch.rand(64, 40) < 0.3
+    report = Report()
+    make = LinearFactory(report, "auto", 2, block_hint=(16, 16), formats={"l.fc1": "bsr:8x16", "l.fc2": "dense"})
+    fc1, fused = make("l.fc1", w, b, mask, (64, 40), 9, activation="gelu")
+    fc2, _ = make("l.fc2", w, b, mask, (64, 50), 9)
+    assert fused and isinstance(fc1, SparseLinear) and fc1.fmt == "bsr:8x16"
+    assert not isinstance(fc2, SparseLinear)
+    assert [d.fmt for d in report] == ["bsr:8x16", "dense"] and report[0].shape_before == (64, 40)
+    x = torch.randn(4, 40)
+    torch.testing.assert_close(fc1(x), F.gelu(F.linear(x, w * mask, b)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fc2(x), F.linear(x, w * mask, b), rtol=1e-5, atol=1e-5)
