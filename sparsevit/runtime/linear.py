@@ -154,9 +154,25 @@ class SparseLinear(nn.Module):
             p, want_pairs = self.packed, 2 if self.values.dtype == torch.bfloat16 else 1
             if p is None or p.dtype != self.values.dtype or p.shape[-1] != want_pairs or p.device != self.values.device:
                 self.packed = pack_values(self.values)
-        if self.kernel != "auto" and get_kernel(self.kernel).not_supported_reasons(self._kernel_input()):
-            self.kernel = "auto"
+        self._keep_kernel_if_runnable()
         return self
+
+    def __setstate__(self, state):
+        # unpickled elsewhere (another machine, a build without the kernel it was built with)
+        super().__setstate__(state)
+        self._keep_kernel_if_runnable()
+
+    def _keep_kernel_if_runnable(self):
+        """The kernel picked at build time was the choice for that device and dtype: where it cannot
+        run (or is not registered here), the op chooses again."""
+        if self.kernel == "auto":
+            return
+        try:
+            cannot = get_kernel(self.kernel).not_supported_reasons(self._kernel_input())
+        except KernelError:
+            cannot = True
+        if cannot:
+            self.kernel = "auto"
 
     def _kernel_input(self) -> KernelInput:
         dev = self.values.device
@@ -463,8 +479,9 @@ def choose_linear(spec: LayerSpec, backend: str = "auto", fmt: Optional[str] = N
             f"dense: no sparse kernel can run it (element density {elem_density:.2f})", not_used))
     ranked = sorted((_model_ms(spec, k, inp.fmt, density[inp.fmt]), i, k, inp.fmt)
                     for i, (k, inp) in enumerate(runnable))
-    hint_first = [r for r in ranked if r[3] == formats[0][0]][:1]
-    top = hint_first + [r for r in ranked if r not in hint_first][:_TIMED_CANDIDATES.get(spec.device.type, 2)]
+    hinted = spec.block_hint is not None or spec.nm_hint is not None
+    plan_tile = [r for r in ranked if hinted and r[3] == formats[0][0]][:1]  # always evaluated
+    top = plan_tile + [r for r in ranked if r not in plan_tile][:_TIMED_CANDIDATES.get(spec.device.type, 2)]
     measure = os.environ.get("SPARSEVIT_CHOOSE", "measure") != "model" and backend != "reference"
     if measure:
         timed, dropped = _time_candidates(spec, lin, [(k, f, density[f]) for _, _, k, f in top], auto)
