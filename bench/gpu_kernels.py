@@ -19,11 +19,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from sparsevit.benchmark import cuda_median_ms
+from sparsevit.runtime.linear import median_ms as _median_ms
 
 
 def median_ms(fn, warmup: int, reps: int) -> float:
-    return cuda_median_ms(fn, reps=reps, warmup=warmup)
+    return _median_ms(fn, "cuda", reps=reps, warmup=warmup)
 
 
 def block_masked_weight(out_f, in_f, block, sparsity, dtype, seed=0):
@@ -35,8 +35,9 @@ def block_masked_weight(out_f, in_f, block, sparsity, dtype, seed=0):
 
 
 def bench_linear(args):
-    from sparsevit.ops.bsr_gpu import bsr_linear_gpu, gpu_unsupported_reasons
-    from sparsevit.runtime.gpu_linear import bsr_tensors
+    from sparsevit.formats import BlockSparseWeight
+    from sparsevit.ops.bsr import bsr_linear
+    from sparsevit.ops.linear_kernels import KernelInput, get_kernel
 
     dtype = getattr(torch, args.dtype)
     M = 197 * args.batch
@@ -57,13 +58,14 @@ def bench_linear(args):
                 except Exception as exc:  # noqa: BLE001 - torch BSR lacks some dtype/shape combos
                     row["torch_bsr_ms"] = None
                     row["torch_bsr_error"] = f"{type(exc).__name__}: {exc}"[:200]
-                values, col, crow = bsr_tensors(w, block)
-                for backend in ("triton", "cuda_cpp"):
-                    reasons = gpu_unsupported_reasons(backend, x, values, bias, act)
+                ws = BlockSparseWeight.from_dense(w, block=block)
+                inp = KernelInput("cuda", dtype, f"bsr:{block[0]}x{block[1]}", act, x.device.index)
+                for backend in ("triton_bsr", "cuda_bsr"):
+                    reasons = get_kernel(backend).not_supported_reasons(inp)
                     if reasons:
                         row[f"{backend}_ms"], row[f"{backend}_why_not"] = None, "; ".join(reasons)
                         continue
-                    fn = lambda: bsr_linear_gpu(x, values, col, crow, out_f, in_f, bias, act, backend=backend)  # noqa: E731
+                    fn = lambda: bsr_linear(x, ws, bias, act, kernel=backend)  # noqa: E731
                     ref = gact(F.linear(x.float(), w.float(), bias.float()))
                     row[f"{backend}_max_abs_err"] = (fn().float() - ref).abs().max().item()
                     row[f"{backend}_ms"] = median_ms(fn, args.warmup, args.reps)

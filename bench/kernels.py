@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparsevit import _ext  # noqa: E402
 from sparsevit.formats import BlockSparseWeight  # noqa: E402
-from sparsevit.ops.bsr import bsr_linear, cpp_kernel_name  # noqa: E402
+from sparsevit.ops.bsr import bsr_linear  # noqa: E402
+from sparsevit.ops.linear_kernels import get_kernel  # noqa: E402
 
 SHAPES = {  # name: (in_features, out_features)
     "vit_b.fc1": (768, 3072), "vit_b.fc2": (3072, 768), "vit_b.qkv": (768, 2304), "vit_b.proj": (768, 768),
@@ -186,7 +187,7 @@ def main(argv=None):
         args.dtypes = ["float32"]
         args.reps = min(args.reps, 5)
     meta = dict(cpu=platform.processor() or platform.machine(), torch=torch.__version__, threads=args.threads,
-                kernel=cpp_kernel_name() or "none", stat=args.stat, loadavg=tuple(round(v, 2) for v in os.getloadavg()))
+                kernel=get_kernel("cpp_bsr").label(), stat=args.stat, loadavg=tuple(round(v, 2) for v in os.getloadavg()))
     try:
         with open("/proc/cpuinfo") as f:
             meta["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))

@@ -40,23 +40,9 @@ def time_models(models: Dict[str, nn.Module], x: torch.Tensor, warmup: int = 3, 
 
 
 def median_ms(times: List[float]) -> float:
+    """Median of :func:`time_models`' seconds, in milliseconds. (Timing one function is
+    :func:`sparsevit.runtime.linear.median_ms`.)"""
     return 1e3 * statistics.median(times)
-
-
-def cuda_median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- synthetic plans

@@ -26,11 +26,11 @@ from torch import nn
 
 from sparsevit._io import atomic_write, check_readable_file, first_bytes, is_torch_pickle, sha256_hex
 from sparsevit.errors import CheckpointError, SparseVitError
+from sparsevit.runtime.linear import SparseLinear
 
 FORMAT = "sparsevit-model"
 FORMAT_VERSION = 2  # 2: safetensors + JSON; 1: torch pickle (read only with trust_pickle=True)
 _MODEL, _MASK = "model/", "mask/"
-_PACKED_CLASSES = ("SparseLinear",)
 
 
 # ----------------------------------------------------------------------------------- save
@@ -88,7 +88,7 @@ def _payload(model: nn.Module, spec: dict):
     plan = model.sparsevit_plan
     tensors = {_MODEL + k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tensors.update({_MASK + k: v.detach().cpu().to(torch.bool).contiguous() for k, v in plan.masks.items()})
-    packed = [_linear_record(name, m) for name, m in model.named_modules() if type(m).__name__ in _PACKED_CLASSES]
+    packed = [_linear_record(name, m) for name, m in model.named_modules() if isinstance(m, SparseLinear)]
     options = dict(getattr(model, "sparsevit_options", None) or {})
     options["dtype"] = str(_model_dtype(model)).replace("torch.", "")  # what the weights are now
     doc = {
@@ -101,9 +101,8 @@ def _payload(model: nn.Module, spec: dict):
 
 
 def _linear_record(name: str, m: nn.Module) -> dict:
-    """What :func:`_rebuild_linear` needs besides the tensors under ``model/<name>.``."""
-    return {"module": name, "class": type(m).__name__, "activation": getattr(m, "activation", None),
-            "impl": getattr(m, "impl", "auto")}
+    """How a packed Linear is rebuilt: its format (forced through ``accelerate(formats=...)``) and kernel."""
+    return {"module": name, "fmt": m.fmt, "kernel": m.kernel}
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -221,17 +220,24 @@ def _rebuild(doc: dict, tensors: Dict[str, torch.Tensor], path: str) -> nn.Modul
     dtype = getattr(torch, str(doc.get("accelerate", {}).get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise CheckpointError(f"{path}: unknown dtype {doc['accelerate'].get('dtype')!r}")
-    fast = sparsevit.accelerate(model, plan, backend="dense", dtype=dtype)
+    records = doc.get("packed", [])
+    try:
+        formats = {r["module"]: r["fmt"] for r in records}
+        formats.update({name: "dense" for name in plan.masks if name not in formats})
+        fast = sparsevit.accelerate(model, plan, dtype=dtype, formats=formats)
+        for r in records:
+            fast.get_submodule(r["module"]).kernel = str(r.get("kernel", "auto"))
+    except (KeyError, TypeError, AttributeError, SparseVitError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its packed layers cannot be rebuilt ({type(exc).__name__}: {exc}); "
+                              "the file is corrupt, re-save it.") from None
     state = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
-    packed_prefixes = []
-    for record in doc.get("packed", []):
-        prefix = record["module"] + "."
-        parent, _, attr = record["module"].rpartition(".")
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        setattr(fast.get_submodule(parent), attr, _rebuild_linear(record, sub).to(dtype))
-        packed_prefixes.append(prefix)
+    packed_prefixes = [r["module"] + "." for r in records]
     _check_index_buffers(fast, state, packed_prefixes, path)
-    fast.load_state_dict(state, strict=True)
+    try:  # SparseLinear validates every index tensor it is given
+        fast.load_state_dict(state, strict=True)
+    except (RuntimeError, SparseVitError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its tensors do not fit the model they describe ({exc}); "
+                              "the file is corrupt, re-save it.") from None
     fast.eval()
     fast.sparsevit_report = Report(LayerDecision(**_tuples(d)) for d in doc.get("report", []))
     fast.sparsevit_plan = plan
@@ -242,36 +248,6 @@ def _rebuild(doc: dict, tensors: Dict[str, torch.Tensor], path: str) -> nn.Modul
 
 def _tuples(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def _rebuild_linear(record: dict, tensors: Dict[str, torch.Tensor]) -> nn.Module:
-    """The packed Linear ``record`` describes, from its own tensors (names relative to the module).
-
-    The one place that knows how a packed module is constructed from a file; index tensors are
-    validated before any kernel sees them.
-    """
-    from sparsevit.formats.bsr import BlockSparseWeight
-    from sparsevit.runtime.linear import SparseLinear
-
-    if record.get("class") != "SparseLinear":
-        raise CheckpointError(f"packed module {record.get('module')}: unknown class {record.get('class')!r}")
-    weight = BlockSparseWeight.from_tensors(tensors)
-    _check_bsr_indices(weight, record["module"])
-    return SparseLinear(weight, tensors.get("bias"), record.get("activation"), record.get("impl", "auto"))
-
-
-def _check_bsr_indices(w, name: str) -> None:
-    """crow_indices monotone from 0 to nnz, col_indices within the block columns and sorted per row."""
-    crow, col = w.crow_indices.long(), w.col_indices.long()
-    ok = crow[0] == 0 and crow[-1] == w.nnz_blocks and bool((crow[1:] >= crow[:-1]).all())
-    ok = ok and bool(((col >= 0) & (col < w.n_block_cols)).all())
-    if ok and col.numel() > 1:
-        rows = torch.repeat_interleave(torch.arange(w.n_block_rows), crow[1:] - crow[:-1])
-        same_row = rows[1:] == rows[:-1]
-        ok = bool((col[1:][same_row] > col[:-1][same_row]).all())
-    if not ok:
-        raise CheckpointError(f"packed module {name}: its block indices are out of range or out of order; "
-                              "the file is corrupt, re-save it.")
 
 
 def _check_index_buffers(fast: nn.Module, state: Dict[str, torch.Tensor], packed_prefixes, path: str) -> None:

@@ -129,7 +129,7 @@ def test_wrapper_errors():
 
 def _op_args(dtype=torch.float32):
     x, ws, b = _case(19, 40, 72, (16, 24), dtype, True)
-    return (x, ws.values, ws.col_indices, ws.crow_indices, ws.packed, 40, 72, 16, 24, b, "gelu")
+    return (x, ws.values, ws.col_indices, ws.crow_indices, ws.packed, 40, 72, 16, 24, b, "gelu", "auto")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

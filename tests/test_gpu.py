@@ -31,23 +31,24 @@ def _act(y, act):
     return y if act is None else F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda_cpp"])
+@pytest.mark.parametrize("backend", ["triton_bsr", "cuda_bsr"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (32, 64)])
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("tokens", [1, 197, 397])
 def test_bsr_linear_gpu(backend, dtype, block, act, tokens):
-    from sparsevit.ops.bsr_gpu import bsr_linear_gpu, gpu_unsupported_reasons
+    from sparsevit.ops.bsr import bsr_linear
+    from sparsevit.ops.linear_kernels import KernelInput, get_kernel
 
     w, dense = _weight(300, 200, block, 0.4, seed=tokens)
     x = torch.randn(tokens, 200, dtype=torch.float64)
     b = torch.randn(300, dtype=torch.float64)
-    vals = w.values.to(DEV, dtype)
     xd = x.to(DEV, dtype)
-    if gpu_unsupported_reasons(backend, xd, vals, b, act):
-        pytest.skip("; ".join(gpu_unsupported_reasons(backend, xd, vals, b, act)))
-    out = bsr_linear_gpu(xd, vals, w.col_indices.to(DEV), w.crow_indices.to(DEV), 300, 200, b.to(DEV, dtype), act,
-                         backend=backend)
+    reasons = get_kernel(backend).not_supported_reasons(
+        KernelInput("cuda", dtype, f"bsr:{block[0]}x{block[1]}", act, xd.device.index))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    out = bsr_linear(xd, w.to(device=DEV, dtype=dtype), b.to(DEV, dtype), act, kernel=backend)
     torch.cuda.synchronize()
     ref = _act(F.linear(x, dense, b), act)
     _check(out.cpu(), ref, _act(F.linear(xd, dense.to(DEV, dtype), b.to(DEV, dtype)), act).cpu(),
@@ -71,13 +72,12 @@ def test_attention_gpu(dtype, shape):
 
 
 def test_registered_bsr_op_and_chooser():
-    from sparsevit.ops import bsr_linear  # noqa: F401  (imports bsr_gpu: registers the CUDA kernel)
-    from sparsevit.runtime.gpu_linear import choose_cuda_linear
+    from sparsevit.runtime.linear import LayerSpec, choose_linear
 
     lin = torch.nn.Linear(384, 768).to(DEV, torch.float16)
     w, _ = _weight(768, 384, (32, 32), 0.2, seed=0)
     mask = (w.to_dense() != 0).to(DEV)
-    mod, dec = choose_cuda_linear(lin, mask, name="fc1", activation="gelu", tokens=197)
+    mod, dec = choose_linear(LayerSpec("fc1", lin.weight.detach(), lin.bias.detach(), mask, "gelu", 197))
     assert dec.reason and dec.est_ms, dec
     x = torch.randn(2, 197, 384, device=DEV, dtype=torch.float16)
     ref = F.gelu(F.linear(x.float(), (lin.weight * mask).float(), lin.bias.float()))

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevit import _ext
+from sparsevit.errors import KernelError
 from sparsevit.ops.bsr import apply_activation
-from sparsevit.runtime.linear import DenseLinear, SparseLinear, block_density, choose_linear
+from sparsevit.runtime.linear import DenseLinear, LayerSpec, SparseLinear, block_density
+from sparsevit.runtime.linear import choose_linear as _choose_spec
 from sparsevit.runtime.report import LayerDecision
 
 HAS_CPP = _ext.has_op("bsr_linear")
@@ -18,6 +20,12 @@ HAS_CPP = _ext.has_op("bsr_linear")
 @pytest.fixture(autouse=True)
 def _model_mode(monkeypatch):
     monkeypatch.setenv("SPARSEVIT_CHOOSE", "model")
+
+
+def choose_linear(lin, mask, *, name, activation=None, tokens=197 * 8, backend="auto"):
+    spec = LayerSpec(name, lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), mask, activation,
+                     tokens)
+    return _choose_spec(spec, backend)
 
 
 def _linear(out_f=192, in_f=160, bias=True, seed=0):
@@ -60,7 +68,7 @@ def test_sparse_linear_matches_masked_dense(act):
     mask = torch.rand(192, 160) < 0.2
     mod = SparseLinear.from_dense(lin, mask, block=(32, 32), activation=act)
     _check(mod, lin, mask, torch.randn(2, 197, 160), act, "SparseLinear")
-    ref_mod = SparseLinear.from_dense(lin, mask, block=(16, 16), activation=act, impl="reference")
+    ref_mod = SparseLinear.from_dense(lin, mask, block=(16, 16), activation=act, kernel="reference")
     _check(ref_mod, lin, mask, torch.randn(3, 160), act, "SparseLinear(reference)")
     d = mod.to_dense()
     assert isinstance(d, nn.Linear)
@@ -122,7 +130,7 @@ def test_choose_linear_sparse_mask():
     mod, dec = choose_linear(lin, mask, name="blocks.0.mlp.fc1", activation="gelu", tokens=197)
     if HAS_CPP:
         assert isinstance(mod, SparseLinear), dec.reason
-        assert dec.action == "packed" and dec.fmt.startswith("bsr(") and "faster than dense" in dec.reason
+        assert dec.action == "packed" and dec.fmt.startswith("bsr:") and "faster than dense" in dec.reason
         assert dec.density < 0.2 and "dense" in dec.est_ms
     else:
         assert isinstance(mod, DenseLinear) and "compiled extension" in dec.reason
@@ -134,14 +142,14 @@ def test_choose_linear_backends_agree(backend):
     lin = _linear(200, 300)
     mask = torch.rand(200, 300) < 0.1  # unstructured: blocks keep every nonzero, results stay exact
     if backend in ("cpp", "sparse") and not HAS_CPP:
-        with pytest.raises(RuntimeError, match="C\\+\\+ BSR kernel"):
+        with pytest.raises(KernelError, match="cpp_bsr: compiled extension"):
             choose_linear(lin, mask, name="l", backend=backend)
         return
     mod, dec = choose_linear(lin, mask, name="l", activation="gelu_tanh", backend=backend)
     expected = {"dense": DenseLinear, "reference": SparseLinear, "cpp": SparseLinear, "sparse": SparseLinear}
     assert isinstance(mod, expected[backend]), dec.reason
     if backend == "reference":
-        assert mod.impl == "reference" and dec.kernel == "reference_bsr"
+        assert mod.kernel == "reference" and dec.kernel == "reference_bsr"
     assert backend in dec.reason
     _check(mod, lin, mask, torch.randn(197, 300), "gelu_tanh", f"backend={backend}")
 

@@ -16,7 +16,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -76,16 +78,81 @@ struct Workspace {
   }
 };
 
+// crow_indices: starts at 0, never decreases, ends at nnz; col_indices: in [0, nbc), strictly
+// increasing within a block row.
+void check_indices(const at::Tensor& col, const at::Tensor& crow, int64_t nbr, int64_t nbc) {
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const int32_t* cl = col.data_ptr<int32_t>();
+  const int64_t nnz = col.size(0);
+  TORCH_CHECK(cr[0] == 0 && cr[nbr] == nnz, "sparsevit_C::bsr_linear: crow_indices must start at 0 and end at nnz=",
+              nnz, ", got ", cr[0], " ... ", cr[nbr]);
+  for (int64_t r = 0; r < nbr; ++r) {
+    TORCH_CHECK(cr[r] <= cr[r + 1], "sparsevit_C::bsr_linear: crow_indices decreases at block row ", r);
+    for (int64_t k = cr[r]; k < cr[r + 1]; ++k) {
+      TORCH_CHECK(cl[k] >= 0 && cl[k] < nbc, "sparsevit_C::bsr_linear: col_indices[", k, "] = ", cl[k],
+                  " out of range [0, ", nbc, ")");
+      TORCH_CHECK(k == cr[r] || cl[k] > cl[k - 1],
+                  "sparsevit_C::bsr_linear: col_indices not strictly increasing in block row ", r);
+    }
+  }
+}
+
+// True when the row holds a NaN or an infinity (exponent bits all ones); written on the bits so the
+// compiler vectorises it and -ffast-math style flags cannot fold it away.
+template <typename Bits>
+bool row_nonfinite(const Bits* u, int64_t n, Bits exp_mask) {
+  Bits bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= (Bits)((u[i] & exp_mask) == exp_mask);
+  return bad != 0;
+}
+
+// Dense x @ W^T is NaN at output o whenever x[t, i] is NaN/Inf and W[o, i] == 0 (0 * Inf = NaN).
+// Kept blocks multiply their zeros and do that by themselves; dropped blocks are never read, so
+// their output rows are marked here. Only rows holding a non-finite value pay more than one scan.
+void propagate_nonfinite(const at::Tensor& xc, at::Tensor& y, const BsrParams& p) {
+  const bool bf16 = p.bf16 != 0;
+  std::vector<char> bad_row(p.T, 0);
+  at::parallel_for(0, p.T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const char* row = (const char*)xc.data_ptr() + t * p.ldx * xc.element_size();
+      bad_row[t] = bf16 ? row_nonfinite((const uint16_t*)row, p.in, (uint16_t)0x7f80)
+                        : row_nonfinite((const uint32_t*)row, p.in, (uint32_t)0x7f800000u);
+    }
+  });
+  if (std::find(bad_row.begin(), bad_row.end(), 1) == bad_row.end()) return;
+  at::Tensor xf = xc.to(at::kFloat).contiguous();
+  std::vector<char> bad_col(p.nbc), kept(p.nbc);
+  for (int64_t t = 0; t < p.T; ++t) {
+    if (!bad_row[t]) continue;
+    const float* xr = xf.data_ptr<float>() + t * p.in;
+    std::fill(bad_col.begin(), bad_col.end(), 0);
+    for (int64_t i = 0; i < p.in; ++i) bad_col[i / p.bw] |= !std::isfinite(xr[i]);
+    for (int64_t r = 0; r < p.nbr; ++r) {
+      std::fill(kept.begin(), kept.end(), 0);
+      for (int32_t k = p.crow[r]; k < p.crow[r + 1]; ++k) kept[p.col[k]] = 1;
+      bool dropped_bad = false;
+      for (int64_t c = 0; c < p.nbc && !dropped_bad; ++c) dropped_bad = bad_col[c] && !kept[c];
+      if (dropped_bad) {
+        const int64_t o0 = r * p.bh, n = std::min<int64_t>(p.bh, p.out - o0);
+        y.select(0, t).narrow(0, o0, n).fill_(std::numeric_limits<float>::quiet_NaN());
+      }
+    }
+  }
+}
+
 std::string bsr_linear_isa(int64_t isa) {
   const BsrKernels* k = select_kernels(isa);
   return k ? std::string(k->name) : std::string();
 }
 
-at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& col,
-                      const at::Tensor& crow, const c10::optional<at::Tensor>& bias,
-                      int64_t out_features, int64_t in_features, int64_t bh, int64_t bw, int64_t act,
-                      int64_t isa) {
-  TORCH_CHECK(x.device().is_cpu(), "sparsevit_C::bsr_linear: x must be on CPU, got ", x.device());
+// Every argument check, so that a bad call raises instead of reading out of bounds. The index
+// checks are O(nnz + block rows): negligible next to the product, and they make a corrupt weight
+// (hand-built or loaded from a file) an error instead of a crash.
+void check_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& col, const at::Tensor& crow,
+                const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features, int64_t bh,
+                int64_t bw, int64_t act) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && col.device().is_cpu() && crow.device().is_cpu(),
+              "sparsevit_C::bsr_linear: every tensor must be on the CPU (x is on ", x.device(), ")");
   TORCH_CHECK(x.dim() == 2, "sparsevit_C::bsr_linear: x must be 2-D [tokens, in_features], got ",
               x.sizes(), " (the Python wrapper flattens leading dims)");
   const bool bf16 = x.scalar_type() == at::kBFloat16;
@@ -95,11 +162,12 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
               packed.scalar_type(), " != input dtype ", x.scalar_type(), "; convert one of them");
   TORCH_CHECK(x.size(1) == in_features, "sparsevit_C::bsr_linear: x has ", x.size(1),
               " features, weight expects ", in_features);
+  TORCH_CHECK(out_features >= 0, "sparsevit_C::bsr_linear: out_features must be >= 0, got ", out_features);
   TORCH_CHECK(bh >= 1 && bw >= 1 && bh <= 64, "sparsevit_C::bsr_linear: bad block ", bh, "x", bw);
   TORCH_CHECK(act >= 0 && act <= 2, "sparsevit_C::bsr_linear: act must be 0, 1 or 2");
-  TORCH_CHECK(col.scalar_type() == at::kInt && crow.scalar_type() == at::kInt,
-              "sparsevit_C::bsr_linear: col_indices / crow_indices must be int32");
-  const int64_t nbr = (out_features + bh - 1) / bh, nbc = (in_features + bw - 1) / bw;
+  TORCH_CHECK(col.scalar_type() == at::kInt && crow.scalar_type() == at::kInt && col.dim() == 1,
+              "sparsevit_C::bsr_linear: col_indices / crow_indices must be 1-D int32");
+  const int64_t nbr = (out_features + bh - 1) / bh;
   TORCH_CHECK(crow.dim() == 1 && crow.size(0) == nbr + 1, "sparsevit_C::bsr_linear: crow_indices has ",
               crow.sizes(), " entries, expected ", nbr + 1);
   const int64_t V = bf16 ? 2 : 1, BHP = packed_rows(bh), KP = bf16 ? (bw + 1) / 2 * 2 : bw;
@@ -109,114 +177,90 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
               col.size(0), ", ", KP / V, ", ", BHP, ", ", V,
               "]; re-pack with BlockSparseWeight.to(dtype=...) after changing dtype");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features,
-                "sparsevit_C::bsr_linear: bias must be [", out_features, "], got ", bias->sizes());
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == out_features,
+                "sparsevit_C::bsr_linear: bias must be a CPU tensor [", out_features, "], got ", bias->sizes(),
+                " on ", bias->device());
   }
-  const BsrKernels* kern = select_kernels(isa);
-  TORCH_CHECK(kern != nullptr, "sparsevit_C::bsr_linear: this CPU lacks the requested ISA level ", isa,
-              " (AVX2+FMA is the minimum); use the reference path");
-  const int TT = kern->token_tile((int)BHP, bf16);
-  TORCH_CHECK(TT > 0, "sparsevit_C::bsr_linear: no kernel for packed block height ", BHP);
+  check_indices(col.contiguous(), crow.contiguous(), nbr, (in_features + bw - 1) / bw);
+}
 
-  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
-  at::Tensor pc = packed.contiguous(), cc = col.contiguous(), rc = crow.contiguous();
-  const int64_t T = xc.size(0);
-  at::Tensor y = at::empty({T, out_features}, xc.options());
-  if (T == 0 || out_features == 0) return y;
+// Bias in fp32, laid out per packed block row (zero in the padded rows).
+at::Tensor padded_bias(const at::Tensor& bias, int64_t nbr, int64_t bh, int64_t BHP, int64_t out_features) {
+  at::Tensor bf = bias.to(at::kFloat).contiguous();
+  at::Tensor bias_pad = at::zeros({nbr * BHP}, bf.options());
+  const float* bs = bf.data_ptr<float>();
+  float* bp = bias_pad.data_ptr<float>();
+  for (int64_t r = 0; r < nbr; ++r)
+    for (int64_t i = 0; i < bh && r * bh + i < out_features; ++i) bp[r * BHP + i] = bs[r * bh + i];
+  return bias_pad;
+}
 
-  at::Tensor bias_pad;
-  if (bias.has_value()) {
-    at::Tensor bf = bias->to(at::kFloat).contiguous();
-    bias_pad = at::zeros({nbr * BHP}, bf.options());
-    const float* bs = bf.data_ptr<float>();
-    float* bp = bias_pad.data_ptr<float>();
-    for (int64_t r = 0; r < nbr; ++r)
-      for (int64_t i = 0; i < bh && r * bh + i < out_features; ++i) bp[r * BHP + i] = bs[r * bh + i];
-  }
-  const int64_t n_tiles = (T + TT - 1) / TT;
-  const int64_t tile_stride = nbc * KP * TT;
+// Kernel A reads x in place, unless a block could run past the end of a row, or the row stride
+// aliases in L1 (indexed by address bits 6..11): when more rows of a tile than L1 ways fall into
+// one set (a 12 KiB stride puts all 16 rows of a 16-token tile in one set) they evict each other
+// within every block. Then it reads a zero-padded copy whose stride is an odd number of lines.
+bool needs_padded_copy(const BsrParams& p, int64_t esz) {
+  if (p.BHP < 16) return false;
+  if ((p.in % p.bw) != 0 || (p.bf16 && (p.bw % 2) != 0)) return true;
+  if ((p.ldx * esz) % 64 != 0) return false;
+  int64_t g = 64, a = (p.ldx * esz / 64) % 64;
+  while (a) { const int64_t t = g % a; g = a; a = t; }  // gcd(lines mod 64, 64)
+  return (p.TT + 64 / g - 1) / (64 / g) > 12;  // more rows per set than L1 ways (12 on Zen 4/5)
+}
+
+// Fills the activation fields of `p` (x in place, a padded copy, or a packed copy for kernel B) and
+// the scratch they live in.
+void stage_activations(BsrParams& p, const BsrKernels* kern, const at::Tensor& xc) {
   const int64_t esz = xc.element_size();
-  const bool kernel_a = BHP >= 16;
-  // Kernel A reads x in place, unless a block could run past the end of a row, or the row stride
-  // aliases in L1 (indexed by address bits 6..11): when more rows of a tile than L1 ways fall into
-  // one set (a 12 KiB stride puts all 16 rows of a 16-token tile in one set) they evict each other
-  // within every block. Then it reads a zero-padded copy whose stride is an odd number of lines.
-  auto aliases = [&](int64_t ld) {
-    if ((ld * esz) % 64 != 0) return false;
-    int64_t g = 64, a = (ld * esz / 64) % 64;
-    while (a) { const int64_t t = g % a; g = a; a = t; }  // gcd(lines mod 64, 64)
-    return (TT + 64 / g - 1) / (64 / g) > 12;  // more rows per set than L1 ways (12 on Zen 4/5)
-  };
-  const bool pad_copy = kernel_a && ((in_features % bw) != 0 || (bf16 && (bw % 2) != 0) ||
-                                     aliases(xc.stride(0)));
+  const bool kernel_a = p.BHP >= 16;
+  const bool pad_copy = needs_padded_copy(p, esz);
   int64_t lda = xc.stride(0);
   if (pad_copy) {
     const int64_t line = 64 / esz;
-    lda = (nbc * bw + 1 + line - 1) / line * line;
+    lda = (p.nbc * p.bw + 1 + line - 1) / line * line;
     if ((lda / line) % 2 == 0) lda += line;
   }
-  const bool tail = kernel_a && !pad_copy && (T % TT) != 0;
+  const bool tail = kernel_a && !pad_copy && (p.T % p.TT) != 0;
   int64_t scratch = 0;
-  if (!kernel_a) scratch = n_tiles * tile_stride;
-  else if (pad_copy) scratch = n_tiles * TT * lda;
-  else if (tail) scratch = TT * lda;
+  if (!kernel_a) scratch = p.n_tiles * p.tile_stride;
+  else if (pad_copy) scratch = p.n_tiles * p.TT * lda;
+  else if (tail) scratch = p.TT * lda;
   static thread_local Workspace workspace;
   char* ws = (char*)workspace.get((size_t)std::max<int64_t>(scratch, 1) * esz);
-
-  BsrParams p;
-  p.x = xc.data_ptr();
-  p.ldx = xc.stride(0);
-  p.y = y.data_ptr();
-  p.ldy = out_features;
-  p.wpack = pc.data_ptr();
-  p.col = cc.data_ptr<int32_t>();
-  p.crow = rc.data_ptr<int32_t>();
-  p.bias_pad = bias.has_value() ? bias_pad.data_ptr<float>() : nullptr;
   p.xp = ws;
   p.xa = pad_copy ? (const void*)ws : xc.data_ptr();
   p.lda = lda;
   p.xa_tail = tail ? (const void*)ws : nullptr;
-  p.T = T;
-  p.in = in_features;
-  p.out = out_features;
-  p.nbr = nbr;
-  p.nbc = nbc;
-  p.bh = (int)bh;
-  p.bw = (int)bw;
-  p.BHP = (int)BHP;
-  p.KP = (int)KP;
-  p.TT = TT;
-  p.bf16 = bf16 ? 1 : 0;
-  p.act = (int)act;
-  p.tile_stride = tile_stride;
-  p.n_tiles = n_tiles;
 
   const char* xs = (const char*)xc.data_ptr();
-  const int64_t row_bytes = in_features * esz;
+  const int64_t row_bytes = p.in * esz, T = p.T, TT = p.TT, ldx = p.ldx;
   if (!kernel_a) {
-    at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) { kern->pack(&p, b, e); });
+    at::parallel_for(0, p.n_tiles, 1, [&](int64_t b, int64_t e) { kern->pack(&p, b, e); });
   } else if (pad_copy) {  // rows [0, n_tiles*TT) of a zero-padded copy with row stride lda
-    at::parallel_for(0, n_tiles * TT, 64, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, p.n_tiles * TT, 64, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         char* d = ws + t * lda * esz;
         const int64_t n = t < T ? row_bytes : 0;
-        if (n) std::memcpy(d, xs + t * p.ldx * esz, n);
+        if (n) std::memcpy(d, xs + t * ldx * esz, n);
         std::memset(d + n, 0, lda * esz - n);
       }
     });
   } else if (tail) {
-    const int64_t t0 = (n_tiles - 1) * TT;
+    const int64_t t0 = (p.n_tiles - 1) * TT;
     for (int64_t t = 0; t < TT; ++t) {
       char* d = ws + t * lda * esz;
-      if (t0 + t < T) std::memcpy(d, xs + (t0 + t) * p.ldx * esz, row_bytes);
+      if (t0 + t < T) std::memcpy(d, xs + (t0 + t) * ldx * esz, row_bytes);
       else std::memset(d, 0, row_bytes);
     }
   }
+}
 
-  // Work split: ~2 units per thread, handed out dynamically (an atomic counter), so a thread that
-  // loses its core to another process does not hold the others up. Units are groups of block rows
-  // balanced by kept blocks (plus a small per-row cost for the epilogue); with few block rows the
-  // token tiles are split too.
+// Work split: ~2 units per thread, handed out dynamically (an atomic counter), so a thread that
+// loses its core to another process does not hold the others up. Units are groups of block rows
+// balanced by kept blocks (plus a small per-row cost for the epilogue); with few block rows the
+// token tiles are split too.
+void run_parallel(const BsrParams& p, const BsrKernels* kern) {
+  const int64_t nbr = p.nbr, n_tiles = p.n_tiles;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   const int64_t want = nth == 1 ? 1 : 2 * nth;
   const int64_t P_r = std::max<int64_t>(1, std::min(nbr, want));
@@ -243,6 +287,54 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
       }
     }
   });
+}
+
+at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& col,
+                      const at::Tensor& crow, const c10::optional<at::Tensor>& bias,
+                      int64_t out_features, int64_t in_features, int64_t bh, int64_t bw, int64_t act,
+                      int64_t isa) {
+  check_args(x, packed, col, crow, bias, out_features, in_features, bh, bw, act);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const BsrKernels* kern = select_kernels(isa);
+  TORCH_CHECK(kern != nullptr, "sparsevit_C::bsr_linear: this CPU lacks the requested ISA level ", isa,
+              " (AVX2+FMA is the minimum); use the reference path");
+  const int64_t BHP = packed_rows(bh), KP = bf16 ? (bw + 1) / 2 * 2 : bw;
+  const int TT = kern->token_tile((int)BHP, bf16);
+  TORCH_CHECK(TT > 0, "sparsevit_C::bsr_linear: no kernel for packed block height ", BHP);
+
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor pc = packed.contiguous(), cc = col.contiguous(), rc = crow.contiguous();
+  const int64_t T = xc.size(0), nbr = (out_features + bh - 1) / bh, nbc = (in_features + bw - 1) / bw;
+  at::Tensor y = at::empty({T, out_features}, xc.options());
+  if (T == 0 || out_features == 0) return y;
+  at::Tensor bias_pad = bias.has_value() ? padded_bias(*bias, nbr, bh, BHP, out_features) : at::Tensor();
+
+  BsrParams p;
+  p.x = xc.data_ptr();
+  p.ldx = xc.stride(0);
+  p.y = y.data_ptr();
+  p.ldy = out_features;
+  p.wpack = pc.data_ptr();
+  p.col = cc.data_ptr<int32_t>();
+  p.crow = rc.data_ptr<int32_t>();
+  p.bias_pad = bias.has_value() ? bias_pad.data_ptr<float>() : nullptr;
+  p.T = T;
+  p.in = in_features;
+  p.out = out_features;
+  p.nbr = nbr;
+  p.nbc = nbc;
+  p.bh = (int)bh;
+  p.bw = (int)bw;
+  p.BHP = (int)BHP;
+  p.KP = (int)KP;
+  p.TT = TT;
+  p.bf16 = bf16 ? 1 : 0;
+  p.act = (int)act;
+  p.tile_stride = nbc * KP * TT;
+  p.n_tiles = (T + TT - 1) / TT;
+  stage_activations(p, kern, xc);
+  run_parallel(p, kern);
+  propagate_nonfinite(xc, y, p);
   return y;
 }
 

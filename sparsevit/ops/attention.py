@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsevit.ops._autocast import register_autocast
+
 try:
     from sparsevit import kernels as _kernels
 except Exception as exc:  # noqa: BLE001 - keep the SDPA path whatever happened
@@ -91,6 +93,7 @@ def _backward(ctx, grad_out):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("sparsevit::attention", "lower")  # like F.scaled_dot_product_attention
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = None,

@@ -1,128 +1,72 @@
 """``sparsevit::bsr_linear``: ``act(x @ W^T + b)`` with ``W`` a :class:`~sparsevit.formats.BlockSparseWeight`.
 
-One schema, carrying everything any kernel needs (the canonical BSR fields for GPU kernels, the
-pre-packed values for the CPU kernel):
+One schema, carrying everything any implementation needs (the canonical BSR fields for GPU
+kernels, the pre-packed values for the CPU kernel) and the implementation to run:
 
     bsr_linear(Tensor x, Tensor values, Tensor col_indices, Tensor crow_indices, Tensor packed,
-               int out_features, int in_features, int bh, int bw, Tensor? bias, str activation)
+               int out_features, int in_features, int bh, int bw, Tensor? bias, str activation,
+               str kernel) -> Tensor
 
-* the default implementation is the PyTorch reference (:func:`reference_bsr_linear`), used for any
-  device without a registered kernel and on CPU when the compiled extension is missing;
-* CPU: ``torch.ops.sparsevit_C.bsr_linear`` (csrc/cpu/bsr_linear.cpp, AVX-512/AVX2, fp32 and bf16);
-* CUDA: registered from another module with ``torch.library.register_kernel("sparsevit::bsr_linear",
-  "cuda", fn)``;
-* a fake (meta) implementation so the op traces under ``torch.compile``.
+``kernel`` is a name from :mod:`sparsevit.ops.linear_kernels` (``"cpp_bsr"``, ``"triton_bsr"``,
+``"cuda_bsr"``, ``"reference"``) or ``"auto"``: the first implementation in the registry's
+priority order that can run the input on its device (C++ on CPU; CUDA C++, then Triton on CUDA),
+else the PyTorch reference. A named kernel that cannot run raises
+:class:`~sparsevit.errors.KernelError` with the reasons. This module registers the CPU and CUDA
+implementations, the fake (meta) one (``torch.compile``, ``.to("meta")``) and the autocast rule
+(inputs cast to the autocast dtype, like ``F.linear``); every other device runs the reference.
 
 ``x`` reaching the op is 2-D ``[tokens, in_features]``; :func:`bsr_linear` flattens leading dims.
 """
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from sparsevit import _ext
-from sparsevit.formats.bsr import BlockSparseWeight, packed_block_rows
+from sparsevit.formats import format_string
+from sparsevit.formats.bsr import BlockSparseWeight
+from sparsevit.ops._autocast import register_autocast
+from sparsevit.ops.linear_kernels import ACTIVATIONS, KernelInput, Reference, apply_activation, resolve
 
-__all__ = ["bsr_linear", "reference_bsr_linear", "apply_activation", "cpp_kernel_name",
-           "cpp_unsupported_reasons", "ACTIVATIONS"]
-
-ACTIVATIONS = (None, "gelu", "gelu_tanh")
-_ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2}
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def apply_activation(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
-    """``nn.GELU()`` for ``"gelu"``, ``nn.GELU(approximate="tanh")`` for ``"gelu_tanh"``, identity
-    for ``None`` / ``"none"``."""
-    if activation in (None, "none"):
-        return y
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    raise ValueError(f"activation must be one of None, 'gelu', 'gelu_tanh'; got {activation!r}")
-
-
-def _reference(x2d, values, col_indices, crow_indices, out_features, in_features, bh, bw, bias,
-               activation):
-    """Dense reconstruction + F.linear: exact to dense-torch rounding in the input dtype."""
-    nbr, nbc = -(-out_features // bh), -(-in_features // bw)
-    counts = (crow_indices[1:] - crow_indices[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(nbr, device=values.device), counts,
-                                   output_size=values.shape[0])
-    full = values.new_zeros(nbr, nbc, bh, bw)
-    full[rows, col_indices.long()] = values
-    w = full.transpose(1, 2).reshape(nbr * bh, nbc * bw)[:out_features, :in_features]
-    return apply_activation(F.linear(x2d, w, bias), activation)
+__all__ = ["bsr_linear", "reference_bsr_linear", "apply_activation", "ACTIVATIONS"]
 
 
 def reference_bsr_linear(x2d: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tensor] = None,
                          activation: Optional[str] = None) -> torch.Tensor:
     """PyTorch reference of ``act(x2d @ W^T + b)``: what every fast kernel is tested against."""
-    return _reference(x2d, w.values, w.col_indices, w.crow_indices, w.shape[0], w.shape[1],
-                      w.block[0], w.block[1], bias, activation)
+    return Reference.run_bsr(x2d, w.values, w.col_indices, w.crow_indices, w.packed, w.shape[0], w.shape[1],
+                             w.block[0], w.block[1], bias, "none" if activation is None else activation)
 
 
 @torch.library.custom_op("sparsevit::bsr_linear", mutates_args=())
 def _bsr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
                    crow_indices: torch.Tensor, packed: torch.Tensor, out_features: int,
                    in_features: int, bh: int, bw: int, bias: Optional[torch.Tensor],
-                   activation: str) -> torch.Tensor:
-    return _reference(x, values, col_indices, crow_indices, out_features, in_features, bh, bw, bias,
-                      activation)
+                   activation: str, kernel: str) -> torch.Tensor:
+    # devices without a registered implementation
+    return Reference.run_bsr(x, values, col_indices, crow_indices, packed, out_features, in_features, bh,
+                             bw, bias, activation)
+
+
+def _dispatch(x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias,
+              activation, kernel):
+    inp = KernelInput(x.device.type, x.dtype, format_string("bsr", (bh, bw)),
+                      None if activation == "none" else activation, x.device.index)
+    impl = resolve(inp, kernel)
+    return impl.run_bsr(x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw,
+                        bias, activation)
+
+
+_bsr_linear_op.register_kernel("cpu")(_dispatch)
+_bsr_linear_op.register_kernel("cuda")(_dispatch)
 
 
 @_bsr_linear_op.register_fake
-def _(x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias,
-      activation):
+def _(x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias, activation,
+      kernel):
     torch._check(x.dim() == 2, lambda: "sparsevit::bsr_linear takes x as [tokens, in_features]")
     return x.new_empty(x.shape[0], out_features)
 
 
-def cpp_unsupported_reasons(x: torch.Tensor, w: BlockSparseWeight) -> list:
-    """Why the compiled CPU kernel cannot take this input (empty list: it can)."""
-    reasons = []
-    if not _ext.has_op("bsr_linear"):
-        reasons.append(_ext.unavailable_reason("bsr_linear"))
-    elif not torch.ops.sparsevit_C.bsr_linear_isa(-1):
-        reasons.append("CPU lacks AVX2+FMA")
-    if x.device.type != "cpu":
-        reasons.append(f"input on {x.device}, the C++ kernel is CPU only")
-    if x.dtype not in _CPP_DTYPES:
-        reasons.append(f"dtype {x.dtype} (C++ kernel: float32, bfloat16)")
-    if w.packed.shape[2] != packed_block_rows(w.block[0]):
-        reasons.append("packed layout does not match the block height")
-    return reasons
-
-
-def cpp_kernel_name() -> Optional[str]:
-    """Name of the compiled CPU kernel this machine runs (e.g. ``cpp_bsr_avx512_bf16``), or None."""
-    if not _ext.has_op("bsr_linear"):
-        return None
-    return torch.ops.sparsevit_C.bsr_linear_isa(-1) or None
-
-
-_CPP_READY = []  # [bool] once probed: compiled op present and the CPU has AVX2+FMA at least
-
-
-def _cpp_ready() -> bool:
-    if not _CPP_READY:
-        _CPP_READY.append(bool(_ext.has_op("bsr_linear") and torch.ops.sparsevit_C.bsr_linear_isa(-1)))
-    return _CPP_READY[0]
-
-
-def _bsr_linear_cpu(x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw,
-                    bias, activation):
-    if (_cpp_ready() and x.dtype in _CPP_DTYPES and packed.dtype == x.dtype
-            and packed.dim() == 4 and packed.shape[2] == packed_block_rows(bh)):
-        return torch.ops.sparsevit_C.bsr_linear(x, packed, col_indices, crow_indices, bias,
-                                                out_features, in_features, bh, bw,
-                                                _ACT_CODE[activation], -1)
-    return _reference(x, values, col_indices, crow_indices, out_features, in_features, bh, bw, bias,
-                      activation)
-
-
-_bsr_linear_op.register_kernel("cpu")(_bsr_linear_cpu)
+register_autocast("sparsevit::bsr_linear", "lower")
 
 
 def _check_inputs(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tensor],
@@ -138,33 +82,35 @@ def _check_inputs(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Te
     if x.device != w.device:
         raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one of them, "
                          f"e.g. w = w.to(device=x.device)")
-    if x.dtype != w.dtype:
+    autocasting = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+    if x.dtype != w.dtype and not autocasting:
         raise TypeError(f"x is {x.dtype} but the weight is {w.dtype}; cast one of them, e.g. "
                         f"w = w.to(dtype=x.dtype) (re-packs) or x.to({w.dtype})")
     if bias is not None:
         if bias.shape != (w.shape[0],):
             raise ValueError(f"bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
-        if bias.device != x.device or bias.dtype != x.dtype:
+        if bias.device != x.device or (bias.dtype != x.dtype and not autocasting):
             raise TypeError(f"bias is {bias.dtype} on {bias.device}, x is {x.dtype} on {x.device}; "
                             f"use bias.to(x)")
     return "none" if activation is None else activation
 
 
 def bsr_linear(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tensor] = None,
-               activation: Optional[str] = None) -> torch.Tensor:
+               activation: Optional[str] = None, kernel: str = "auto") -> torch.Tensor:
     """``act(x @ W^T + bias)`` with a block-sparse weight, fused in one kernel where available.
 
     Args:
-        x: ``[..., in_features]``, same dtype and device as ``w`` (float32/bfloat16 use the C++ CPU
-            kernel; other dtypes and devices without a kernel use the PyTorch reference).
+        x: ``[..., in_features]``, same dtype and device as ``w`` (under ``torch.autocast`` both are
+            cast to the autocast dtype, as for ``F.linear``).
         w: :class:`sparsevit.formats.BlockSparseWeight` of logical shape ``(out_features, in_features)``.
         bias: optional ``[out_features]``.
         activation: ``None``, ``"gelu"`` (``nn.GELU()``, erf form) or ``"gelu_tanh"``
             (``nn.GELU(approximate="tanh")``), applied in fp32 before the output is rounded.
+        kernel: ``"auto"`` or an implementation name (see the module docstring).
 
     Returns:
-        ``[..., out_features]`` in ``x.dtype``; equals ``act(F.linear(x, w.to_dense(), bias))`` up to
-        rounding.
+        ``[..., out_features]``; equals ``act(F.linear(x, w.to_dense(), bias))`` up to rounding,
+        NaN/Inf in ``x`` included.
     """
     act = _check_inputs(x, w, bias, activation)
     lead = x.shape[:-1]
@@ -172,5 +118,5 @@ def bsr_linear(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tenso
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     y = _bsr_linear_op(x2d, w.values, w.col_indices, w.crow_indices, w.packed, w.shape[0], w.shape[1],
-                       w.block[0], w.block[1], bias, act)
+                       w.block[0], w.block[1], bias, act, kernel)
     return y.reshape(*lead, w.shape[0])

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from sparsevit import _ext
+from sparsevit.ops._autocast import register_autocast
 
 
 def _ln_gather_reference(x, weight, bias, index, eps):
@@ -62,6 +63,14 @@ def _residual_scatter_add_(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor
 @_residual_scatter_add_.register_fake
 def _(x, index, y):
     return None
+
+
+# Under torch.autocast these behave like the aten ops they replace: the norm runs in float32 (as
+# layer_norm does), the scatter-add promotes to the wider dtype (as add does), and the in-place
+# variant keeps the residual stream's dtype.
+register_autocast("sparsevit::layernorm_gather", "fp32")
+register_autocast("sparsevit::residual_scatter_add", "promote")
+register_autocast("sparsevit::residual_scatter_add_", "first")
 
 
 def layernorm_gather(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

@@ -67,7 +67,9 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
     _check_masked_norms(adapter, residual)
 
     report = Report()
-    make_linear = LinearFactory(report, backend, batch_hint, **_factory_hints(plan, formats))
+    make_linear = LinearFactory(report, backend, batch_hint, formats=formats,
+                                block_hint=None if plan.block is None else tuple(plan.block),
+                                nm_hint=None if plan.nm is None else tuple(plan.nm))
     attention_kernel = _attention_kernel(fast, backend)
     with torch.no_grad():
         new_blocks = [build_block(adapter, b, adapter.resolve(plan, i, residual), plan.masks, make_linear, report,
@@ -88,16 +90,6 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
             raise ValueError("cuda_graph=True needs example_input (a tensor of the shape you will run).")
         fast = capture_cuda_graph(fast, example_input)
     return fast
-
-
-def _factory_hints(plan: SparsityPlan, formats: Optional[Dict[str, str]]) -> Dict:
-    """Keyword arguments for the Linear factory: only the hints that are set."""
-    hints = {}
-    if plan.block is not None:
-        hints["block_hint"] = tuple(int(v) for v in plan.block)
-    if formats is not None:
-        hints["formats"] = dict(formats)
-    return hints
 
 
 def _attention_kernel(model: nn.Module, backend: str) -> str:

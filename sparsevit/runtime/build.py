@@ -12,6 +12,7 @@ from torch import nn
 
 from sparsevit.models.base import BlockInfo, ResolvedBlock
 from sparsevit.models.masking import MaskedLayerNorm
+from sparsevit.runtime.linear import LinearFactory
 from sparsevit.runtime.modules import BranchIO, ConstBranch, SparseAttention, SparseBlock, SparseMlp, SparseSwinBlock
 from sparsevit.runtime.report import LayerDecision, Report
 
@@ -38,56 +39,6 @@ def _positions(subset: torch.Tensor, residual: torch.Tensor) -> Optional[torch.T
     if len(subset) == len(residual):
         return None
     return torch.searchsorted(residual, subset)
-
-
-def _gelu_kind(act: nn.Module) -> Optional[str]:
-    if isinstance(act, nn.GELU):
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    return None
-
-
-class LinearFactory:
-    """Makes each Linear: plain dense when nothing unstructured is left, else asks the kernel chooser."""
-
-    def __init__(self, report: Report, backend: str, batch_hint: int, block_hint: Optional[tuple] = None,
-                 formats: Optional[dict] = None):
-        self.report, self.backend, self.batch_hint = report, backend, batch_hint
-        self.block_hint, self.formats = block_hint, formats  # read by the kernel chooser (runtime branch)
-
-    def __call__(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                 shape_before: tuple, tokens: int, activation: Optional[str] = None):
-        """Returns ``(module, fused)``; ``fused`` tells whether the module applies ``activation``."""
-        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                        dtype=weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(weight)
-            if bias is not None:
-                lin.bias.copy_(bias)
-        has_zeros = mask is not None and not bool(mask.all())
-        if self.backend == "dense" or (not has_zeros and self.backend == "auto"):
-            if has_zeros:
-                with torch.no_grad():
-                    lin.weight.mul_(mask.to(lin.weight.dtype))
-            why = ("dense: backend='dense' requested" if has_zeros else
-                   "dense: no unstructured sparsity left after structural slicing")
-            density = float(mask.float().mean()) if has_zeros else 1.0
-            kernel = "torch.linear"
-            if activation is not None:  # fuse the GELU (in place at inference) into the Linear
-                from sparsevit.runtime.linear import DenseLinear
-
-                lin, kernel = DenseLinear.from_dense(lin, None, activation), f"torch.linear+{activation}"
-            self.report.append(LayerDecision(
-                name, "sliced" if tuple(weight.shape) != tuple(shape_before) else "kept", "dense", kernel,
-                why, shape_before, tuple(weight.shape), density))
-            return lin, activation is not None
-        from sparsevit.runtime.linear import choose_linear
-
-        module, decision = choose_linear(lin, mask if has_zeros else None, name=name, activation=activation,
-                                         tokens=tokens * self.batch_hint, backend=self.backend)
-        decision.shape_before = shape_before
-        decision.shape_after = tuple(weight.shape)
-        self.report.append(decision)
-        return module, activation is not None
 
 
 class _BranchBuilder:

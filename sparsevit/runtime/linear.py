@@ -1,70 +1,102 @@
-"""Sparse / dense Linear modules for CPU and the per-layer choice between them.
+"""The Linear layers of an accelerated model and the one per-layer choice between them.
 
-* :class:`SparseLinear` -- a :class:`~sparsevit.formats.BlockSparseWeight` (+ bias, + fused
-  activation) run by ``sparsevit.ops.bsr_linear`` (C++ AVX-512/AVX2 kernel on CPU).
-* :class:`DenseLinear` -- an ``nn.Linear`` holding ``W * mask`` plus the same fused-activation
-  contract, for layers where dense wins.
-* :func:`choose_linear` -- picks between them per layer (and the block shape), by a short timing
-  at the layer's real token count (cached per shape / density / threads), or by a cost model when
-  ``SPARSEVIT_CHOOSE=model`` (deterministic; what the tests use). Sparse is never chosen when it
-  would be more than 3% slower than dense, and every decision says why.
+* :class:`SparseLinear` -- a :class:`~sparsevit.formats.BlockSparseWeight` (or an
+  :class:`~sparsevit.formats.NMSparseWeight`) + bias + fused activation, always run by the custom
+  op ``sparsevit::bsr_linear`` (``sparsevit::nm_linear``). Which implementation runs is the op's
+  business (:mod:`sparsevit.ops.linear_kernels`), so the module works on any device and dtype it is
+  moved to; its indices and values are buffers (``state_dict`` round-trips, ``.to(...)`` just works).
+* :class:`DenseLinear` -- an ``nn.Linear`` holding ``W * mask`` with the same fused activation.
+* :func:`choose_linear` -- fed a plain :class:`LayerSpec`, walks the kernel registry over the
+  candidate formats (the plan's tile shape first), ranks what can run by a cost model, times the
+  best few (:func:`median_ms`, cached), and says why in a :class:`LayerDecision` (including why
+  every implementation it did not use could not run). ``SPARSEVIT_CHOOSE=model`` skips the timing
+  (deterministic; what the tests use). Sparse is chosen only when at most 3% slower than dense.
+* :class:`LinearFactory` -- what ``build_block`` calls for every Linear of a block.
 
-Both modules compute ``act(x @ (W*mask)^T + b)`` exactly like the masked dense Linear (up to
-rounding); ``activation`` is ``None``, ``"gelu"`` or ``"gelu_tanh"``.
+Activations are ``None``, ``"gelu"`` or ``"gelu_tanh"`` everywhere.
 """
+from __future__ import annotations
+
 import os
+import statistics
 import time
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsevit.formats.bsr import BlockSparseWeight, pack_values
-from sparsevit.ops.bsr import (apply_activation, bsr_linear, cpp_kernel_name, cpp_unsupported_reasons,
-                               reference_bsr_linear)
-from sparsevit.runtime.report import LayerDecision
+from sparsevit.errors import KernelError
+from sparsevit.formats import BlockSparseWeight, NMSparseWeight, format_string, pack_values, parse_format, tiles
+from sparsevit.ops.bsr import bsr_linear
+from sparsevit.ops.linear_kernels import (ACTIVATIONS, KernelInput, apply_activation, get_kernel, registry,
+                                          walk)
+from sparsevit.ops.nm import nm_linear
+from sparsevit.runtime.report import LayerDecision, Report
 
-__all__ = ["SparseLinear", "DenseLinear", "choose_linear", "BLOCK_CANDIDATES", "block_density"]
+__all__ = ["SparseLinear", "DenseLinear", "LayerSpec", "choose_linear", "LinearFactory", "BLOCK_CANDIDATES",
+           "BACKENDS", "block_density", "median_ms"]
 
-# Block shapes tried by choose_linear, with the relative speed of the C++ kernel per kept FLOP
-# (measured on Zen 4/5 AVX-512 at 2 threads; 16x16 pays more per-block overhead, 1x8 is
-# load-bound). Used to rank candidates before timing and as the cost model without timing.
-BLOCK_CANDIDATES: Tuple[Tuple[int, int], ...] = ((32, 32), (64, 64), (16, 16), (32, 64), (1, 8))
-_BLOCK_EFFICIENCY = {(32, 32): 1.0, (64, 64): 0.95, (32, 64): 1.0, (16, 16): 0.8, (1, 8): 0.25}
-# Modelled throughput (GFLOP/s at 2 threads) of dense torch and of the C++ kernel on kept blocks.
+# Tile shapes the chooser tries after the plan's own (kernels filter by the sides they take).
+BLOCK_CANDIDATES: Tuple[Tuple[int, int], ...] = ((32, 32), (64, 64), (16, 16), (32, 64), (64, 32), (1, 8))
+BACKENDS = ("auto", "dense", "sparse", "cpp", "triton", "cuda", "semi_structured", "reference")
+# Modelled throughput (GFLOP/s at 2 CPU threads) of dense torch and of a sparse kernel on kept blocks.
 _MODEL_GFLOPS = {torch.float32: (140.0, 200.0), torch.bfloat16: (800.0, 450.0)}
 _SLOWER_TOLERANCE = 1.03  # sparse may be chosen when at most 3% slower (it also saves memory)
-_MAX_PACK_DENSITY = 0.95  # above this fraction of kept blocks the layer is treated as dense
+_MAX_PACK_DENSITY = 0.95  # the go-dense rule: above this fraction of kept tiles nothing is skipped
+_TIMED_CANDIDATES = {"cpu": 2, "cuda": 6}  # sparse candidates timed per layer (ranked by the model)
 _TIMING_CACHE: Dict[tuple, float] = {}
 
 
-class SparseLinear(nn.Module):
-    """``act(x @ W^T + b)`` with ``W`` block-sparse. Buffers: ``values``, ``col_indices``,
-    ``crow_indices``, ``bias``, ``shape``, ``block`` (all in ``state_dict``) and the kernel layout
-    ``packed`` (rebuilt on load and on dtype change, not saved).
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
 
-    ``impl``: ``"auto"`` (the op's dispatch: C++ on CPU, registered kernels on GPU, else reference)
-    or ``"reference"`` (always the PyTorch reference).
+
+class SparseLinear(nn.Module):
+    """``act(x @ W^T + b)`` with ``W`` block-sparse (or N:M).
+
+    Buffers (all in ``state_dict``): ``values``, ``col_indices`` + ``crow_indices`` (BSR) or
+    ``indices`` (N:M), ``bias``, ``shape``, ``block`` (BSR) or ``nm`` (N:M). Not saved: the CPU
+    kernel's ``packed`` layout, rebuilt on load and on every device/dtype change.
+
+    ``kernel``: ``"auto"`` (the op picks per device) or an implementation name from
+    :mod:`sparsevit.ops.linear_kernels`; a named kernel that cannot run after a move to another
+    device/dtype is reset to ``"auto"`` (it was the choice for the device the layer was built on).
     """
 
-    def __init__(self, weight: BlockSparseWeight, bias: Optional[Tensor] = None,
-                 activation: Optional[str] = None, impl: str = "auto"):
+    def __init__(self, weight: Union[BlockSparseWeight, NMSparseWeight], bias: Optional[Tensor] = None,
+                 activation: Optional[str] = None, kernel: str = "auto"):
         super().__init__()
-        if activation not in (None, "gelu", "gelu_tanh"):
-            raise ValueError(f"activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
-        if impl not in ("auto", "reference"):
-            raise ValueError(f"impl must be 'auto' or 'reference', got {impl!r}")
+        _check_activation(activation)
+        if kernel != "auto":
+            get_kernel(kernel)  # unknown names fail here, not at the first forward
         self.register_buffer("values", weight.values)
-        self.register_buffer("col_indices", weight.col_indices)
-        self.register_buffer("crow_indices", weight.crow_indices)
-        self.register_buffer("packed", weight.packed, persistent=False)
+        if isinstance(weight, BlockSparseWeight):
+            self.register_buffer("col_indices", weight.col_indices)
+            self.register_buffer("crow_indices", weight.crow_indices)
+            self.register_buffer("block", torch.tensor(weight.block, dtype=torch.int64))
+            self.register_buffer("packed", weight.packed, persistent=False)
+        elif isinstance(weight, NMSparseWeight):
+            self.register_buffer("indices", weight.indices)
+            self.register_buffer("nm", torch.tensor([weight.n, weight.m], dtype=torch.int64))
+        else:
+            raise TypeError(f"weight must be a BlockSparseWeight or NMSparseWeight, got {type(weight).__name__}")
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("shape", torch.tensor(weight.shape, dtype=torch.int64))
-        self.register_buffer("block", torch.tensor(weight.block, dtype=torch.int64))
-        self._meta = (weight.shape, weight.block)
+        self._meta = (tuple(weight.shape), weight.block if hasattr(weight, "block") else (weight.n, weight.m))
         self.activation = activation
-        self.impl = impl
+        self.kernel = kernel
+
+    @property
+    def is_nm(self) -> bool:
+        return "nm" in self._buffers
+
+    @property
+    def fmt(self) -> str:
+        """The weight's format string (``"bsr:32x32"``, ``"2:4"``; see :mod:`sparsevit.formats`)."""
+        return format_string("nm" if self.is_nm else "bsr", self._meta[1])
 
     @property
     def out_features(self) -> int:
@@ -75,21 +107,32 @@ class SparseLinear(nn.Module):
         return self._meta[0][1]
 
     @property
-    def weight(self) -> BlockSparseWeight:
-        """The block-sparse weight (a view on the buffers; no copy, no re-packing)."""
+    def weight(self) -> Union[BlockSparseWeight, NMSparseWeight]:
+        """The sparse weight (a view on the buffers; no copy, no re-packing, no re-checking)."""
+        if self.is_nm:
+            return NMSparseWeight(self.values, self.indices, self._meta[0], *self._meta[1])
         return BlockSparseWeight(self.values, self.col_indices, self.crow_indices, self._meta[0],
-                                 self._meta[1], self.packed)
+                                 self._meta[1], self.packed, checked=False)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: Optional[Tensor] = None, block=(32, 32),
-                   activation: Optional[str] = None, impl: str = "auto") -> "SparseLinear":
-        """Packs ``linear.weight * mask`` (every block with a nonzero / True mask entry is kept)."""
-        w = BlockSparseWeight.from_dense(linear.weight.detach(), block=block, mask=mask)
-        b = None if linear.bias is None else linear.bias.detach()
-        return cls(w, b, activation, impl)
+                   activation: Optional[str] = None, kernel: str = "auto",
+                   fmt: Optional[str] = None) -> "SparseLinear":
+        """Packs ``linear.weight * mask``: in ``block`` tiles (every tile with a True mask entry, or a
+        nonzero without a mask, is kept), or in ``fmt`` (a format string, e.g. ``"2:4"``) if given."""
+        w = linear.weight.detach()
+        kind, params = parse_format(fmt) if fmt is not None else ("bsr", tuple(block))
+        if kind == "nm":
+            dense = w if mask is None else w * mask.to(device=w.device, dtype=w.dtype)
+            sparse = NMSparseWeight.from_dense(dense, *params)
+        elif kind == "bsr":
+            sparse = BlockSparseWeight.from_dense(w, block=params, mask=mask)
+        else:
+            raise ValueError(f"SparseLinear stores a sparse format, not {fmt!r}; use DenseLinear.from_dense")
+        return cls(sparse, None if linear.bias is None else linear.bias.detach(), activation, kernel)
 
     def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` with the same weight (zeros where blocks were dropped) and bias; the
+        """An ``nn.Linear`` with the same weight (zeros where weights were dropped) and bias; the
         activation is not part of it."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.values.device, dtype=self.values.dtype)
@@ -100,40 +143,76 @@ class SparseLinear(nn.Module):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if self.impl == "reference":
-            y = reference_bsr_linear(x.reshape(-1, self.in_features), w, self.bias, self.activation)
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return bsr_linear(x, w, self.bias, self.activation)
+        if self.is_nm:
+            return nm_linear(x, self.weight, self.bias, self.activation, self.kernel)
+        return bsr_linear(x, self.weight, self.bias, self.activation, self.kernel)
 
-    # nn.Module.to(dtype) casts `packed` element-wise, but bf16 uses a different (paired) layout.
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        want_pairs = 2 if self.values.dtype == torch.bfloat16 else 1
-        p = self.packed
-        if p is None or p.dtype != self.values.dtype or p.shape[-1] != want_pairs or p.device != self.values.device:
-            self.packed = pack_values(self.values)
+        if not self.is_nm:
+            # the packed layout depends on the dtype (bf16 interleaves k pairs): rebuild, never cast
+            p, want_pairs = self.packed, 2 if self.values.dtype == torch.bfloat16 else 1
+            if p is None or p.dtype != self.values.dtype or p.shape[-1] != want_pairs or p.device != self.values.device:
+                self.packed = pack_values(self.values)
+        self._keep_kernel_if_runnable()
         return self
+
+    def __setstate__(self, state):
+        # unpickled elsewhere (another machine, a build without the kernel it was built with)
+        super().__setstate__(state)
+        self._keep_kernel_if_runnable()
+
+    def _keep_kernel_if_runnable(self):
+        """The kernel picked at build time was the choice for that device and dtype: where it cannot
+        run (or is not registered here), the op chooses again."""
+        if self.kernel == "auto":
+            return
+        try:
+            cannot = get_kernel(self.kernel).not_supported_reasons(self._kernel_input())
+        except KernelError:
+            cannot = True
+        if cannot:
+            self.kernel = "auto"
+
+    def _kernel_input(self) -> KernelInput:
+        dev = self.values.device
+        return KernelInput(dev.type, self.values.dtype, self.fmt, self.activation, dev.index)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        self._check_incoming(state_dict, prefix)
         # The number of kept blocks differs between checkpoints: take the incoming sizes.
-        for name in ("values", "col_indices", "crow_indices", "bias"):
+        for name in ("values", "col_indices", "crow_indices", "indices", "bias"):
             key = prefix + name
-            if key in state_dict and (self._buffers.get(name) is not None):
-                src = state_dict[key]
-                self._buffers[name] = torch.empty(src.shape, dtype=self._buffers[name].dtype,
-                                                  device=self._buffers[name].device)
+            if key in state_dict and self._buffers.get(name) is not None:
+                buf = self._buffers[name]
+                self._buffers[name] = torch.empty(state_dict[key].shape, dtype=buf.dtype, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        self._meta = (tuple(int(v) for v in self.shape.tolist()), tuple(int(v) for v in self.block.tolist()))
-        self.packed = pack_values(self.values)
+        fmt = self.nm if self.is_nm else self.block
+        self._meta = (tuple(int(v) for v in self.shape.tolist()), tuple(int(v) for v in fmt.tolist()))
+        if not self.is_nm:
+            self.packed = pack_values(self.values)
+
+    def _check_incoming(self, state_dict, prefix):
+        """Refuses a corrupt sparse weight before anything is copied (a kernel must never read it)."""
+        get = lambda name: state_dict.get(prefix + name, self._buffers.get(name))  # noqa: E731
+        try:
+            shape = tuple(int(v) for v in get("shape").tolist())
+            if self.is_nm:
+                NMSparseWeight(get("values"), get("indices"), shape, *(int(v) for v in get("nm").tolist()))
+            else:
+                BlockSparseWeight(get("values"), get("col_indices"), get("crow_indices"), shape,
+                                  tuple(int(v) for v in get("block").tolist()), packed=get("values"))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"{prefix.rstrip('.') or 'SparseLinear'}: the state_dict holds a corrupt sparse "
+                             f"weight ({exc}); it cannot be loaded. Re-save it from a model built by "
+                             f"sparsevit.accelerate.") from None
 
     def extra_repr(self) -> str:
-        w = self.weight
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"block={w.block[0]}x{w.block[1]}, density={w.density:.3f}, bias={self.bias is not None}, "
-                f"activation={self.activation}, impl={self.impl}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, "
+                f"density={self.weight.density:.3f}, bias={self.bias is not None}, "
+                f"activation={self.activation}, kernel={self.kernel}")
 
 
 class DenseLinear(nn.Linear):
@@ -143,8 +222,7 @@ class DenseLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: Optional[str] = None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if activation not in (None, "gelu", "gelu_tanh"):
-            raise ValueError(f"activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
+        _check_activation(activation)
         self.activation = activation
 
     @classmethod
@@ -171,154 +249,344 @@ class DenseLinear(nn.Linear):
         return super().extra_repr() + f", activation={self.activation}"
 
 
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- chooser
+@dataclass
+class LayerSpec:
+    """Everything the chooser needs to know about one Linear, as plain values.
+
+    weight ``[out, in]`` (unmasked) and bias, on the device and in the dtype the layer will run;
+    mask: keep-mask of the weight's shape (``None``: the zeros in the weight); block_hint: the tile
+    shape the plan's masks were made for (tried first); nm_hint: the plan's N:M pattern;
+    tokens: rows per call to model/time at (e.g. 197 * batch).
+    """
+
+    name: str
+    weight: Tensor
+    bias: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    activation: Optional[str] = None
+    tokens: int = 197 * 8
+    block_hint: Optional[Tuple[int, int]] = None
+    nm_hint: Optional[Tuple[int, int]] = None
+
+    def __post_init__(self):
+        _check_activation(self.activation)
+        if self.mask is not None and tuple(self.mask.shape) != tuple(self.weight.shape):
+            raise ValueError(f"{self.name}: mask shape {tuple(self.mask.shape)} != weight shape "
+                             f"{tuple(self.weight.shape)}")
+        w = self.weight.detach()
+        self.keep = (w != 0) if self.mask is None else (self.mask.to(w.device) != 0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def kernel_input(self, fmt: str) -> KernelInput:
+        return KernelInput(self.device.type, self.dtype, fmt, self.activation, self.device.index)
+
+    def as_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
+                        device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+
 def block_density(keep: Tensor, block: Tuple[int, int]) -> float:
     """Fraction of ``block`` tiles of the boolean ``keep`` matrix holding at least one True."""
-    bh, bw = block
-    out_f, in_f = keep.shape
-    nbr, nbc = -(-out_f // bh), -(-in_f // bw)
-    k = F.pad(keep, (0, nbc * bw - in_f, 0, nbr * bh - out_f))
-    return float(k.reshape(nbr, bh, nbc, bw).any(dim=3).any(dim=1).float().mean())
+    return float(tiles(keep, block).any(dim=3).any(dim=2).float().mean())
 
 
-def _median_ms(fn, reps: int = 3) -> float:
-    fn()  # warm-up (also first-touch of outputs / workspaces)
+def _is_nm(keep: Tensor, n: int, m: int) -> bool:
+    """True when every group of ``m`` consecutive inputs keeps at most ``n`` weights."""
+    if keep.shape[-1] % m:
+        return False
+    return bool(keep.reshape(keep.shape[0], -1, m).sum(-1).le(n).all())
+
+
+def median_ms(fn, device: Union[str, torch.device] = "cpu", reps: int = 3, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn()`` after ``warmup`` calls: CUDA events on CUDA (the stream's own
+    time), ``perf_counter`` elsewhere. The one timer of the package (bench/ uses it too)."""
+    for _ in range(max(warmup, 1)):
+        fn()  # also first-touch of outputs / workspaces, autotuning
     times = []
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
-def _measure(key, fn) -> float:
-    if key not in _TIMING_CACHE:
-        with torch.inference_mode():
-            _TIMING_CACHE[key] = _median_ms(fn)
-    return _TIMING_CACHE[key]
+def _candidate_formats(spec: LayerSpec, go_dense_rule: bool) -> Tuple[List[Tuple[str, float]], List[str]]:
+    """(format, density) to try, the plan's tile shape first, and why others were left out."""
+    blocks, skipped = list(BLOCK_CANDIDATES), []
+    if spec.block_hint is not None:
+        hint = tuple(int(b) for b in spec.block_hint)
+        if hint == (1, 1):
+            skipped.append("plan tile 1x1 (fine-grained): no fine-grained sparse kernel registered, tried tiles")
+        else:
+            blocks = [hint] + [b for b in blocks if b != hint]
+    out, too_dense = [], []
+    for blk in blocks:
+        fmt, d = format_string("bsr", blk), block_density(spec.keep, blk)
+        if go_dense_rule and d > _MAX_PACK_DENSITY:
+            too_dense.append((fmt, d))
+        else:
+            out.append((fmt, d))
+    if too_dense:
+        lo, hi = min(d for _, d in too_dense), max(d for _, d in too_dense)
+        skipped.append(f"{'/'.join(f for f, _ in too_dense)}: tile density {lo:.2f}-{hi:.2f} "
+                       f"(> {_MAX_PACK_DENSITY}), nothing to skip")
+    n, m = spec.nm_hint or (2, 4)
+    if _is_nm(spec.keep, n, m):
+        out.insert(0 if spec.nm_hint else len(out), (f"{n}:{m}", n / m))
+    return out, skipped
 
 
-def _model_ms(out_f, in_f, tokens, dtype, density=None, block=None) -> float:
-    dense_gflops, sparse_gflops = _MODEL_GFLOPS.get(dtype, _MODEL_GFLOPS[torch.float32])
-    flops = 2.0 * tokens * out_f * in_f
-    if density is None:
+def _model_ms(spec: LayerSpec, kernel, fmt: str, density: float) -> float:
+    """Cost model: FLOPs over a per-dtype throughput, scaled by the kernel's tile efficiency."""
+    dense_gflops, sparse_gflops = _MODEL_GFLOPS.get(spec.dtype, _MODEL_GFLOPS[torch.float32])
+    out_f, in_f = spec.weight.shape
+    flops = 2.0 * spec.tokens * out_f * in_f
+    if fmt == "dense":
         return flops / dense_gflops / 1e6
-    eff = _BLOCK_EFFICIENCY.get(tuple(block), 0.7)
-    overhead = tokens * (in_f + out_f) * 4 / 20e9 * 1e3  # activations in/out at ~20 GB/s
+    kind, params = parse_format(fmt)
+    eff = kernel.efficiency.get(tuple(params), 0.7) if kind == "bsr" else 0.7
+    overhead = spec.tokens * (in_f + out_f) * 4 / 20e9 * 1e3  # activations in/out at ~20 GB/s
     return flops * density / (sparse_gflops * eff) / 1e6 + overhead
 
 
-def _dense_decision(name, w, reason, density=1.0, est=None):
-    return LayerDecision(name, "dense", "dense", "torch.linear", reason, tuple(w.shape), tuple(w.shape),
-                         density, dict(est or {}))
+def _pool(backend: str):
+    """The implementations ``backend`` allows."""
+    if backend == "auto":
+        return [k for k in registry() if k.auto]
+    if backend == "sparse":
+        return [k for k in registry() if k.auto and k.kinds != ("dense",)]
+    return [k for k in registry() if k.backend == backend]
 
 
-def choose_linear(linear: nn.Linear, mask: Optional[Tensor], *, name: str,
-                  activation: Optional[str] = None, tokens: int = 197 * 8,
-                  backend: str = "auto") -> Tuple[nn.Module, LayerDecision]:
-    """The fastest correct module computing ``act(x @ (W*mask)^T + b)`` for ``linear``, and why.
+def _summarise(rejected: List[Tuple[str, str, List[str]]]) -> str:
+    """One clause per implementation; formats are named only where their reasons differ."""
+    by_kernel: Dict[str, Dict[str, List[str]]] = {}
+    for name, fmt, reasons in rejected:
+        by_kernel.setdefault(name, {}).setdefault("; ".join(reasons), []).append(fmt)
+    parts = []
+    for name, groups in by_kernel.items():
+        if len(groups) == 1:
+            parts.append(f"{name}: {next(iter(groups))}")
+        else:
+            parts += [f"{name} {'/'.join(fmts)}: {why}" for why, fmts in groups.items()]
+    return " | ".join(parts)
+
+
+def _build(spec: LayerSpec, kernel, fmt: str, lin: nn.Linear) -> nn.Module:
+    if fmt == "dense":
+        return DenseLinear.from_dense(lin, spec.mask, spec.activation)
+    return SparseLinear.from_dense(lin, spec.mask, activation=spec.activation, kernel=kernel.name, fmt=fmt)
+
+
+def _decision(spec: LayerSpec, action: str, fmt: str, kernel: str, reason: str, density: float,
+              est=None) -> LayerDecision:
+    shape = tuple(spec.weight.shape)
+    return LayerDecision(spec.name, action, fmt, kernel, reason, shape, shape, density, dict(est or {}))
+
+
+def _dense(spec: LayerSpec, lin: nn.Linear, reason: str, est=None):
+    return DenseLinear.from_dense(lin, spec.mask, spec.activation), _decision(
+        spec, "dense", "dense", get_kernel("dense").label(), reason, 1.0, est)
+
+
+def _time_candidates(spec: LayerSpec, lin: nn.Linear, cands, with_dense: bool):
+    """Builds and times ``cands`` [(kernel, fmt, density)] (and dense): {key: (ms, module)}, and
+    why any was dropped. A candidate whose output is wrong never wins on speed."""
+    out_f, in_f = spec.weight.shape
+    x = torch.randn(spec.tokens, in_f, device=spec.device, dtype=spec.dtype)
+    ref_mod = DenseLinear.from_dense(lin, spec.mask, spec.activation)
+    threads = torch.get_num_threads()
+    timed, dropped = {}, []
+    with torch.inference_mode():
+        ref = ref_mod(x).float()
+        scale = max(ref.abs().max().item(), 1e-6)
+        entries = ([("dense", None, "dense", 1.0, ref_mod)] if with_dense else []) + \
+                  [(f"{k.name} {fmt}", k, fmt, d, None) for k, fmt, d in cands]
+        for key, k, fmt, d, mod in entries:
+            mod = mod if mod is not None else _build(spec, k, fmt, lin)
+            try:
+                err = (mod(x).float() - ref).abs().max().item() / scale
+                if not err < 5e-2:
+                    dropped.append(f"{key}: rejected, relative error {err:.2e} vs dense")
+                    continue
+                cache_key = (key, out_f, in_f, spec.dtype, spec.device.type, spec.tokens, threads, round(d, 2))
+                if cache_key not in _TIMING_CACHE:
+                    _TIMING_CACHE[cache_key] = median_ms(lambda: mod(x), spec.device)
+                timed[key] = (_TIMING_CACHE[cache_key], mod)
+            except Exception as exc:  # noqa: BLE001 - compile errors, resource limits: say so, go on
+                dropped.append(f"{key}: failed ({type(exc).__name__}: {exc})")
+    return timed, dropped
+
+
+def _with_not_used(reason: str, not_used: List[str]) -> str:
+    return reason + (" | not used: " + " | ".join(not_used) if not_used else "")
+
+
+def choose_linear(spec: LayerSpec, backend: str = "auto", fmt: Optional[str] = None
+                  ) -> Tuple[nn.Module, LayerDecision]:
+    """The fastest correct module computing ``act(x @ (W*mask)^T + b)`` for ``spec``, and why.
 
     Args:
-        linear: the layer (its weight device decides CPU vs CUDA; CUDA goes to
-            :func:`sparsevit.runtime.gpu_linear.choose_cuda_linear`).
-        mask: optional element mask (any pattern; every block holding a True is kept, so results
-            stay exact). ``None``: the zeros already in the weight.
-        name: layer name for the report.
-        activation: ``None`` / ``"gelu"`` / ``"gelu_tanh"`` fused into the returned module.
-        tokens: rows per call to time/model at (e.g. 197 * batch).
-        backend: ``"auto"`` (choose), ``"dense"``, ``"sparse"``/``"cpp"`` (C++ BSR kernel; error if
-            unavailable) or ``"reference"`` (PyTorch reference op).
+        spec: the layer (its weight's device and dtype decide which implementations can run).
+        backend: ``"auto"`` (choose, dense included), ``"dense"``, ``"sparse"`` (best sparse
+            implementation), or one implementation family: ``"cpp"``, ``"triton"``, ``"cuda"``,
+            ``"semi_structured"``, ``"reference"``. A family that cannot run the layer raises
+            :class:`~sparsevit.errors.KernelError` with the reasons.
+        fmt: a format string (:mod:`sparsevit.formats`) to use without timing (rebuilding a saved model).
     """
-    w = linear.weight.detach()
-    if w.device.type == "cuda":
-        from sparsevit.runtime.gpu_linear import choose_cuda_linear
-
-        return choose_cuda_linear(linear, mask, name=name, activation=activation, tokens=tokens,
-                                  backend=backend)
-    if backend not in ("auto", "dense", "sparse", "cpp", "reference"):
-        raise ValueError(f"backend must be 'auto', 'dense', 'sparse', 'cpp' or 'reference', got {backend!r}")
-    if mask is not None and tuple(mask.shape) != tuple(w.shape):
-        raise ValueError(f"{name}: mask shape {tuple(mask.shape)} != weight shape {tuple(w.shape)}")
-    keep = (w != 0) if mask is None else (mask.to(w.device) != 0)
-    out_f, in_f = w.shape
-    elem_density = float(keep.float().mean())
-
-    def dense(reason, est=None):
-        return DenseLinear.from_dense(linear, mask, activation), _dense_decision(name, w, reason, 1.0, est)
-
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    lin = spec.as_linear()
+    if fmt is not None:
+        return _choose_given_format(spec, backend, fmt, lin)
+    elem_density = float(spec.keep.float().mean())
     if backend == "dense":
-        return dense(f"dense: backend='dense' requested (element density {elem_density:.2f})")
-
-    # Candidate block shapes ranked by modelled time (density / kernel efficiency).
-    cands = []
-    for blk in BLOCK_CANDIDATES:
-        d = block_density(keep, blk)
-        cands.append((_model_ms(out_f, in_f, tokens, w.dtype, d, blk), blk, d))
-    cands.sort()
-    best_model, best_blk, best_d = cands[0]
-
-    def sparse_module(blk, impl="auto"):
-        return SparseLinear.from_dense(linear, mask, block=blk, activation=activation, impl=impl)
-
-    def packed_decision(blk, d, kernel, reason, est=None):
-        return LayerDecision(name, "packed", f"bsr({blk[0]}x{blk[1]})", kernel, reason, tuple(w.shape),
-                             tuple(w.shape), d, dict(est or {}))
-
-    if backend == "reference":
-        blk, d = max(((b, dd) for _, b, dd in cands), key=lambda t: (-t[1], t[0][0] * t[0][1]))
-        return sparse_module(blk, "reference"), packed_decision(
-            blk, d, "reference_bsr", f"bsr {blk[0]}x{blk[1]} density {d:.2f}: backend='reference' requested")
-
-    probe = torch.empty(0, in_f, dtype=w.dtype)
-    reasons = cpp_unsupported_reasons(probe, BlockSparseWeight.from_dense(w[:1, :1]))
-    if backend in ("sparse", "cpp"):
-        if reasons:
-            raise RuntimeError(f"{name}: backend={backend!r} needs the C++ BSR kernel, which cannot run: "
-                               f"{'; '.join(reasons)}. Use backend='auto' or 'reference', or rebuild with "
-                               f"`pip install -e . --no-build-isolation`.")
-        return sparse_module(best_blk), packed_decision(
-            best_blk, best_d, cpp_kernel_name(),
-            f"bsr {best_blk[0]}x{best_blk[1]} density {best_d:.2f}: backend={backend!r} requested")
-
-    # backend == "auto"
-    if reasons:
-        return dense(f"dense: {'; '.join(reasons)}; the reference BSR path is never faster than dense")
-    if best_d > _MAX_PACK_DENSITY:
-        return dense(f"dense: density {best_d:.2f} at best block {best_blk[0]}x{best_blk[1]} "
-                     f"(element density {elem_density:.2f}), nothing to skip")
-
-    measure = os.environ.get("SPARSEVIT_CHOOSE", "measure") != "model"
-    threads = torch.get_num_threads()
-    est: Dict[str, float] = {}
+        return _dense(spec, lin, f"dense: backend='dense' requested (element density {elem_density:.2f})")
+    auto = backend == "auto"
+    formats, not_used = _candidate_formats(spec, go_dense_rule=auto)
+    density = dict(formats)
+    sparse_pool = [k for k in _pool(backend) if k.kinds != ("dense",)]
+    runnable, rejected = walk([spec.kernel_input(f) for f, _ in formats], sparse_pool)
+    not_used = [_summarise(rejected)] * bool(rejected) + not_used
+    if not runnable:
+        if not auto:
+            raise KernelError(f"{spec.name}: backend={backend!r} cannot run this layer ({spec.dtype} on "
+                              f"{spec.device.type}): {' | '.join(not_used)}. Use backend='auto' or 'dense'.")
+        return _dense(spec, lin, _with_not_used(
+            f"dense: no sparse kernel can run it (element density {elem_density:.2f})", not_used))
+    ranked = sorted((_model_ms(spec, k, inp.fmt, density[inp.fmt]), i, k, inp.fmt)
+                    for i, (k, inp) in enumerate(runnable))
+    hinted = spec.block_hint is not None or spec.nm_hint is not None
+    plan_tile = [r for r in ranked if hinted and r[3] == formats[0][0]][:1]  # always evaluated
+    top = plan_tile + [r for r in ranked if r not in plan_tile][:_TIMED_CANDIDATES.get(spec.device.type, 2)]
+    measure = os.environ.get("SPARSEVIT_CHOOSE", "measure") != "model" and backend != "reference"
     if measure:
-        x = torch.randn(tokens, in_f, dtype=w.dtype)
-        wd = (w if mask is None else w * mask.to(w.dtype)).contiguous()
-        t_dense = _measure(("dense", out_f, in_f, w.dtype, tokens, threads),
-                           lambda: F.linear(x, wd, linear.bias))
-        est["dense"] = t_dense
-        scored = []
-        for _, blk, d in cands[:2]:  # time the two best-ranked shapes only
-            mod = sparse_module(blk)
-            key = ("bsr", out_f, in_f, w.dtype, tokens, threads, blk, round(d, 2))
-            t = _measure(key, lambda: mod(x))
-            est[f"bsr{blk[0]}x{blk[1]}"] = t
-            scored.append((t, blk, d, mod))
-        t_sparse, blk, d, mod = min(scored, key=lambda s: s[0])
+        timed, dropped = _time_candidates(spec, lin, [(k, f, density[f]) for _, _, k, f in top], auto)
+        not_used += dropped
         how = "measured"
     else:
-        t_dense = _model_ms(out_f, in_f, tokens, w.dtype)
-        est["dense"] = t_dense
-        for t, b, dd in cands[:2]:
-            est[f"bsr{b[0]}x{b[1]}"] = t
-        t_sparse, blk, d = best_model, best_blk, best_d
-        mod = None
+        timed = {"dense": (_model_ms(spec, None, "dense", 1.0), None)} if auto else {}
+        timed.update({f"{k.name} {f}": (t, None) for t, _, k, f in top})
         how = "modelled"
+    return _pick(spec, lin, backend, top, timed, not_used, how)
+
+
+def _pick(spec, lin, backend, top, timed, not_used, how):
+    est = {key: t for key, (t, _) in timed.items()}
+    sparse = [(timed[f"{k.name} {f}"][0], k, f) for _, _, k, f in top if f"{k.name} {f}" in timed]
+    if not sparse:
+        if backend != "auto":
+            raise KernelError(f"{spec.name}: every {backend!r} candidate failed: {' | '.join(not_used)}")
+        return _dense(spec, lin, _with_not_used("dense: every sparse candidate failed", not_used), est)
+    t_sparse, k, fmt = min(sparse, key=lambda s: s[0])
+    mod = timed[f"{k.name} {fmt}"][1] or _build(spec, k, fmt, lin)
+    d = mod.weight.density
+    if backend != "auto":
+        return mod, _decision(spec, "packed", fmt, k.label(), _with_not_used(
+            f"{fmt} density {d:.2f}: backend={backend!r} requested", not_used), d, est)
+    t_dense = timed["dense"][0]
+    ratio = f"({t_sparse:.2f} ms vs {t_dense:.2f} ms, {how} at {spec.tokens} tokens)"
     if t_sparse <= _SLOWER_TOLERANCE * t_dense:
-        mod = mod if mod is not None else sparse_module(blk)
-        return mod, packed_decision(
-            blk, d, cpp_kernel_name(),
-            f"bsr {blk[0]}x{blk[1]} density {d:.2f}: {t_dense / t_sparse:.1f}x faster than dense "
-            f"({t_sparse:.2f} ms vs {t_dense:.2f} ms, {how} at {tokens} tokens)", est)
-    return dense(f"dense: density {d:.2f} at best block {blk[0]}x{blk[1]}, sparse would be "
-                 f"{t_sparse / t_dense:.1f}x slower ({t_sparse:.2f} ms vs {t_dense:.2f} ms, {how})", est)
+        return mod, _decision(spec, "packed", fmt, k.label(), _with_not_used(
+            f"{fmt} density {d:.2f}: {t_dense / t_sparse:.1f}x faster than dense {ratio}", not_used), d, est)
+    return _dense(spec, lin, _with_not_used(
+        f"dense: density {d:.2f} at best {fmt}, sparse would be {t_sparse / t_dense:.1f}x slower {ratio}",
+        not_used), est)
+
+
+def _choose_given_format(spec: LayerSpec, backend: str, fmt: str, lin: nn.Linear):
+    """``fmt`` fixed (e.g. read from a saved model): the first implementation that runs it."""
+    kind, _ = parse_format(fmt)
+    if kind == "dense" or backend == "dense":
+        return _dense(spec, lin, f"dense: format {fmt!r} given")
+    pool = [k for k in _pool(backend) if k.kinds != ("dense",)]
+    runnable, rejected = walk([spec.kernel_input(fmt)], pool)
+    if runnable:
+        k = runnable[0][0]
+    elif backend in ("auto", "sparse"):
+        k = get_kernel("reference")
+    else:
+        raise KernelError(f"{spec.name}: backend={backend!r} cannot run format {fmt}: {_summarise(rejected)}")
+    mod = _build(spec, k, fmt, lin)
+    reason = f"format {fmt} given" + (f"; no fast kernel runs it: {_summarise(rejected)}" if not runnable else "")
+    return mod, _decision(spec, "packed", fmt, k.label(), reason, mod.weight.density)
+
+
+# ----------------------------------------------------------------------------- per-block factory
+class LinearFactory:
+    """Makes each Linear of an accelerated block: plain dense when nothing unstructured is left,
+    else whatever :func:`choose_linear` picks. Every decision goes into ``report``.
+
+    Args:
+        report: the model's :class:`~sparsevit.runtime.report.Report`.
+        backend: see :func:`choose_linear`.
+        batch_hint: batch size the choice is tuned for (token counts are per image).
+        block_hint: the plan's tile shape (``plan.block``), tried first.
+        nm_hint: the plan's N:M pattern (``plan.nm``).
+        formats: ``{linear fqn: format string}`` forcing a layer's format without timing (used to
+            rebuild a saved model); see :mod:`sparsevit.formats` for the grammar.
+    """
+
+    def __init__(self, report: Report, backend: str, batch_hint: int, block_hint: Optional[Tuple[int, int]] = None,
+                 formats: Optional[Dict[str, str]] = None, nm_hint: Optional[Tuple[int, int]] = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        for name, fmt in (formats or {}).items():
+            parse_format(fmt)  # a bad entry fails here, naming the grammar
+        self.report, self.backend, self.batch_hint = report, backend, batch_hint
+        self.block_hint = None if block_hint is None else tuple(int(b) for b in block_hint)
+        self.nm_hint = None if nm_hint is None else tuple(int(v) for v in nm_hint)
+        self.formats = dict(formats or {})
+
+    def __call__(self, name: str, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+                 shape_before: tuple, tokens: int, activation: Optional[str] = None):
+        """Returns ``(module, fused)``; ``fused`` tells whether the module applies ``activation``."""
+        has_zeros = mask is not None and not bool(mask.all())
+        fmt = self.formats.get(name)
+        if fmt is None and (self.backend == "dense" or (not has_zeros and self.backend == "auto")):
+            return self._dense(name, weight, bias, mask if has_zeros else None, shape_before, activation)
+        spec = LayerSpec(name, weight, bias, mask if has_zeros else None, activation, tokens * self.batch_hint,
+                         self.block_hint, self.nm_hint)
+        module, decision = choose_linear(spec, self.backend, fmt)
+        decision.shape_before = shape_before
+        decision.shape_after = tuple(weight.shape)
+        self.report.append(decision)
+        return module, activation is not None
+
+    def _dense(self, name, weight, bias, mask, shape_before, activation):
+        lin = LayerSpec(name, weight, bias).as_linear()
+        if mask is not None:
+            with torch.no_grad():
+                lin.weight.mul_(mask.to(lin.weight.dtype))
+        why = ("dense: backend='dense' requested" if mask is not None else
+               "dense: no unstructured sparsity left after structural slicing")
+        kernel = "torch.linear"
+        if activation is not None:  # fuse the GELU (in place at inference) into the Linear
+            lin, kernel = DenseLinear.from_dense(lin, None, activation), f"torch.linear+{activation}"
+        self.report.append(LayerDecision(
+            name, "sliced" if tuple(weight.shape) != tuple(shape_before) else "kept", "dense", kernel, why,
+            shape_before, tuple(weight.shape), float(mask.float().mean()) if mask is not None else 1.0))
+        return lin, activation is not None

@@ -13,8 +13,8 @@ class LayerDecision:
 
     name:    fully qualified name in the *original* model (e.g. ``blocks.3.mlp.fc1``)
     action:  ``sliced`` | ``packed`` | ``dense`` | ``dropped`` | ``kept`` | ``fallback``
-    fmt:     weight format used: ``dense``, ``bsr(32x32)``, ``2:4`` ...
-    kernel:  the implementation that runs: ``torch.linear``, ``cpp_bsr_avx512``, ``triton_bsr`` ...
+    fmt:     weight format, a format string (:mod:`sparsevit.formats`): ``dense``, ``bsr:32x32``, ``2:4``
+    kernel:  the implementation that runs: ``torch.linear``, ``cpp_bsr_avx512_bf16``, ``triton_bsr`` ...
     reason:  why this choice (and why faster options were not taken)
     shape_before / shape_after: weight shapes around structural slicing
     density: fraction of weights (after slicing) that the kernel still multiplies
