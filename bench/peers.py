@@ -143,16 +143,24 @@ def max_rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- timing
 def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, gap: float,
-                     desc: str = "") -> Dict[str, List[float]]:
+                     desc: str = "", failures: Optional[Dict[str, str]] = None) -> Dict[str, List[float]]:
     """Seconds per call for each engine: every round calls each engine once in turn, sleeping ``gap``
-    seconds before each call so the previous engine's spinning threads go idle first."""
+    seconds before each call so the previous engine's spinning threads go idle first. An engine whose
+    call raises is dropped from ``prepared`` (closed) and its error recorded in ``failures``."""
     from tqdm import tqdm
 
+    failures = {} if failures is None else failures
     times: Dict[str, List[float]] = {k: [] for k in prepared}
     for r in tqdm(range(warmup + rounds), desc=desc, disable=None, leave=False):
-        for label, p in prepared.items():
+        for label, p in list(prepared.items()):
             time.sleep(gap)
-            seconds = p.timed_call()
+            try:
+                seconds = p.timed_call()
+            except Exception as e:  # recorded as this engine's result; the others go on
+                failures[label] = f"failed while timed: {type(e).__name__}: {e}"[:300]
+                prepared.pop(label).close()
+                times.pop(label)
+                continue
             if r >= warmup:
                 times[label].append(seconds)
     return times
@@ -187,7 +195,7 @@ def run_plan(plan_name: str, model: nn.Module, x: torch.Tensor, engines: List[En
     failures = {e.label: why for e in engines if (why := e.missing())}
     prepared = prepare_all(engines, ctx, failures)
     try:
-        times = time_interleaved(prepared, args.rounds, args.warmup, args.gap, desc=ctx.tag)
+        times = time_interleaved(prepared, args.rounds, args.warmup, args.gap, ctx.tag, failures)
         rows = []
         for engine in engines:
             row = {"batch": x.shape[0], "plan": plan_name, "engine": engine.name, "dtype": engine.dtype,
