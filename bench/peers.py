@@ -1,0 +1,380 @@
+"""CPU speed against what users would pick instead: one run, every engine side by side, per plan.
+
+For each plan (rows) every engine (columns) runs the same model with the same random weights and
+masks on the same input: timm in PyTorch eager, torch.compile (Inductor, freezing), ONNX Runtime and
+OpenVINO on an ONNX export of the masked dense model, DeepSparse (in its own venv, when
+``--deepsparse-python`` is given) on an opset-14 export of it, and ``sparsevit.accelerate``.
+Engines are timed in interleaved rounds (A, B, C, ..., then again) with a short sleep between two
+timed calls (idle ORT / OpenMP threads keep spinning for a while after a call and would steal the
+next engine's cores); the cell is the median of ``--rounds`` after ``--warmup``. The ratio is to the
+fastest engine on the dense plan in the same dtype (bf16 engines against bf16 engines), > 1 is
+faster. Every engine's output is checked against PyTorch fp32 on the masked dense model: max
+relative error = max|y - ref| / max|ref|.
+
+Plans (the public pruning API, l1 magnitudes of the random weights):
+    dense                 nothing removed
+    unstructured70/90     prune(method="magnitude_unstructured", criterion="l1", sparsity=0.7/0.9)
+    blocks70              the same with block=(32, 32)
+    heads_mlp50           prune(method="grouped", criterion="l1", sparsity=0.5): heads + MLP channels
+    heads_mlp50+blocks70  heads_mlp50, then 70% of the 32x32 tiles of what it keeps (tiles laid on
+                          the kept rows/columns, l1 per layer, so they are whole tiles after slicing)
+
+ONNX Runtime runs f32 only (its x86 CPU provider is not given a bf16 graph); DeepSparse runs f32.
+OpenVINO's default precision on CPUs with AVX512_BF16 is bf16: it is always set explicitly, and the
+JSON records what the compiled model reports. Install the peers with ``bash bench/setup_peers.sh``.
+
+    python bench/peers.py                                            # DeiT-S 224, batch 8, fp32 + bf16
+    python bench/peers.py --batch 8 1 --rounds 10 --deepsparse-python ~/.cache/sparsevit/deepsparse-venv/bin/python
+    python bench/peers.py --engines torch-eager openvino sparsevit --plans dense blocks70 --dtype f32
+    python bench/peers.py --model vit_tiny_patch16_224 --img-size 32 --model-kwargs '{"depth": 2}' --rounds 2
+
+Writes ``peers.json``, ``peers.md`` and ``peers_b{batch}.png`` into ``--out`` (default bench/out/).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import sparsevit  # noqa: E402
+from peer_engines import ENGINE_TYPES, Engine, PlanContext, Prepared, make_engines  # noqa: E402
+
+BLOCK = (32, 32)
+PANEL_UNSTRUCTURED, PANEL_STRUCTURED = "unstructured", "structured + 32x32 blocks"
+
+
+# ----------------------------------------------------------------------------- plans
+def _unstructured(sparsity: float, block=None) -> Callable:
+    def build(model):
+        return sparsevit.prune(model, method="magnitude_unstructured", criterion="l1", sparsity=sparsity,
+                               block=block, progress=False)
+    return build
+
+
+def _heads_mlp(frac: float = 0.5) -> Callable:
+    def build(model):
+        return sparsevit.prune(model, method="grouped", criterion="l1", sparsity=frac, progress=False)
+    return build
+
+
+def tiles_on_kept(masked: nn.Module, sparsity: float, block=BLOCK) -> Dict[str, torch.Tensor]:
+    """Per block Linear, a mask that removes the ``sparsity`` fraction of lowest-l1 ``block`` tiles of
+    the weight *after* structural slicing: the tiles are laid over the kept rows and columns (those with
+    any non-zero in the masked model), so they stay whole tiles in the sliced weight. Masks are in the
+    original shape, False on what the structure already removed."""
+    masks = {}
+    for name, lin in sparsevit.get_adapter(masked).linear_modules().items():
+        w = lin.weight.detach().float()
+        rows, cols = w.abs().sum(1).nonzero().flatten(), w.abs().sum(0).nonzero().flatten()
+        if len(rows) == 0 or len(cols) == 0:
+            continue
+        kept = w[rows][:, cols].abs()
+        br, bc = block
+        nr, nc = -(-kept.shape[0] // br), -(-kept.shape[1] // bc)
+        padded = torch.zeros(nr * br, nc * bc)
+        padded[:kept.shape[0], :kept.shape[1]] = kept
+        tile_l1 = padded.view(nr, br, nc, bc).sum((1, 3)).flatten()
+        keep_tiles = torch.ones(nr * nc, dtype=torch.bool)
+        keep_tiles[tile_l1.argsort()[:round(sparsity * nr * nc)]] = False
+        keep = keep_tiles.view(nr, nc).repeat_interleave(br, 0).repeat_interleave(bc, 1)
+        mask = torch.zeros(w.shape, dtype=torch.bool)
+        mask[rows.unsqueeze(1), cols.unsqueeze(0)] = keep[:kept.shape[0], :kept.shape[1]]
+        masks[name] = mask
+    return masks
+
+
+def _heads_mlp_then_blocks(frac: float = 0.5, sparsity: float = 0.7) -> Callable:
+    def build(model):
+        plan = _heads_mlp(frac)(model).copy()
+        plan.masks = tiles_on_kept(sparsevit.masked_model(model, plan), sparsity)
+        plan.block = list(BLOCK)
+        plan.meta["then"] = f"{sparsity:.0%} of the {BLOCK[0]}x{BLOCK[1]} tiles of the kept weights (l1, per layer)"
+        return plan
+    return build
+
+
+# name -> (builder, plot panels, label in tables)
+PLANS: Dict[str, Tuple[Callable, Tuple[str, ...], str]] = {
+    "dense": (lambda m: sparsevit.SparsityPlan.dense(m), (PANEL_UNSTRUCTURED, PANEL_STRUCTURED), "dense"),
+    "unstructured70": (_unstructured(0.7), (PANEL_UNSTRUCTURED,), "unstructured 70%"),
+    "unstructured90": (_unstructured(0.9), (PANEL_UNSTRUCTURED,), "unstructured 90%"),
+    "blocks70": (_unstructured(0.7, BLOCK), (PANEL_STRUCTURED,), "32x32 blocks 70%"),
+    "heads_mlp50": (_heads_mlp(0.5), (PANEL_STRUCTURED,), "50% heads+MLP"),
+    "heads_mlp50+blocks70": (_heads_mlp_then_blocks(0.5, 0.7), (PANEL_STRUCTURED,),
+                             "50% heads+MLP, then 32x32 blocks 70%"),
+}
+
+
+# ----------------------------------------------------------------------------- model
+def build_model(name: str, img_size: Optional[int], kwargs: Dict, seed: int = 0) -> nn.Module:
+    """A timm model with random weights (no download). timm initialises biases and norms to 0/1;
+    a small random offset on every parameter makes them non-trivial, so the output check sees them."""
+    import timm
+
+    torch.manual_seed(seed)
+    if img_size:
+        kwargs = dict(kwargs, img_size=img_size)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def max_rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------- timing
+def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, gap: float,
+                     desc: str = "", failures: Optional[Dict[str, str]] = None) -> Dict[str, List[float]]:
+    """Seconds per call for each engine: every round calls each engine once in turn, sleeping ``gap``
+    seconds before each call so the previous engine's spinning threads go idle first. An engine whose
+    call raises is dropped from ``prepared`` (closed) and its error recorded in ``failures``."""
+    from tqdm import tqdm
+
+    failures = {} if failures is None else failures
+    times: Dict[str, List[float]] = {k: [] for k in prepared}
+    for r in tqdm(range(warmup + rounds), desc=desc, disable=None, leave=False):
+        for label, p in list(prepared.items()):
+            time.sleep(gap)
+            try:
+                seconds = p.timed_call()
+            except Exception as e:  # recorded as this engine's result; the others go on
+                failures[label] = f"failed while timed: {type(e).__name__}: {e}"[:300]
+                prepared.pop(label).close()
+                times.pop(label)
+                continue
+            if r >= warmup:
+                times[label].append(seconds)
+    return times
+
+
+def prepare_all(engines: List[Engine], ctx: PlanContext, failures: Dict[str, str]) -> Dict[str, Prepared]:
+    """Build every engine for this plan; one that fails is recorded with its error and left out."""
+    prepared = {}
+    for engine in engines:
+        if engine.label in failures:
+            continue
+        try:
+            prepared[engine.label] = engine.prepare(ctx)
+        except Exception as e:  # a peer that cannot take this model is a result, not a crash
+            failures[engine.label] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            print(f"# {ctx.tag}: {engine.label} failed: {failures[engine.label]}", file=sys.stderr)
+            if os.environ.get("PEERS_DEBUG"):
+                traceback.print_exc()
+    return prepared
+
+
+def run_plan(plan_name: str, model: nn.Module, x: torch.Tensor, engines: List[Engine], args,
+             workdir: str) -> List[Dict]:
+    builder, _, _ = PLANS[plan_name]
+    plan = builder(model)
+    masked = sparsevit.masked_model(model, plan)
+    stats = plan.summary(model, as_dict=True)["total"]
+    with torch.inference_mode():
+        ref = masked(x).float()
+    ctx = PlanContext(model=model, masked=masked, plan=plan, x=x, threads=args.threads, workdir=workdir,
+                      tag=f"{plan_name}.b{x.shape[0]}")
+    failures = {e.label: why for e in engines if (why := e.missing())}
+    prepared = prepare_all(engines, ctx, failures)
+    try:
+        times = time_interleaved(prepared, args.rounds, args.warmup, args.gap, ctx.tag, failures)
+        rows = []
+        for engine in engines:
+            row = {"batch": x.shape[0], "plan": plan_name, "engine": engine.name, "dtype": engine.dtype,
+                   "label": engine.label, "prunable_removed": stats["prunable_removed"],
+                   "mac_reduction": stats["mac_ratio"]}
+            p = prepared.get(engine.label)
+            if p is None:
+                row["skipped"] = failures.get(engine.label, "not prepared")
+            else:
+                t = times[engine.label]
+                row.update(median_ms=1e3 * statistics.median(t), min_ms=1e3 * min(t),
+                           times_ms=[round(1e3 * s, 3) for s in t], info=p.info,
+                           max_rel_err=max_rel_error(p.output(), ref))
+            rows.append(row)
+        return rows
+    finally:
+        for p in prepared.values():
+            p.close()
+        for path in ctx._onnx.values():
+            os.remove(path)
+
+
+def add_ratios(rows: List[Dict]) -> None:
+    """ratio = (fastest engine of the same dtype and batch on the dense plan) / this engine's time."""
+    for row in rows:
+        dense = [r["median_ms"] for r in rows if r["plan"] == "dense" and r["dtype"] == row["dtype"]
+                 and r["batch"] == row["batch"] and "median_ms" in r]
+        if "median_ms" in row and dense:
+            row["ratio"] = min(dense) / row["median_ms"]
+            row["reference_ms"] = min(dense)
+
+
+# ----------------------------------------------------------------------------- output
+def machine_info(args) -> Dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("timm", "onnx", "onnxruntime", "openvino"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": args.threads, "versions": versions,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": "python bench/peers.py " + " ".join(shlex.quote(a) for a in args.argv)}
+
+
+def _cell(row: Optional[Dict]) -> str:
+    if row is None:
+        return ""
+    if "median_ms" not in row:
+        return "n/a"
+    ratio = f" ({row['ratio']:.2f}x)" if "ratio" in row else ""
+    return f"{row['median_ms']:.1f}{ratio}"
+
+
+def markdown(rows: List[Dict], meta: Dict) -> str:
+    """Per batch: a time table (ms, ratio) and an error table; rows = plans, columns = engines."""
+    out = [f"Command: `{meta['command']}`  ",
+           f"Machine: {meta['cpu']}, {meta['threads']} threads per engine; {meta['date']}  ",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
+           f"Median of {meta['rounds']} interleaved rounds after {meta['warmup']} warm-up, "
+           f"{1e3 * meta['gap']:.0f} ms gap between calls; ratio to the fastest dense engine of the same dtype.", ""]
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        mine = [r for r in rows if r["batch"] == batch]
+        labels = list(dict.fromkeys(r["label"] for r in mine))
+        plans = list(dict.fromkeys(r["plan"] for r in mine))
+        by = {(r["plan"], r["label"]): r for r in mine}
+        head = "| plan | MAC reduction | " + " | ".join(labels) + " |"
+        rule = "|---|---:|" + "---:|" * len(labels)
+        out += [f"### batch {batch}: ms (ratio)", "", head, rule]
+        for plan in plans:
+            first = next(r for r in mine if r["plan"] == plan)
+            out.append(f"| {PLANS[plan][2]} | {first['mac_reduction']:.2f}x | "
+                       + " | ".join(_cell(by.get((plan, lb))) for lb in labels) + " |")
+        out += ["", f"### batch {batch}: max relative error vs PyTorch fp32 (masked dense model)", "", head, rule]
+        for plan in plans:
+            first = next(r for r in mine if r["plan"] == plan)
+            cells = [f"{by[(plan, lb)]['max_rel_err']:.1e}" if "max_rel_err" in by.get((plan, lb), {}) else "n/a"
+                     for lb in labels]
+            out.append(f"| {PLANS[plan][2]} | {first['mac_reduction']:.2f}x | " + " | ".join(cells) + " |")
+        out.append("")
+    skipped = {r["label"]: r["skipped"] for r in rows if "skipped" in r}
+    if skipped:
+        out += ["Not measured: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), ""]
+    return "\n".join(out)
+
+
+def plot(rows: List[Dict], path: str, title: str) -> Optional[str]:
+    try:
+        from plots import speedup_vs_sparsity
+    except ImportError:
+        return None
+    points = [{"engine": r["label"], "sparsity": r["prunable_removed"], "speedup": r["ratio"], "panel": panel}
+              for r in rows if "ratio" in r for panel in PLANS[r["plan"]][1]]
+    if not points:
+        return None
+    try:
+        return speedup_vs_sparsity(points, path, title=title, reference="vs fastest dense engine, same dtype",
+                                   panels=[PANEL_UNSTRUCTURED, PANEL_STRUCTURED])
+    except ImportError:  # matplotlib absent: tables only
+        print("# matplotlib not installed: no plot (bash bench/setup_peers.sh)", file=sys.stderr)
+        return None
+
+
+def write_outputs(rows: List[Dict], meta: Dict, out_dir: str, prefix: str = "peers") -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, prefix + ".json"), "md": os.path.join(out_dir, prefix + ".md")}
+    with open(paths["json"], "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(rows, meta) + "\n")
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        png = plot([r for r in rows if r["batch"] == batch], os.path.join(out_dir, f"{prefix}_b{batch}.png"),
+                   f"{meta['model']}, batch {batch}, {meta['threads']} threads ({meta['cpu']})")
+        if png:
+            paths[f"png_b{batch}"] = png
+    return paths
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--model-kwargs", default="", help="JSON kwargs for timm.create_model, e.g. '{\"depth\": 2}'")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (smaller for quick runs)")
+    p.add_argument("--batch", type=int, nargs="+", default=[8])
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--gap", type=float, default=0.05, help="seconds of sleep before each timed call")
+    p.add_argument("--threads", type=int, default=2, help="threads for every engine")
+    p.add_argument("--engines", nargs="+", default=list(ENGINE_TYPES), choices=list(ENGINE_TYPES))
+    p.add_argument("--plans", nargs="+", default=list(PLANS), choices=list(PLANS))
+    p.add_argument("--dtype", nargs="+", default=["f32", "bf16"], choices=["f32", "bf16"])
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
+    p.add_argument("--deepsparse-python", default=None, help="python of DeepSparse's venv (bench/setup_peers.sh)")
+    p.add_argument("--out", default=os.path.join(HERE, "out"), help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if "dense" not in args.plans:
+        print("# no dense plan: ratios are left out (they are relative to the fastest dense engine)", file=sys.stderr)
+    return args
+
+
+def main(argv=None) -> Dict:
+    """Run the comparison; returns {"meta", "rows", "paths"} (also written to ``--out``)."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model = build_model(args.model, args.img_size, kwargs, args.seed)
+    size = model.patch_embed.img_size
+    engines = make_engines(args.engines, args.dtype, args.deepsparse_python, args.compile_mode)
+    meta = dict(machine_info(args), model=args.model, img_size=list(size), rounds=args.rounds,
+                warmup=args.warmup, gap=args.gap)
+    print(f"# peers: {args.model} {tuple(size)}, batch {args.batch}, {args.threads} threads, engines "
+          f"{[e.label for e in engines]}", flush=True)
+    rows: List[Dict] = []
+    with tempfile.TemporaryDirectory(prefix="sparsevit-peers-") as workdir:
+        for batch in args.batch:
+            g = torch.Generator().manual_seed(args.seed + batch)
+            x = torch.randn(batch, 3, *size, generator=g)
+            for plan_name in args.plans:
+                t0 = time.perf_counter()
+                new = run_plan(plan_name, model, x, engines, args, workdir)
+                rows += new
+                print(f"# batch {batch} {plan_name} ({time.perf_counter() - t0:.0f} s): "
+                      + "; ".join(f"{r['label']} {r['median_ms']:.1f} ms err {r['max_rel_err']:.1e}"
+                                  for r in new if "median_ms" in r), flush=True)
+    add_ratios(rows)
+    paths = write_outputs(rows, meta, args.out)
+    print(markdown(rows, meta))
+    print("# wrote " + ", ".join(paths.values()))
+    return {"meta": meta, "rows": rows, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()

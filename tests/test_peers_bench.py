@@ -1,0 +1,87 @@
+"""Smoke test of bench/peers.py: the comparison harness runs end to end on a 2-block ViT at 32x32 with
+whichever peers are installed, skips the others with a reason, and every engine's output agrees with
+PyTorch fp32 on the masked dense model. Times are produced but never checked (speed lives in bench/).
+
+DeepSparse is exercised only when SPARSEVIT_DEEPSPARSE_PYTHON names its venv's python
+(bash bench/setup_peers.sh makes one)."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+import peers  # noqa: E402
+
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs", '{"depth": 2}']
+
+
+def _installed(*modules):
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def test_tiles_on_kept_are_whole_tiles_after_slicing():
+    model = peers.build_model("vit_tiny_patch16_224", 32, {"depth": 2})
+    structured = peers.sparsevit.SparsityPlan.dense(model)
+    for i in range(2):  # heads 0 and 2 of 3, every other MLP channel: the kept rows are scattered
+        structured.blocks[i] = peers.sparsevit.BlockPlan(heads=[0, 2], mlp_channels=list(range(0, 768, 2)))
+    masked = peers.sparsevit.masked_model(model, structured)
+    masks = peers.tiles_on_kept(masked, 0.7)
+    assert set(masks) == set(peers.sparsevit.get_adapter(masked).linear_modules())
+    for name, lin in peers.sparsevit.get_adapter(masked).linear_modules().items():
+        w = lin.weight.detach()
+        kept_rows, kept_cols = w.abs().sum(1) != 0, w.abs().sum(0) != 0
+        assert not masks[name][~kept_rows].any() and not masks[name][:, ~kept_cols].any(), \
+            f"{name}: the mask keeps weights the structure removed"
+        sliced = masks[name][kept_rows][:, kept_cols]
+        r, c = sliced.shape
+        assert r % 32 == 0 and c % 32 == 0, f"{name}: kept shape {tuple(sliced.shape)} not tile-aligned"
+        tiles = sliced.view(r // 32, 32, c // 32, 32).float().mean((1, 3))
+        assert ((tiles == 0) | (tiles == 1)).all(), f"{name}: a 32x32 tile of the sliced weight is split"
+        removed = 1 - float(tiles.mean())
+        assert abs(removed - 0.7) <= 0.5 / tiles.numel() + 1e-6, f"{name}: {removed:.3f} of tiles removed"
+
+
+def test_harness_runs_and_outputs_agree(tmp_path):
+    ds_python = os.environ.get("SPARSEVIT_DEEPSPARSE_PYTHON")
+    engines = ["torch-eager", "onnxruntime", "openvino", "sparsevit"] + (["deepsparse"] if ds_python else [])
+    argv = TINY + ["--batch", "3", "--rounds", "1", "--warmup", "0", "--gap", "0", "--dtype", "f32",
+                   "--plans", "dense", "heads_mlp50+blocks70", "--engines", *engines, "--out", str(tmp_path)]
+    if ds_python:
+        argv += ["--deepsparse-python", ds_python]
+    result = peers.main(argv)
+    rows = {(r["plan"], r["engine"]): r for r in result["rows"]}
+    expected = {"torch-eager": True, "sparsevit": True, "deepsparse": bool(ds_python),
+                "onnxruntime": _installed("onnx", "onnxruntime"), "openvino": _installed("onnx", "openvino")}
+    for plan in ("dense", "heads_mlp50+blocks70"):
+        for engine in engines:
+            row = rows[(plan, engine)]
+            if not expected[engine]:
+                assert "skipped" in row and "not installed" in row["skipped"], row
+                continue
+            assert "skipped" not in row, f"{engine} on {plan} failed: {row.get('skipped')}"
+            assert row["median_ms"] > 0 and row["batch"] == 3
+            assert row["max_rel_err"] < 1e-4, f"{engine} on {plan}: max relative error {row['max_rel_err']:.2e}"
+    assert rows[("heads_mlp50+blocks70", "sparsevit")]["mac_reduction"] > 2.0
+    assert max(r["ratio"] for r in result["rows"] if r["plan"] == "dense" and "ratio" in r) == pytest.approx(1.0)
+    saved = json.loads((tmp_path / "peers.json").read_text())
+    assert len(saved["rows"]) == len(result["rows"]) and saved["meta"]["threads"] == 2
+    table = (tmp_path / "peers.md").read_text()
+    assert "50% heads+MLP, then 32x32 blocks 70%" in table and "max relative error" in table
+    if _installed("matplotlib"):
+        assert (tmp_path / "peers_b3.png").stat().st_size > 1000
+
+
+def test_deepsparse_without_python_is_skipped_with_reason():
+    engine = peers.make_engines(["deepsparse"], ["f32", "bf16"])
+    assert [e.label for e in engine] == ["deepsparse f32"]
+    assert "--deepsparse-python" in engine[0].missing()
+
+
+def test_max_rel_error_scales_by_reference():
+    ref = torch.tensor([[2.0, -4.0], [1.0, 0.5]])
+    assert peers.max_rel_error(ref, ref) == 0.0
+    assert peers.max_rel_error(ref + torch.tensor([[0.0, 0.4], [0.0, 0.0]]), ref) == pytest.approx(0.1)
