@@ -116,8 +116,8 @@ def _kappa_for(adapter, sparsity: Optional[float], nm) -> float:
     return removal_budget(adapter, float(sparsity), maskable) / maskable
 
 
-def _fresh_state(work: nn.Module, opt) -> Dict:
-    return {"model": work.state_dict(), "opt": opt.state_dict(), "epoch": 0, "dense_acc": -1.0,
+def _fresh_state(work: nn.Module, opt, kappa: float) -> Dict:
+    return {"kappa": kappa, "model": work.state_dict(), "opt": opt.state_dict(), "epoch": 0, "dense_acc": -1.0,
             "accs": [], "best_acc": -1.0, "best_mask": {}, "stopped": ""}
 
 
@@ -196,9 +196,12 @@ def art(model, *, criterion: str = "magnitude", sparsity: Optional[float] = 0.5,
     if device is not None:
         work.to(device)
     opt = torch.optim.AdamW(work.parameters(), lr=lr, weight_decay=weight_decay)
-    state = _fresh_state(work, opt)
+    state = _fresh_state(work, opt, kappa)
     if resume:
         state = _load_state(resume)
+        if abs(float(state.get("kappa", -1)) - kappa) > 1e-9:
+            raise CheckpointError(f"{resume} was written for kappa={state.get('kappa')} but this run prunes "
+                                  f"kappa={kappa:.6f}; resume with the same sparsity / nm, or start afresh.")
         work.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
     hs = HyperSparseLoss(kappa)

@@ -116,13 +116,17 @@ def remove_lowest(scores: torch.Tensor, sizes: Optional[torch.Tensor], n_remove:
     removed = torch.zeros(flat.numel(), dtype=torch.bool)
     if n_remove <= 0 or flat.numel() == 0:
         return removed.view(scores.shape)
-    order = torch.argsort(flat, stable=True)
-    if sizes is None:
+    if sizes is None:  # a selection instead of a full sort; ties go to the earlier positions
         k = min(int(math.ceil(n_remove - 1e-9)), flat.numel())
-    else:
-        cum = sizes.flatten().double()[order].cumsum(0)
-        target = torch.tensor(float(n_remove) - 1e-9, dtype=torch.float64)
-        k = min(int(torch.searchsorted(cum, target)) + 1, flat.numel())
+        thr = flat.kthvalue(k).values
+        removed = flat < thr
+        ties = torch.nonzero(flat == thr).flatten()
+        removed[ties[: k - int(removed.sum())]] = True
+        return removed.view(scores.shape)
+    order = torch.argsort(flat, stable=True)
+    cum = sizes.flatten().double()[order].cumsum(0)
+    target = torch.tensor(float(n_remove) - 1e-9, dtype=torch.float64)
+    k = min(int(torch.searchsorted(cum, target)) + 1, flat.numel())
     removed[order[:k]] = True
     return removed.view(scores.shape)
 
