@@ -14,6 +14,7 @@ from helpers import IMG, make_model, rel_err
 from sparsevit.errors import CheckpointError
 from sparsevit.prune import tiles
 from sparsevit.prune.hypersparse import HyperSparseLoss
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def _weights(seed=0, dtype=torch.float64):

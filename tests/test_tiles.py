@@ -7,6 +7,7 @@ import torch
 from sparsevit.prune import tiles
 from sparsevit.prune.criteria import lamp_scores
 from sparsevit.prune.dimap import lamp_of_tiles
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 SHAPES = [(37, 50), (64, 96), (33, 17)]
 BLOCKS = [(1, 1), (1, 4), (1, 8), (16, 16), (32, 32), (5, 3)]

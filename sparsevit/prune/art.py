@@ -162,7 +162,7 @@ def _run_schedule(work, data, opt, loss_fn, hs, state, cfg, checkpoint, progress
     bar.close()
 
 
-@register_method("art", criteria=("magnitude", "l1"), aliases=("hypersparse",), needs_data=True)
+@register_method("art", criteria=None, aliases=("hypersparse",), needs_data=True)
 def art(model, *, criterion: str = "magnitude", sparsity: Optional[float] = 0.5, data=None,
         loss_fn: Optional[Callable] = None, warmup: int = 2, max_epochs: int = 30, alpha0: float = 5e-6,
         growth: float = 1.05, lr: float = 1e-4, weight_decay: float = 0.0, finetune_epochs: float = 1,
@@ -183,6 +183,7 @@ def art(model, *, criterion: str = "magnitude", sparsity: Optional[float] = 0.5,
         eval_batches: batches of ``data`` used for the training-accuracy checks (None: all).
         checkpoint / resume: write the state after every epoch / continue from such a file.
         return_model: return ``(plan, trained_masked_model)`` instead of the plan alone.
+    ``criterion`` is ignored: ART always prunes by global magnitude (``meta["criterion"]``).
     """
     torch.manual_seed(seed)
     if data is None:

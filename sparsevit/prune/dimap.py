@@ -75,7 +75,7 @@ def _check_sparsity(sparsity) -> float:
     return s
 
 
-@register_method("dimap", criteria=("lamp",), aliases=("module_aware",))
+@register_method("dimap", criteria=None, aliases=("module_aware",))
 def dimap(model, *, criterion: str = "lamp", sparsity: Optional[float] = 0.5, data=None,
           scope: str = "module", block: Optional[Sequence[int]] = None, nm: Optional[Sequence[int]] = None,
           reduce: str = "mean", **_ignored) -> SparsityPlan:
@@ -88,7 +88,8 @@ def dimap(model, *, criterion: str = "lamp", sparsity: Optional[float] = 0.5, da
         block: tile shape ``(bh, bw)`` removed whole (``None``/``(1, 1)``: unstructured).
         nm: ``(n, m)`` N:M along the input dim instead (fixes the sparsity; ``sparsity`` is ignored).
         reduce: tile energy, ``mean`` (default) / ``sum`` / ``max`` of the squared weights.
-    ``data`` is not used (data-free). The model is not modified. ``plan.meta["modules"]`` holds each
+    ``data`` is not used (data-free); ``criterion`` is ignored (DIMAP always scores with LAMP; the
+    plan's ``meta["criterion"]`` says so). The model is not modified. ``plan.meta["modules"]`` holds each
     module's achieved weight sparsity.
     """
     if scope not in ("module", "model"):
