@@ -20,7 +20,7 @@ def model(request):
 
 
 def _lamp(model, name):
-    return D.lamp_of_tiles(dict(model.named_parameters())[name + ".weight"].detach().square())
+    return tiles.lamp_of_tiles(dict(model.named_parameters())[name + ".weight"].detach().square())
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])

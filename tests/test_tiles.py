@@ -6,7 +6,6 @@ import torch
 
 from sparsevit.prune import tiles
 from sparsevit.prune.criteria import lamp_scores
-from sparsevit.prune.dimap import lamp_of_tiles
 from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 SHAPES = [(37, 50), (64, 96), (33, 17)]
@@ -100,4 +99,4 @@ def test_lamp_scores_match_definition():
         ref[j] = flat[j] ** 2 / (flat.abs() >= flat[j].abs()).double().mul(flat ** 2).sum()
     assert torch.allclose(lamp_scores(w).double().flatten(), ref, rtol=1e-5)
     # 1x1 tiles: LAMP of tile energies is the per-weight LAMP score
-    assert torch.allclose(lamp_of_tiles(w.square()), ref.view_as(w), rtol=1e-5)
+    assert torch.allclose(tiles.lamp_of_tiles(w.square()), ref.view_as(w), rtol=1e-5)

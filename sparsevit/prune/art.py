@@ -17,10 +17,12 @@ If the stop rule never fires within ``max_epochs`` ART epochs, a warning says so
 found is used (``plan.meta["art"]["stopped"] = "max_epochs"``).
 
 Scale of ``alpha0``: HyperSparse's per-weight gradient is O(1) whatever the model size (see
-:mod:`sparsevit.prune.hypersparse`), so the paper's 5e-6 carries over to small ViTs without a
-size factor. What does not carry over is the run length: the paper grows alpha over ~100 epochs
-(1.05^100 = 131x). For short runs raise ``growth`` (e.g. 1.5) or ``alpha0`` so the regulariser
-becomes comparable with the task gradients within the budget; both are recorded in ``plan.meta``.
+:mod:`sparsevit.prune.hypersparse`), so the paper's 5e-6 needs no size factor. Measured on a
+4-block, 96-wide ViT on the digits after 3 dense epochs: mean |dCE/dw| ~3e-4 and mean |dHS/dw|
+~0.9 over the Linear weights, so at 5e-6 the regulariser is ~1.5% of the task gradient and reaches
+parity only after ~86 ART epochs at growth 1.05: the paper's long schedule. What does not carry
+over is the run length: for short runs raise ``growth`` (e.g. 1.5) or ``alpha0`` (e.g. 1e-4) so the
+two meet within the budget; both are recorded in ``plan.meta["art"]``.
 
 Resumable: with ``checkpoint=path`` the state (weights, optimiser, epoch, accuracies, best mask) is
 written atomically after every epoch; ``resume=path`` continues from it (loaded with

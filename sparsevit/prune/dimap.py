@@ -32,7 +32,6 @@ from sparsevit.errors import PlanError
 from sparsevit.models import get_adapter
 from sparsevit.plan import BlockPlan, SparsityPlan
 from sparsevit.prune import tiles
-from sparsevit.prune.criteria import lamp_scores
 from sparsevit.prune.registry import register_method
 
 MODULES = {"qkv": ("qkv",), "proj": ("proj",), "mlp": ("fc1", "fc2")}
@@ -48,11 +47,6 @@ def module_layers(adapter) -> Dict[str, Dict[str, torch.nn.Linear]]:
             for role in roles:
                 out[module][names[role]] = getattr(b, role)
     return out
-
-
-def lamp_of_tiles(t: torch.Tensor) -> torch.Tensor:
-    """LAMP over tiles whose energy (mean squared weight) is ``t``; exact per-weight LAMP for 1x1."""
-    return lamp_scores(t.clamp_min(0).sqrt()).double()
 
 
 def removal_budget(adapter, sparsity: float, maskable: int) -> float:
@@ -103,7 +97,7 @@ def dimap(model, *, criterion: str = "lamp", sparsity: Optional[float] = 0.5, da
     s = None if nm_t is not None else _check_sparsity(sparsity)
     n_remove = None if nm_t is not None else removal_budget(adapter, s, maskable)
     energy = {k: {n: w.square() for n, w in layers.items()} for k, layers in weights.items()}
-    kw = dict(block=None if nm_t else blk, nm=nm_t, reduce=reduce, transform=lamp_of_tiles)
+    kw = dict(block=None if nm_t else blk, nm=nm_t, reduce=reduce, transform=tiles.lamp_of_tiles)
     masks: Dict[str, torch.Tensor] = {}
     if scope == "model":
         flat = {n: e for layers in energy.values() for n, e in layers.items()}

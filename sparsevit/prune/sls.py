@@ -13,8 +13,11 @@ from the last block while ``SC_i >= T``; the lowest block reached, ``i*``, is th
 ``i* + 1 ...`` are dropped. When the last block itself is below ``T`` (only possible for a negative
 ``SC_last``) nothing is cut.
 
+Features are the raw block outputs (before the final norm), as in the authors' code.
+
 The plan records ``depth`` (later blocks become identity; Swin keeps its patch-merging layers, so
-the head still receives the width it was trained on) and ``meta["sls_scores"]`` (one SC per block),
+the head still receives the width it was trained on; the authors' code instead skips whole later
+stages, merging included, which a plan cannot express without changing the head's input width) and ``meta["sls_scores"]`` (one SC per block),
 ``meta["sls_threshold"]``, ``meta["sls_feature"]``. Afterwards only the head is retrained, backbone
 frozen (:func:`sls_retrain_head`).
 

@@ -193,6 +193,17 @@ def is_tile_aligned(mask: torch.Tensor, block: Sequence[int]) -> bool:
     return bool(((kept == 0) | (kept == tile_sizes(mask.shape, blk))).all())
 
 
+def lamp_of_tiles(energy: torch.Tensor) -> torch.Tensor:
+    """LAMP over tiles whose energy (reduced squared weight, see :func:`tile_scores`) is ``energy``.
+
+    Treats each tile as one "weight" of magnitude ``sqrt(energy)`` in LAMP's formula, so for 1x1
+    tiles it is exactly the per-weight LAMP score of :func:`sparsevit.prune.criteria.lamp_scores`.
+    """
+    from sparsevit.prune.criteria import lamp_scores
+
+    return lamp_scores(energy.clamp_min(0).sqrt()).double()
+
+
 def _numel(shape: Sequence[int]) -> int:
     return int(shape[0]) * int(shape[1])
 
