@@ -107,20 +107,21 @@ def _small_vit():
 
 
 def _scripted_accuracy(monkeypatch, values):
-    """Replace the training-accuracy measurement: the dense model's first (when measured), then one
-    value per ART epoch."""
+    """Replace the training-accuracy measurement: per ART epoch the dense model's, then the pruned copy's."""
     values = iter(values)
     monkeypatch.setattr(A, "evaluate", lambda model, data, num_batches=None: next(values))
 
 
 def test_stop_rule_averages_three_epochs(monkeypatch):
     m = _small_vit()
-    # dense 0.60; pruned 0.3, 0.7, 0.7 -> means 0.30, 0.50, 0.567, then 0.7, 0.7, 0.75 -> 0.717 > 0.6 stops
-    _scripted_accuracy(monkeypatch, [0.6, 0.3, 0.7, 0.7, 0.75, 0.9, 0.9])
+    # per epoch (dense, pruned): pruned 0.3, 0.7, 0.7 -> means 0.30, 0.50, 0.567 stay below the dense 0.6;
+    # then 0.75 -> mean(0.7, 0.7, 0.75) = 0.717 > 0.6 stops after 4 epochs
+    _scripted_accuracy(monkeypatch, [0.6, 0.3, 0.6, 0.7, 0.6, 0.7, 0.6, 0.75, 0.6, 0.9])
     plan = A.art(m, sparsity=0.5, data=_data("vit_tiny", batches=1), warmup=0, max_epochs=10, progress=False)
     info = plan.meta["art"]
     assert info["stopped"] == "rule" and info["art_epochs"] == 4
-    assert info["best_pruned_train_acc"] == 0.75
+    assert info["best_mean_pruned_train_acc"] == pytest.approx((0.7 + 0.7 + 0.75) / 3)
+    assert info["dense_train_acc"] == [0.6] * 4
 
 
 def test_cap_warns_and_resume_continues(monkeypatch, tmp_path):
@@ -131,13 +132,13 @@ def test_cap_warns_and_resume_continues(monkeypatch, tmp_path):
         first = A.art(m, sparsity=0.5, data=_data("vit_tiny", batches=1), warmup=1, max_epochs=1,
                       progress=False, checkpoint=ck)
     assert first.meta["art"]["stopped"] == "max_epochs"
-    _scripted_accuracy(monkeypatch, [0.95])  # the dense accuracy comes from the checkpoint
+    _scripted_accuracy(monkeypatch, [0.9, 0.95])
     with pytest.warns(UserWarning, match="after 2 ART epochs"):  # mean(0.2, 0.95) < 0.9
         second = A.art(m, sparsity=0.5, data=_data("vit_tiny", batches=1), warmup=1, max_epochs=2,
                        progress=False, resume=ck)
     info = second.meta["art"]
     assert info["pruned_train_acc"] == [0.2, 0.95] and info["art_epochs"] == 2
-    assert info["dense_train_acc"] == 0.9
+    assert info["dense_train_acc"] == [0.9, 0.9]
 
 
 def test_resume_refuses_a_foreign_file(tmp_path):

@@ -2,13 +2,15 @@
 
 Schedule (``method="art"``, on a copy of the model; the user's model is never touched):
 
-1. Dense warm-up: ``warmup`` epochs of plain cross-entropy. The dense model's training accuracy
-   (eval mode, on ``data``) is the bar to beat.
+1. Dense warm-up: ``warmup`` epochs of plain cross-entropy.
 2. ART epochs ``e = 0, 1, ...``: loss ``CE + alpha_e * HS(w)`` with ``alpha_e = alpha0 * growth**e``
-   (paper: 5e-6 and 1.05). After each epoch a copy is pruned to ``kappa`` by global magnitude (in
-   the chosen tile / N:M shape) and its training accuracy measured; the mean over the last 3 epochs
-   (fewer at the start) is compared with the dense accuracy. The first time it beats it, ART stops.
-   The mask of the best pruned copy so far is kept ("frozen").
+   (paper: 5e-6 and 1.05). After each epoch the (dense, regularised) model's training accuracy is
+   measured, then a copy is pruned to ``kappa`` by global magnitude (in the chosen tile / N:M shape)
+   and its training accuracy measured the same way (eval mode, on ``data``). The mean of the pruned
+   accuracies over the last 3 epochs (fewer at the start) is compared with the dense accuracy of the
+   same epoch, as the authors' code does (the bar is the current dense model, not the warm-up one:
+   an under-trained warm-up would otherwise stop ART at once). When it beats it, ART stops.
+   Frozen mask: the middle epoch's mask of the 3-epoch window with the best mean (authors' rule).
 3. Fine-tune ``finetune_epochs`` with that mask (removed weights stay exactly zero).
 
 ``kappa`` is the fraction of the Linear weights removed that meets ``sparsity`` (the fraction of the
@@ -102,10 +104,15 @@ def _load_state(path: str) -> Dict:
     if not os.path.exists(path):
         raise CheckpointError(f"resume file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path} is not an ART checkpoint written by sparsevit ({exc}); "
                               "start without resume=.") from None
+    missing = sorted(set(_fresh_state_keys()) - set(state)) if isinstance(state, dict) else ["(not a dict)"]
+    if missing:
+        raise CheckpointError(f"{path} is not an ART checkpoint of this sparsevit version (missing {missing}); "
+                              "start without resume=.")
+    return state
 
 
 def _kappa_for(adapter, sparsity: Optional[float], nm) -> float:
@@ -118,9 +125,13 @@ def _kappa_for(adapter, sparsity: Optional[float], nm) -> float:
     return removal_budget(adapter, float(sparsity), maskable) / maskable
 
 
+def _fresh_state_keys():
+    return ("kappa", "model", "opt", "epoch", "dense_accs", "accs", "window", "best_mean", "best_mask", "stopped")
+
+
 def _fresh_state(work: nn.Module, opt, kappa: float) -> Dict:
-    return {"kappa": kappa, "model": work.state_dict(), "opt": opt.state_dict(), "epoch": 0, "dense_acc": -1.0,
-            "accs": [], "best_acc": -1.0, "best_mask": {}, "stopped": ""}
+    return {"kappa": kappa, "model": work.state_dict(), "opt": opt.state_dict(), "epoch": 0, "dense_accs": [],
+            "accs": [], "window": [], "best_mean": -1.0, "best_mask": {}, "stopped": ""}
 
 
 def _art_epoch(work, data, opt, loss_fn, hs, state, cfg) -> None:
@@ -128,14 +139,17 @@ def _art_epoch(work, data, opt, loss_fn, hs, state, cfg) -> None:
     e = state["epoch"] - cfg["warmup"]
     alpha = cfg["alpha0"] * cfg["growth"] ** e
     _train_epoch(work, data, opt, loss_fn, hs, alpha)
+    dense = evaluate(work, data, num_batches=cfg["eval_batches"])
     masks = magnitude_masks(work, cfg["kappa"], cfg["block"], cfg["nm"], cfg["reduce"])
     acc = evaluate(_apply(copy.deepcopy(work), masks), data, num_batches=cfg["eval_batches"])
+    state["dense_accs"].append(dense)
     state["accs"].append(acc)
-    if acc > state["best_acc"]:
-        state["best_acc"], state["best_mask"] = acc, masks
+    state["window"] = (state["window"] + [masks])[-AVERAGE_OVER:]
+    mean = sum(state["accs"][-AVERAGE_OVER:]) / len(state["window"])
+    if mean > state["best_mean"]:  # the best window's middle epoch gives the frozen mask
+        state["best_mean"], state["best_mask"] = mean, state["window"][len(state["window"]) // 2]
     state["epoch"] += 1
-    recent = state["accs"][-AVERAGE_OVER:]
-    if sum(recent) / len(recent) > state["dense_acc"]:
+    if mean > dense:
         state["stopped"] = "rule"
 
 
@@ -150,14 +164,13 @@ def _run_schedule(work, data, opt, loss_fn, hs, state, cfg, checkpoint, progress
             _train_epoch(work, data, opt, loss_fn, None, 0.0)
             state["epoch"] += 1
         else:
-            if state["dense_acc"] < 0:
-                state["dense_acc"] = evaluate(work, data, num_batches=cfg["eval_batches"])
             if state["epoch"] - cfg["warmup"] >= cfg["max_epochs"]:
                 state["stopped"] = "max_epochs"
                 break
             _art_epoch(work, data, opt, loss_fn, hs, state, cfg)
         bar.update(1)
-        bar.set_postfix(dense=f"{state['dense_acc']:.3f}", pruned=f"{state['best_acc']:.3f}")
+        if state["accs"]:
+            bar.set_postfix(dense=f"{state['dense_accs'][-1]:.3f}", pruned=f"{state['accs'][-1]:.3f}")
         if checkpoint:
             state["model"], state["opt"] = work.state_dict(), opt.state_dict()
             _save_state(checkpoint, state)
@@ -211,8 +224,9 @@ def art(model, *, criterion: str = "magnitude", sparsity: Optional[float] = 0.5,
     _run_schedule(work, data, opt, loss_fn or _ce, hs, state, cfg, checkpoint, progress)
     if state["stopped"] == "max_epochs":
         warnings.warn(f"ART's stop rule never fired: after {cfg['max_epochs']} ART epochs the pruned copy's "
-                      f"training accuracy (best {state['best_acc']:.4f}) never beat the dense one "
-                      f"({state['dense_acc']:.4f}); using the best mask found. Raise max_epochs, alpha0 or "
+                      f"training accuracy (best 3-epoch mean {state['best_mean']:.4f}) never beat the dense "
+                      f"model's ({state['dense_accs'][-1] if state['dense_accs'] else float('nan'):.4f}); "
+                      "using the best mask found. Raise max_epochs, alpha0 or "
                       "growth for a stronger regulariser.", stacklevel=2)
     if not state["best_mask"]:  # max_epochs=0: prune the warmed-up weights directly
         state["best_mask"] = magnitude_masks(work, kappa, blk, nm_t, reduce)
@@ -230,7 +244,7 @@ def art(model, *, criterion: str = "magnitude", sparsity: Optional[float] = 0.5,
                  "target": {"sparsity": sparsity} if nm_t is None else {"nm": list(nm_t)}, "reduce": reduce,
                  "art": {"kappa": round(kappa, 6), "alpha0": alpha0, "growth": growth, "warmup": int(warmup),
                          "art_epochs": len(state["accs"]), "stopped": state["stopped"],
-                         "dense_train_acc": state["dense_acc"], "pruned_train_acc": state["accs"],
-                         "best_pruned_train_acc": state["best_acc"], "finetune_epochs": finetune_epochs},
+                         "dense_train_acc": state["dense_accs"], "pruned_train_acc": state["accs"],
+                         "best_mean_pruned_train_acc": state["best_mean"], "finetune_epochs": finetune_epochs},
                  "stats": stats}
     return (plan, trained) if return_model else plan
