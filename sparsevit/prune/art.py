@@ -33,7 +33,6 @@ written atomically after every epoch; ``resume=path`` continues from it (loaded 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 from typing import Callable, Dict, Optional, Sequence
@@ -177,6 +176,24 @@ def _run_schedule(work, data, opt, loss_fn, hs, state, cfg, checkpoint, progress
     bar.close()
 
 
+def _art_plan(adapter, state: Dict, cfg: Dict, sparsity, finetune_epochs) -> SparsityPlan:
+    """The plan of the frozen mask, with the schedule's history in ``meta["art"]``."""
+    nm_t, blk = cfg["nm"], cfg["block"]
+    plan = SparsityPlan(family=adapter.family, blocks=[BlockPlan() for _ in adapter.blocks],
+                        masks={n: m.bool() for n, m in state["best_mask"].items() if not bool(m.all())},
+                        block=None if nm_t else list(blk), nm=list(nm_t) if nm_t else None,
+                        signature=adapter.signature())
+    stats = adapter.count(plan)
+    plan.meta = {"method": "art", "criterion": "magnitude", "sparsity": round(stats["total"]["prunable_removed"], 6),
+                 "target": {"sparsity": sparsity} if nm_t is None else {"nm": list(nm_t)}, "reduce": cfg["reduce"],
+                 "art": {"kappa": round(cfg["kappa"], 6), "alpha0": cfg["alpha0"], "growth": cfg["growth"],
+                         "warmup": cfg["warmup"], "art_epochs": len(state["accs"]), "stopped": state["stopped"],
+                         "dense_train_acc": state["dense_accs"], "pruned_train_acc": state["accs"],
+                         "best_mean_pruned_train_acc": state["best_mean"], "finetune_epochs": finetune_epochs},
+                 "stats": stats}
+    return plan
+
+
 @register_method("art", criteria=None, aliases=("hypersparse",), needs_data=True)
 def art(model, *, criterion: str = "magnitude", sparsity: Optional[float] = 0.5, data=None,
         loss_fn: Optional[Callable] = None, warmup: int = 2, max_epochs: int = 30, alpha0: float = 5e-6,
@@ -230,21 +247,10 @@ def art(model, *, criterion: str = "magnitude", sparsity: Optional[float] = 0.5,
                       "growth for a stronger regulariser.", stacklevel=2)
     if not state["best_mask"]:  # max_epochs=0: prune the warmed-up weights directly
         state["best_mask"] = magnitude_masks(work, kappa, blk, nm_t, reduce)
-    plan = SparsityPlan(family=adapter.family, blocks=[BlockPlan() for _ in adapter.blocks],
-                        masks={n: m.bool() for n, m in state["best_mask"].items() if not bool(m.all())},
-                        block=None if nm_t else list(blk), nm=list(nm_t) if nm_t else None,
-                        signature=adapter.signature())
+    plan = _art_plan(adapter, state, cfg, sparsity, finetune_epochs)
     trained = None
     if return_model:  # the masks do not depend on the fine-tune: only run it when its weights are wanted
         trained = finetune(work, plan, data, epochs=finetune_epochs, lr=finetune_lr or lr, loss_fn=loss_fn,
                            inplace=True, progress=progress) if finetune_epochs > 0 else \
             _apply(work, {n: state["best_mask"][n] for n in adapter.linear_modules()}).eval()
-    stats = adapter.count(plan)
-    plan.meta = {"method": "art", "criterion": "magnitude", "sparsity": round(stats["total"]["prunable_removed"], 6),
-                 "target": {"sparsity": sparsity} if nm_t is None else {"nm": list(nm_t)}, "reduce": reduce,
-                 "art": {"kappa": round(kappa, 6), "alpha0": alpha0, "growth": growth, "warmup": int(warmup),
-                         "art_epochs": len(state["accs"]), "stopped": state["stopped"],
-                         "dense_train_acc": state["dense_accs"], "pruned_train_acc": state["accs"],
-                         "best_mean_pruned_train_acc": state["best_mean"], "finetune_epochs": finetune_epochs},
-                 "stats": stats}
     return (plan, trained) if return_model else plan
