@@ -11,6 +11,7 @@ import types
 from typing import Callable, Iterable, Optional
 
 from sparsevit.prune.finetune import evaluate, finetune  # noqa: F401
+from sparsevit.prune.hypersparse import HyperSparseLoss  # noqa: F401
 from sparsevit.prune.registry import available_methods, get_method, register_method  # noqa: F401
 
 

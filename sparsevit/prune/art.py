@@ -46,7 +46,7 @@ from sparsevit.errors import CheckpointError
 from sparsevit.models import get_adapter
 from sparsevit.plan import BlockPlan, SparsityPlan
 from sparsevit.prune import tiles
-from sparsevit.prune.criteria import _batches, _device_of
+from sparsevit.prune.batches import iter_batches, model_device
 from sparsevit.prune.dimap import removal_budget
 from sparsevit.prune.finetune import evaluate, finetune
 from sparsevit.prune.hypersparse import HyperSparseLoss
@@ -79,9 +79,9 @@ def _ce(out, y):
 
 def _train_epoch(work, data, opt, loss_fn, hs: Optional[HyperSparseLoss], alpha: float) -> float:
     work.train()
-    dev = _device_of(work)
+    dev = model_device(work)
     total, n = 0.0, 0
-    for x, y in _batches(data, None):
+    for x, y in iter_batches(data, None):
         x, y = x.to(dev), y.to(dev)
         loss = loss_fn(work(x), y)
         if hs is not None and alpha > 0:

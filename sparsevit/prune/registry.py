@@ -19,6 +19,9 @@ METHOD_MODULES: Tuple[str, ...] = (
     "sparsevit.prune.grouped",
     "sparsevit.prune.unstructured",
     "sparsevit.prune.p3b",
+    "sparsevit.prune.sls",
+    "sparsevit.prune.dimap",
+    "sparsevit.prune.art",
 )
 
 

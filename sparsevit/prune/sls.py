@@ -37,7 +37,7 @@ from torch import nn
 
 from sparsevit.models import get_adapter, masked_model
 from sparsevit.plan import BlockPlan, SparsityPlan
-from sparsevit.prune.criteria import _batches, _device_of
+from sparsevit.prune.batches import iter_batches, model_device
 from sparsevit.prune.registry import register_method
 
 
@@ -61,9 +61,9 @@ def block_features(model: nn.Module, data: Iterable, *, num_batches: Optional[in
     hooks = [b.block.register_forward_hook(lambda mod, inp, out, i=i: feats[i].append(_pool(out, use_cls).float().cpu()))
              for i, b in enumerate(adapter.blocks)]
     labels, seen = [], 0
-    dev = _device_of(work)
+    dev = model_device(work)
     try:
-        for x, y in _batches(data, num_batches):
+        for x, y in iter_batches(data, num_batches):
             if max_samples is not None and seen >= max_samples:
                 break
             work(x.to(dev))
@@ -156,9 +156,9 @@ def sls_retrain_head(model: nn.Module, plan: SparsityPlan, data: Iterable, *, ep
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     work.eval()
-    dev = _device_of(work)
+    dev = model_device(work)
     for _ in tqdm(range(int(epochs)), desc="sls head", disable=None if progress else True, leave=False):
-        for x, y in _batches(data, None):
+        for x, y in iter_batches(data, None):
             out = work(x.to(dev))
             loss = loss_fn(out[0] if isinstance(out, (tuple, list)) else out, y.to(dev))
             opt.zero_grad(set_to_none=True)
