@@ -217,3 +217,28 @@ def test_opcheck(dtype):
         torch.library.opcheck(torch.ops.sparsevit.fine_linear.default,
                               (x, fw.values, fw.col_indices, fw.row_ptr, fw.seg_ptr, 11, 19, bias, act),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_tiles_and_row_ranges(dtype):
+    """Every token-tile width (1-8 vectors, a short last tile), row ranges split at the L2 cap
+    (out > 256 rows) and the 2-thread split give the float64 result."""
+    x, fw, b = _case(197, 530, 300, 1, 0.8, dtype, True, seed=7)
+    isa_name = torch.ops.sparsevit_C.fine_linear_isa(-1)
+    width = 8 if "avx2" in isa_name else 16
+    tiles = [0] + [v * width for v in range(1, (4 if "avx2" in isa_name else 8) + 1)]
+    threads = torch.get_num_threads()
+    try:
+        for nth in (1, 2):
+            torch.set_num_threads(nth)
+            for tt in tiles:
+                y = torch.ops.sparsevit_C.fine_linear(x, fw.values, fw.col_indices, fw.seg_ptr, b, 530, 300,
+                                                      fw.unit, 1, -1, tt)
+                _assert_close_to_ref(y, x, fw, b, "gelu", f"{dtype} token_tile={tt} threads={nth}")
+    finally:
+        torch.set_num_threads(threads)
+    for bad in (width + 1, 1024, -width):
+        with pytest.raises(RuntimeError, match="token_tile"):
+            torch.ops.sparsevit_C.fine_linear(x, fw.values, fw.col_indices, fw.seg_ptr, b, 530, 300, fw.unit, 0,
+                                              -1, bad)

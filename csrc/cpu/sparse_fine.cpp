@@ -8,7 +8,8 @@
 //
 // Ops registered here:
 //   fine_linear(x[T,in], values[nnz,U], col_indices[nnz], seg_ptr[out,nseg+1], bias?, out_features,
-//               in_features, unit, act, isa) -> y[T,out]   act: 0 none, 1 gelu(erf), 2 gelu(tanh)
+//               in_features, unit, act, isa, token_tile=0) -> y[T,out]
+//               act: 0 none, 1 gelu(erf), 2 gelu(tanh); token_tile: tokens per packed tile (0: max)
 //   fine_linear_isa(isa) -> str     kernel name that `isa` resolves to on this CPU ("" = none)
 // Column indices are trusted (FineSparseWeight validates every one at construction); the segment
 // pointers, which bound every loop, are checked here.
@@ -141,30 +142,34 @@ void nonfinite_fixup(const FineParams& p, const uint8_t* bad, const int32_t* col
 }
 
 // Row ranges balanced by stored units (plus a per-row cost for the segment loop and epilogue),
-// times token tiles, handed out dynamically so a thread that loses its core does not stall the rest.
-void run_compute(const FineKernels* kern, const FineParams& p, float* scratch, int64_t rows_cap) {
-  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+// each at most `rows_cap` rows so its fp32 partial sums (rows x TT) stay in L2 between input
+// chunks; ranges x token tiles are handed out dynamically so a thread that loses its core does not
+// stall the rest. Work units run tile-major: one thread's consecutive units share a packed tile.
+std::vector<int64_t> row_ranges(const FineParams& p, int64_t want, int64_t rows_cap) {
   const int64_t nseg1 = p.nseg + 1;
-  const int64_t want = nth == 1 ? 1 : 3 * nth;
-  const int64_t P_t = p.n_tiles;
-  const int64_t P_r = std::max<int64_t>(1, std::min<int64_t>(p.out, (want + P_t - 1) / P_t));
   auto cost = [&](int64_t o) {  // cost of rows [0, o)
     return (double)p.seg[o * nseg1] + (double)o * (2.0 + 0.5 * p.nseg);
   };
-  const double total = p.out ? (double)p.seg[(p.out - 1) * nseg1 + p.nseg] + (double)p.out * (2.0 + 0.5 * p.nseg) : 0.0;
-  std::vector<int64_t> rb(P_r + 1, p.out);
-  rb[0] = 0;
+  const double total = (double)p.seg[(p.out - 1) * nseg1 + p.nseg] + (double)p.out * (2.0 + 0.5 * p.nseg);
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(p.out, want));
+  std::vector<int64_t> rb{0};
   int64_t r = 0;
-  for (int64_t q = 1; q < P_r; ++q) {
-    const double target = total * (double)q / (double)P_r;
+  for (int64_t q = 1; q <= n; ++q) {
+    const double target = total * (double)q / (double)n;
     while (r < p.out && cost(r) < target) ++r;
-    rb[q] = std::min(r, rb[q - 1] + rows_cap);
+    const int64_t end = q == n ? p.out : std::max(r, rb.back());
+    while (end - rb.back() > rows_cap) rb.push_back(rb.back() + rows_cap);  // split what is too large
+    if (end > rb.back()) rb.push_back(end);
   }
-  for (int64_t q = 1; q <= P_r; ++q) rb[q] = std::max(rb[q], rb[q - 1]);
-  rb[P_r] = p.out;
-  for (int64_t q = 0; q < P_r; ++q)
-    TORCH_CHECK(rb[q + 1] - rb[q] <= rows_cap, "sparsevit_C::fine_linear: internal row split too large");
-  const int64_t n_units = P_r * P_t;
+  return rb;
+}
+
+void run_compute(const FineKernels* kern, const FineParams& p, float* scratch, int64_t rows_cap) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = nth == 1 ? 1 : (3 * nth + p.n_tiles - 1) / p.n_tiles;
+  const std::vector<int64_t> rb = row_ranges(p, want, rows_cap);
+  const int64_t P_r = (int64_t)rb.size() - 1;
+  const int64_t n_units = P_r * p.n_tiles;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(nth, n_units), 1, [&](int64_t b, int64_t e) {
     float* mine = scratch + (int64_t)at::get_thread_num() * rows_cap * p.TT;
@@ -179,7 +184,7 @@ void run_compute(const FineKernels* kern, const FineParams& p, float* scratch, i
 
 at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col,
                        const at::Tensor& seg, const c10::optional<at::Tensor>& bias, int64_t out_features,
-                       int64_t in_features, int64_t unit, int64_t act, int64_t isa) {
+                       int64_t in_features, int64_t unit, int64_t act, int64_t isa, int64_t token_tile) {
   check_args(x, values, col, seg, bias, out_features, in_features, unit, act);
   const FineKernels* kern = select_fine_kernels(isa);
   TORCH_CHECK(kern != nullptr, "sparsevit_C::fine_linear: this CPU lacks the requested ISA level ", isa,
@@ -201,7 +206,13 @@ at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
 
   FineParams p;
-  p.TT = kern->token_tile;
+  // Tokens per tile: a multiple of the vector width up to the kernel's maximum (0: the maximum).
+  // The caller sizes it so one chunk of packed activations (TT x chunk columns) stays in L1.
+  const int W = kern->vector_width;
+  TORCH_CHECK(token_tile == 0 || (token_tile > 0 && token_tile % W == 0 && token_tile <= kern->token_tile),
+              "sparsevit_C::fine_linear: token_tile must be 0 or a multiple of ", W, " up to ",
+              kern->token_tile, ", got ", token_tile);
+  p.TT = token_tile ? (int)token_tile : kern->token_tile;
   const int64_t Kp = (in_features + unit - 1) / unit * unit;
   p.x = xc.data_ptr();
   p.ldx = xc.stride(0);
@@ -224,7 +235,8 @@ at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::
   p.act = (int)act;
 
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t rows_cap = out_features;  // a row range never exceeds all rows
+  // 128 KiB of partial sums per thread: L2-resident, so chunk-to-chunk reloads stay cheap
+  const int64_t rows_cap = std::max<int64_t>(16, (int64_t)(32768 / p.TT) / 16 * 16);
   const size_t xp_bytes = (size_t)(p.n_tiles * p.tile_words * 4);
   const size_t acc_bytes = (size_t)(nth * rows_cap * p.TT * 4);
   const size_t bad_bytes = (size_t)(p.n_tiles * p.TT + 63) / 64 * 64;
@@ -251,7 +263,7 @@ at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::
 TORCH_LIBRARY_FRAGMENT(sparsevit_C, m) {
   m.def(
       "fine_linear(Tensor x, Tensor values, Tensor col_indices, Tensor seg_ptr, Tensor? bias, "
-      "int out_features, int in_features, int unit, int act, int isa=-1) -> Tensor");
+      "int out_features, int in_features, int unit, int act, int isa=-1, int token_tile=0) -> Tensor");
   m.def("fine_linear_isa(int isa=-1) -> str", &sparsevit_cpu::fine_linear_isa);
 }
 

@@ -27,7 +27,7 @@ template <int TV, int BF16>
 static inline void word_fma(vf acc[TV], const uint32_t* xw, const void* w) {
   if (!BF16) {
     const vf wb = vset1(*(const float*)w);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < TV; ++v) acc[v] = vfma(vload((const float*)xw + v * W), wb, acc[v]);
     return;
   }
@@ -35,14 +35,14 @@ static inline void word_fma(vf acc[TV], const uint32_t* xw, const void* w) {
   memcpy(&pair, w, 4);
 #if SPV_AVX512 && SPV_NATIVE_BF16
   const vi wb = vset1i(pair);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int v = 0; v < TV; ++v)
     acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)vloadi(xw + v * W), (__m512bh)wb);
 #else
   const vf w0 = vset1(bf16_to_f32((uint16_t)(pair & 0xffff)));
   const vf w1 = vset1(bf16_to_f32((uint16_t)((uint32_t)pair >> 16)));
   const vi hi = vset1i((int32_t)0xffff0000u);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int v = 0; v < TV; ++v) {
     const vi xv = vloadi(xw + v * W);
     acc[v] = vfma(vcasti(vandi(xv, hi)), w1, vfma(vcasti(vslli16(xv)), w0, acc[v]));
@@ -78,7 +78,7 @@ static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r
       float* am = acc_mem + (o - r0) * TT;
       vf a0[TV], a1[TV];
       const vf init = p->bias ? vset1(p->bias[o]) : vzero();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < TV; ++v) {
         a0[v] = s == 0 ? init : vload(am + v * W);
         a1[v] = vzero();
@@ -91,7 +91,7 @@ static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r
         unit_fma<U, TV, BF16>(a1, a0, p, xt, u + 1);
       }
       if (u < ue) unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < TV; ++v) {
         vf r = vadd(a0[v], a1[v]);
         vstore(am + v * W, last ? vact(r, p->act) : r);
@@ -109,11 +109,28 @@ static void store_tile(const FineParams* p, int64_t tile, int64_t r0, int64_t r1
   for (int64_t ob = r0; ob < r1; ob += 16) {
     const int nr = (int)(r1 - ob < 16 ? r1 - ob : 16);
     for (int64_t g = 0; g < ntok; g += 16) {
+      // Fully unrolled so every r[i] has a constant index and stays in a register (a variable
+      // index makes the compiler spill r[] and select it through a jump table).
       vf r[16];
-      for (int i = 0; i < 16; ++i) r[i] = i < nr ? vload(acc_mem + (ob - r0 + i) * TT + g) : vzero();
+      const float* src = acc_mem + (ob - r0) * TT + g;
+      if (nr == 16) {
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = vload(src + i * TT);
+      } else {
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = i < nr ? vload(src + i * TT) : vzero();
+      }
       transpose16(r);
       const int nt = (int)(ntok - g < 16 ? ntok - g : 16);
-      for (int j = 0; j < nt; ++j) store_lanes(p->y, (tok0 + g + j) * p->ldy + ob, r[j], nr, p->bf16);
+      if (nr == 16 && nt == 16 && !p->bf16) {  // the common case: 16 whole fp32 rows
+        float* dst = (float*)p->y + (tok0 + g) * p->ldy + ob;
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) vstore(dst + j * p->ldy, r[j]);
+      } else {
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j)
+          if (j < nt) store_lanes(p->y, (tok0 + g + j) * p->ldy + ob, r[j], nr, p->bf16);
+      }
     }
   }
 #else
@@ -135,7 +152,15 @@ static rows_fn pick_tv(int tv) {
     case 1: return rows_kernel<U, 1, BF16>;
     case 2: return rows_kernel<U, 2, BF16>;
     case 3: return rows_kernel<U, 3, BF16>;
+    case 4: return rows_kernel<U, 4, BF16>;
+#if SPV_AVX512
+    case 5: return rows_kernel<U, 5, BF16>;
+    case 6: return rows_kernel<U, 6, BF16>;
+    case 7: return rows_kernel<U, 7, BF16>;
+    default: return rows_kernel<U, 8, BF16>;
+#else
     default: return rows_kernel<U, 4, BF16>;
+#endif
   }
 }
 
@@ -189,6 +214,7 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
         const int64_t left = p->words_in - wb;
         const __mmask16 lm = (__mmask16)(left >= 16 ? 0xffffu : left <= 0 ? 0u : (1u << left) - 1u);
         vf r[16];
+#pragma GCC unroll 16
         for (int i = 0; i < 16; ++i) {
           if (i >= nrow || lm == 0) { r[i] = vzero(); continue; }
           const vi xv = _mm512_maskz_loadu_epi32(lm, x + (tok0 + i) * ldw + wb);
@@ -199,7 +225,9 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
         }
         transpose16(r);
         const int nw = (int)(p->words_pad - wb < 16 ? p->words_pad - wb : 16);
-        for (int j = 0; j < nw; ++j) vstore((float*)(dst + (wb + j) * TT + g), r[j]);
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j)
+          if (j < nw) vstore((float*)(dst + (wb + j) * TT + g), r[j]);
       }
       for (int i = 0; i < W; ++i) p->bad_token[tile * TT + g + i] = (uint8_t)((bad >> i) & 1u);
 #else
@@ -224,7 +252,8 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
 }  // namespace FINE_NS
 
 const FineKernels* FINE_ENTRY() {
-  static const FineKernels k = {FINE_NAME, 4 * FINE_NS::W, FINE_NS::pack, FINE_NS::compute};
+  // AVX-512 runs up to 8 vectors (128 tokens) per weight broadcast: (TV + 1) loads per TV FMAs.
+  static const FineKernels k = {FINE_NAME, FINE_NS::W, (SPV_AVX512 ? 8 : 4) * FINE_NS::W, FINE_NS::pack, FINE_NS::compute};
   return &k;
 }
 

@@ -41,7 +41,8 @@ struct FineParams {
 
 struct FineKernels {
   const char* name;
-  int token_tile;  // TT: tokens per packed tile (4 vectors)
+  int vector_width;  // fp32 lanes per vector: TT is a multiple of it
+  int token_tile;  // largest TT (tokens per packed tile) the kernels take: 8 vectors (AVX2: 4)
   // Packs token tiles [tile_begin, tile_end) of x into p->xp and flags non-finite tokens.
   void (*pack)(const FineParams* p, int64_t tile_begin, int64_t tile_end);
   // y for token tile `tile` and output rows [row_begin, row_end); scratch holds
