@@ -1,0 +1,38 @@
+// Plain-data interface between the torch-facing op (attention_cpu.cpp) and the ISA-specific kernels
+// (attention_cpu_avx512.cpp, attention_cpu_avx2.cpp). Free of torch / STL includes and of inline
+// functions, like bsr_params.h (the ISA files include it under `#pragma GCC target(...)`).
+#pragma once
+#include <stdint.h>
+
+namespace sparsevit_cpu {
+
+// out[b,h,i,:] = softmax_j(scale * q[b,h,i,:] . k[b,h,j,:] + bias[b,h,i,j]) @ v[b,h,:,:], in fp32.
+// One work item is (b, h, query rows [i0, i1)): it packs K^T [Dqk][Np] and V [Np][Dvp] of its head in
+// fp32 (zero-padded to vector multiples), then per 4 queries computes a score row block with keys in
+// the vector lanes, the softmax over the whole row in fp32, and P @ V with head channels in the lanes.
+struct AttnParams {
+  const void* q;            // [B, H, N, Dqk], last dim contiguous, strides below in elements
+  const void* k;            // [B, H, N, Dqk]
+  const void* v;            // [B, H, N, Dv]
+  int64_t sq[3], sk[3], sv[3];  // strides of dims b, h, n
+  const void* bias;         // broadcast view of [B, H, N, N] with unit stride along j, or nullptr
+  int64_t sb[3];            // strides of dims b, h, i (0 where broadcast)
+  int bias_bf16;            // bias dtype: 0 fp32, 1 bf16
+  void* out;                // [B, H, N, Dv] contiguous, dtype of q
+  int64_t B, H, N, Dqk, Dv;
+  int64_t Np, Dvp;          // N and Dv rounded up to the vector width
+  float scale;
+  int bf16;                 // q/k/v/out dtype: 0 fp32, 1 bf16
+};
+
+struct AttnKernels {
+  const char* name;
+  int width;  // fp32 lanes per vector (scratch rounding)
+  // Rows [i0, i1) of head (b, h); scratch: attn_scratch_floats(p) floats, 64-byte aligned.
+  void (*run)(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int64_t i1, float* scratch);
+};
+
+const AttnKernels* attn_kernels_avx512();
+const AttnKernels* attn_kernels_avx2();
+
+}  // namespace sparsevit_cpu

@@ -1,0 +1,270 @@
+// sparsevit_C::fine_linear -- y = act(x @ W^T + b) with W fine-grained sparse (unstructured or 1xU
+// tiles, see sparsevit/formats/fine.py), on CPU.
+//
+// This file holds the torch-facing part: argument checks, scratch allocation (all of it before the
+// parallel regions), run-time ISA choice, the work split over threads and the NaN/Inf fix-up. The
+// micro-kernels live in sparse_fine_impl.h, compiled once per ISA by sparse_fine_avx512bf16.cpp /
+// sparse_fine_avx512.cpp / sparse_fine_avx2.cpp.
+//
+// Ops registered here:
+//   fine_linear(x[T,in], values[nnz,U], col_indices[nnz], seg_ptr[out,nseg+1], bias?, out_features,
+//               in_features, unit, act, isa, token_tile=0) -> y[T,out]
+//               act: 0 none, 1 gelu(erf), 2 gelu(tanh); token_tile: tokens per packed tile (0: max)
+//   fine_linear_isa(isa) -> str     kernel name that `isa` resolves to on this CPU ("" = none)
+// Column indices are trusted (FineSparseWeight validates every one at construction); the segment
+// pointers, which bound every loop, are checked here.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "sparse_fine_params.h"
+
+namespace sparsevit_cpu {
+namespace {
+
+// Same ISA levels as bsr_linear: -1 best, 0 avx2, 1 avx512 (bf16 widened), 2 avx512 + avx512_bf16.
+const FineKernels* select_fine_kernels(int64_t isa) {
+  static const int best = [] {
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (avx512 && __builtin_cpu_supports("avx512bf16")) return 2;
+    if (avx512) return 1;
+    return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 0 : -2;
+  }();
+  if (isa < 0) isa = best;
+  if (isa > best || isa < 0) return nullptr;
+  if (isa == 2) return fine_kernels_avx512bf16();
+  if (isa == 1) return fine_kernels_avx512();
+  return fine_kernels_avx2();
+}
+
+// Per calling thread, grown on demand (first-touch page faults of a fresh multi-MB buffer per call
+// would cost more than the sparse product at high sparsity).
+struct FineWorkspace {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  ~FineWorkspace() { std::free(ptr); }
+  char* get(size_t n) {
+    if (n > bytes) {
+      std::free(ptr);
+      ptr = nullptr;
+      bytes = 0;
+      if (posix_memalign(&ptr, 64, n) != 0) ptr = nullptr;
+      TORCH_CHECK(ptr != nullptr, "sparsevit_C::fine_linear: cannot allocate ", n, " bytes of scratch");
+      bytes = n;
+    }
+    return (char*)ptr;
+  }
+};
+
+std::string fine_linear_isa(int64_t isa) {
+  const FineKernels* k = select_fine_kernels(isa);
+  return k ? std::string(k->name) : std::string();
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col, const at::Tensor& seg,
+                const c10::optional<at::Tensor>& bias, int64_t out_f, int64_t in_f, int64_t unit, int64_t act) {
+  const char* op = "sparsevit_C::fine_linear: ";
+  TORCH_CHECK(x.device().is_cpu(), op, "x must be on CPU, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [tokens, in_features], got ", x.sizes());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, op, "supports float32 and bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, "weight dtype ", values.scalar_type(),
+              " != input dtype ", x.scalar_type(), "; convert with FineSparseWeight.to(dtype=...)");
+  TORCH_CHECK(x.size(1) == in_f, op, "x has ", x.size(1), " features, weight expects ", in_f);
+  TORCH_CHECK(unit == 1 || unit == 2 || unit == 4 || unit == 8, op, "unit must be 1, 2, 4 or 8, got ", unit);
+  TORCH_CHECK(!bf16 || unit % 2 == 0, op, "bfloat16 needs an even unit width (column pairs), got ", unit,
+              "; re-pack with FineSparseWeight.to(dtype=torch.bfloat16)");
+  TORCH_CHECK(act >= 0 && act <= 2, op, "act must be 0, 1 or 2");
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == unit, op, "values must be [nnz, ", unit, "], got ",
+              values.sizes());
+  TORCH_CHECK(col.scalar_type() == at::kInt && seg.scalar_type() == at::kInt, op,
+              "col_indices / seg_ptr must be int32");
+  TORCH_CHECK(col.dim() == 1 && col.size(0) == values.size(0), op, "col_indices has ", col.sizes(),
+              " entries for ", values.size(0), " units");
+  TORCH_CHECK(seg.dim() == 2 && seg.size(0) == out_f && seg.size(1) >= 2, op, "seg_ptr must be [", out_f,
+              ", n_segments + 1], got ", seg.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f, op, "bias must be [", out_f, "], got ", bias->sizes());
+  }
+}
+
+// Every loop bound comes from seg_ptr: rows must rise within [0, nnz] and chain row to row.
+void check_segments(const int32_t* seg, int64_t out_f, int64_t nseg1, int64_t nnz) {
+  int32_t prev = 0;
+  for (int64_t o = 0; o < out_f; ++o) {
+    const int32_t* s = seg + o * nseg1;
+    TORCH_CHECK(s[0] == prev, "sparsevit_C::fine_linear: seg_ptr row ", o, " starts at ", s[0],
+                ", expected ", prev, " (corrupt FineSparseWeight)");
+    for (int64_t j = 1; j < nseg1; ++j)
+      TORCH_CHECK(s[j] >= s[j - 1] && s[j] <= nnz, "sparsevit_C::fine_linear: seg_ptr[", o, ", ", j, "] = ",
+                  s[j], " out of order or past ", nnz, " units (corrupt FineSparseWeight)");
+    prev = s[nseg1 - 1];
+  }
+  TORCH_CHECK(prev == nnz, "sparsevit_C::fine_linear: seg_ptr ends at ", prev, ", expected ", nnz);
+}
+
+// Dense semantics for non-finite inputs: an Inf/NaN in x[t, k] meets a *zero* weight wherever row o
+// stores nothing at column k, and 0 * Inf = NaN in F.linear. The kernel skips those zeros, so tokens
+// flagged by the pack get y[t, o] = NaN for every row that does not store column k. Rare; scalar.
+template <typename T>
+void nonfinite_fixup(const FineParams& p, const uint8_t* bad, const int32_t* col, const int32_t* seg,
+                     int64_t nseg1) {
+  const T* x = (const T*)p.x;
+  T* y = (T*)p.y;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t t = 0; t < p.T; ++t) {
+    if (!bad[t]) continue;
+    std::vector<int64_t> cols;
+    for (int64_t k = 0; k < p.in; ++k)
+      if (!std::isfinite((float)x[t * p.ldx + k])) cols.push_back(k);
+    for (int64_t o = 0; o < p.out; ++o) {
+      const int32_t* b = col + seg[o * nseg1];
+      const int32_t* e = col + seg[o * nseg1 + nseg1 - 1];
+      for (int64_t k : cols) {
+        const int32_t* it = std::upper_bound(b, e, (int32_t)k);  // first unit starting after k
+        if (it == b || k >= (int64_t)it[-1] + p.U) {
+          y[t * p.ldy + o] = nan;
+          break;
+        }
+      }
+    }
+  }
+}
+
+// Row ranges balanced by stored units (plus a per-row cost for the segment loop and epilogue),
+// each at most `rows_cap` rows so its fp32 partial sums (rows x TT) stay in L2 between input
+// chunks; ranges x token tiles are handed out dynamically so a thread that loses its core does not
+// stall the rest. Work units run tile-major: one thread's consecutive units share a packed tile.
+std::vector<int64_t> row_ranges(const FineParams& p, int64_t want, int64_t rows_cap) {
+  const int64_t nseg1 = p.nseg + 1;
+  auto cost = [&](int64_t o) {  // cost of rows [0, o)
+    return (double)p.seg[o * nseg1] + (double)o * (2.0 + 0.5 * p.nseg);
+  };
+  const double total = (double)p.seg[(p.out - 1) * nseg1 + p.nseg] + (double)p.out * (2.0 + 0.5 * p.nseg);
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(p.out, want));
+  std::vector<int64_t> rb{0};
+  int64_t r = 0;
+  for (int64_t q = 1; q <= n; ++q) {
+    const double target = total * (double)q / (double)n;
+    while (r < p.out && cost(r) < target) ++r;
+    const int64_t end = q == n ? p.out : std::max(r, rb.back());
+    while (end - rb.back() > rows_cap) rb.push_back(rb.back() + rows_cap);  // split what is too large
+    if (end > rb.back()) rb.push_back(end);
+  }
+  return rb;
+}
+
+void run_compute(const FineKernels* kern, const FineParams& p, float* scratch, int64_t rows_cap) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = nth == 1 ? 1 : (3 * nth + p.n_tiles - 1) / p.n_tiles;
+  const std::vector<int64_t> rb = row_ranges(p, want, rows_cap);
+  const int64_t P_r = (int64_t)rb.size() - 1;
+  const int64_t n_units = P_r * p.n_tiles;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nth, n_units), 1, [&](int64_t b, int64_t e) {
+    float* mine = scratch + (int64_t)at::get_thread_num() * rows_cap * p.TT;
+    for (int64_t i = b; i < e; ++i) {
+      for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) {
+        const int64_t pr = u % P_r, tile = u / P_r;
+        if (rb[pr] < rb[pr + 1]) kern->compute(&p, tile, rb[pr], rb[pr + 1], mine);
+      }
+    }
+  });
+}
+
+at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col,
+                       const at::Tensor& seg, const c10::optional<at::Tensor>& bias, int64_t out_features,
+                       int64_t in_features, int64_t unit, int64_t act, int64_t isa, int64_t token_tile) {
+  check_args(x, values, col, seg, bias, out_features, in_features, unit, act);
+  const FineKernels* kern = select_fine_kernels(isa);
+  TORCH_CHECK(kern != nullptr, "sparsevit_C::fine_linear: this CPU lacks the requested ISA level ", isa,
+              " (AVX2+FMA is the minimum); use the reference path");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor vc = values.contiguous(), cc = col.contiguous(), sc = seg.contiguous();
+  const int64_t nseg1 = sc.size(1), nnz = vc.size(0);
+  check_segments(sc.data_ptr<int32_t>(), out_features, nseg1, nnz);
+
+  // The pack reads x as 32-bit words: bf16 rows need an even length and a 4-byte aligned start.
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  if (bf16 && ((in_features % 2) || (xc.stride(0) % 2) || ((uintptr_t)xc.data_ptr() % 4))) {
+    xc = at::constant_pad_nd(x, {0, in_features % 2}).contiguous();
+  }
+  const int64_t T = xc.size(0);
+  at::Tensor y = at::empty({T, out_features}, x.options());
+  if (T == 0 || out_features == 0) return y;
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+
+  FineParams p;
+  // Tokens per tile: a multiple of the vector width up to the kernel's maximum (0: the maximum).
+  // The caller sizes it so one chunk of packed activations (TT x chunk columns) stays in L1.
+  const int W = kern->vector_width;
+  TORCH_CHECK(token_tile == 0 || (token_tile > 0 && token_tile % W == 0 && token_tile <= kern->token_tile),
+              "sparsevit_C::fine_linear: token_tile must be 0 or a multiple of ", W, " up to ",
+              kern->token_tile, ", got ", token_tile);
+  p.TT = token_tile ? (int)token_tile : kern->token_tile;
+  const int64_t Kp = (in_features + unit - 1) / unit * unit;
+  p.x = xc.data_ptr();
+  p.ldx = xc.stride(0);
+  p.y = y.data_ptr();
+  p.ldy = out_features;
+  p.values = vc.data_ptr();
+  p.col = cc.data_ptr<int32_t>();
+  p.seg = sc.data_ptr<int32_t>();
+  p.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  p.T = T;
+  p.in = in_features;
+  p.out = out_features;
+  p.words_in = bf16 ? xc.size(1) / 2 : in_features;
+  p.words_pad = bf16 ? Kp / 2 : Kp;
+  p.tile_words = p.words_pad * p.TT;
+  p.n_tiles = (T + p.TT - 1) / p.TT;
+  p.nseg = nseg1 - 1;
+  p.U = (int)unit;
+  p.bf16 = bf16 ? 1 : 0;
+  p.act = (int)act;
+
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  // 128 KiB of partial sums per thread: L2-resident, so chunk-to-chunk reloads stay cheap
+  const int64_t rows_cap = std::max<int64_t>(16, (int64_t)(32768 / p.TT) / 16 * 16);
+  const size_t xp_bytes = (size_t)(p.n_tiles * p.tile_words * 4);
+  const size_t acc_bytes = (size_t)(nth * rows_cap * p.TT * 4);
+  const size_t bad_bytes = (size_t)(p.n_tiles * p.TT + 63) / 64 * 64;
+  static thread_local FineWorkspace workspace;
+  char* ws = workspace.get(xp_bytes + acc_bytes + bad_bytes);
+  p.xp = ws;
+  float* scratch = (float*)(ws + xp_bytes);
+  p.bad_token = (uint8_t*)(ws + xp_bytes + acc_bytes);
+
+  at::parallel_for(0, p.n_tiles, 1, [&](int64_t b, int64_t e) { kern->pack(&p, b, e); });
+  run_compute(kern, p, scratch, rows_cap);
+  bool any_bad = false;
+  for (int64_t t = 0; t < T; ++t) any_bad = any_bad || p.bad_token[t];
+  if (any_bad) {
+    if (bf16) nonfinite_fixup<at::BFloat16>(p, p.bad_token, p.col, p.seg, nseg1);
+    else nonfinite_fixup<float>(p, p.bad_token, p.col, p.seg, nseg1);
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace sparsevit_cpu
+
+TORCH_LIBRARY_FRAGMENT(sparsevit_C, m) {
+  m.def(
+      "fine_linear(Tensor x, Tensor values, Tensor col_indices, Tensor seg_ptr, Tensor? bias, "
+      "int out_features, int in_features, int unit, int act, int isa=-1, int token_tile=0) -> Tensor");
+  m.def("fine_linear_isa(int isa=-1) -> str", &sparsevit_cpu::fine_linear_isa);
+}
+
+TORCH_LIBRARY_IMPL(sparsevit_C, CPU, m) { m.impl("fine_linear", &sparsevit_cpu::fine_linear); }

@@ -1,0 +1,260 @@
+// Fine-grained sparse linear micro-kernels, written once and compiled per ISA.
+//
+// Included only by sparse_fine_avx512bf16.cpp / sparse_fine_avx512.cpp / sparse_fine_avx2.cpp, each
+// of which sets FINE_NS (namespace), FINE_ENTRY / FINE_NAME, SPV_AVX512 and SPV_NATIVE_BF16, and wraps
+// the include in `#pragma GCC target(...)`. See sparse_fine_params.h for the formulation and layouts.
+//
+// Why this shape pays on a CPU: with tokens in the vector lanes, a stored weight is one broadcast
+// and TV fused multiply-adds against TV vectors of packed activations that sit in L1 (the chunking
+// in Python keeps 64 tokens x one chunk at 32 KiB). Unstructured nonzeros of different output rows
+// share nothing, so no row blocking is attempted; instead each row keeps two accumulator sets that
+// alternate between units, which gives 2*TV independent FMA chains (enough to cover FMA latency).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "sparse_fine_params.h"
+
+namespace sparsevit_cpu {
+namespace FINE_NS {
+namespace {
+
+#include "sparse_fine_simd.h"
+
+// One word step: acc += x_word(TV vectors at xw) * w_word (fp32: one weight; bf16: a column pair).
+template <int TV, int BF16>
+static inline void word_fma(vf acc[TV], const uint32_t* xw, const void* w) {
+  if (!BF16) {
+    const vf wb = vset1(*(const float*)w);
+#pragma GCC unroll 8
+    for (int v = 0; v < TV; ++v) acc[v] = vfma(vload((const float*)xw + v * W), wb, acc[v]);
+    return;
+  }
+  int32_t pair;
+  memcpy(&pair, w, 4);
+#if SPV_AVX512 && SPV_NATIVE_BF16
+  const vi wb = vset1i(pair);
+#pragma GCC unroll 8
+  for (int v = 0; v < TV; ++v)
+    acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)vloadi(xw + v * W), (__m512bh)wb);
+#else
+  const vf w0 = vset1(bf16_to_f32((uint16_t)(pair & 0xffff)));
+  const vf w1 = vset1(bf16_to_f32((uint16_t)((uint32_t)pair >> 16)));
+  const vi hi = vset1i((int32_t)0xffff0000u);
+#pragma GCC unroll 8
+  for (int v = 0; v < TV; ++v) {
+    const vi xv = vloadi(xw + v * W);
+    acc[v] = vfma(vcasti(vandi(xv, hi)), w1, vfma(vcasti(vslli16(xv)), w0, acc[v]));
+  }
+#endif
+}
+
+// All words of unit u; even words go to `first`, odd words to `second` (independent FMA chains).
+template <int U, int TV, int BF16>
+static inline void unit_fma(vf first[TV], vf second[TV], const FineParams* p, const uint32_t* xt,
+                            int32_t u) {
+  enum { NW = BF16 ? U / 2 : U, ESZ = BF16 ? 2 : 4 };
+  const int TT = p->TT;
+  const uint32_t* xr = xt + (int64_t)(p->col[u] >> BF16) * TT;
+  const char* wv = (const char*)p->values + (int64_t)u * U * ESZ;
+#pragma GCC unroll 8
+  for (int j = 0; j < NW; ++j) {
+    if (j & 1) word_fma<TV, BF16>(second, xr + j * TT, wv + j * 4);
+    else word_fma<TV, BF16>(first, xr + j * TT, wv + j * 4);
+  }
+}
+
+// Output rows [r0, r1) of one token tile, one segment (input chunk) at a time; partial sums in
+// acc_mem[row][TT]. The last segment applies bias-free activation (bias seeds the first segment).
+template <int U, int TV, int BF16>
+static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, float* acc_mem) {
+  const int TT = p->TT;
+  const int64_t nseg = p->nseg;
+  const uint32_t* xt = (const uint32_t*)p->xp + tile * p->tile_words;
+  for (int64_t s = 0; s < nseg; ++s) {
+    const bool last = s + 1 == nseg;
+    for (int64_t o = r0; o < r1; ++o) {
+      float* am = acc_mem + (o - r0) * TT;
+      vf a0[TV], a1[TV];
+      const vf init = p->bias ? vset1(p->bias[o]) : vzero();
+#pragma GCC unroll 8
+      for (int v = 0; v < TV; ++v) {
+        a0[v] = s == 0 ? init : vload(am + v * W);
+        a1[v] = vzero();
+      }
+      const int32_t* sg = p->seg + o * (nseg + 1) + s;
+      int32_t u = sg[0];
+      const int32_t ue = sg[1];
+      for (; u + 1 < ue; u += 2) {
+        unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
+        unit_fma<U, TV, BF16>(a1, a0, p, xt, u + 1);
+      }
+      if (u < ue) unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
+#pragma GCC unroll 8
+      for (int v = 0; v < TV; ++v) {
+        vf r = vadd(a0[v], a1[v]);
+        vstore(am + v * W, last ? vact(r, p->act) : r);
+      }
+    }
+  }
+}
+
+// acc_mem[row][TT] (rows [r0, r1), activation applied) -> y[token][row], transposed in registers.
+static void store_tile(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, const float* acc_mem) {
+  const int TT = p->TT;
+  const int64_t tok0 = tile * TT;
+  const int64_t ntok = p->T - tok0 < TT ? p->T - tok0 : TT;
+#if SPV_AVX512
+  for (int64_t ob = r0; ob < r1; ob += 16) {
+    const int nr = (int)(r1 - ob < 16 ? r1 - ob : 16);
+    for (int64_t g = 0; g < ntok; g += 16) {
+      // Fully unrolled so every r[i] has a constant index and stays in a register (a variable
+      // index makes the compiler spill r[] and select it through a jump table).
+      vf r[16];
+      const float* src = acc_mem + (ob - r0) * TT + g;
+      if (nr == 16) {
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = vload(src + i * TT);
+      } else {
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = i < nr ? vload(src + i * TT) : vzero();
+      }
+      transpose16(r);
+      const int nt = (int)(ntok - g < 16 ? ntok - g : 16);
+      if (nr == 16 && nt == 16 && !p->bf16) {  // the common case: 16 whole fp32 rows
+        float* dst = (float*)p->y + (tok0 + g) * p->ldy + ob;
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) vstore(dst + j * p->ldy, r[j]);
+      } else {
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j)
+          if (j < nt) store_lanes(p->y, (tok0 + g + j) * p->ldy + ob, r[j], nr, p->bf16);
+      }
+    }
+  }
+#else
+  for (int64_t t = 0; t < ntok; ++t) {
+    for (int64_t o = r0; o < r1; ++o) {
+      const float v = acc_mem[(o - r0) * TT + t];
+      if (p->bf16) ((uint16_t*)p->y)[(tok0 + t) * p->ldy + o] = f32_to_bf16(v);
+      else ((float*)p->y)[(tok0 + t) * p->ldy + o] = v;
+    }
+  }
+#endif
+}
+
+typedef void (*rows_fn)(const FineParams*, int64_t, int64_t, int64_t, float*);
+
+template <int U, int BF16>
+static rows_fn pick_tv(int tv) {
+  switch (tv) {
+    case 1: return rows_kernel<U, 1, BF16>;
+    case 2: return rows_kernel<U, 2, BF16>;
+    case 3: return rows_kernel<U, 3, BF16>;
+    case 4: return rows_kernel<U, 4, BF16>;
+#if SPV_AVX512
+    case 5: return rows_kernel<U, 5, BF16>;
+    case 6: return rows_kernel<U, 6, BF16>;
+    case 7: return rows_kernel<U, 7, BF16>;
+    default: return rows_kernel<U, 8, BF16>;
+#else
+    default: return rows_kernel<U, 4, BF16>;
+#endif
+  }
+}
+
+static rows_fn pick(int U, int tv, int bf16) {
+  if (bf16) {
+    switch (U) {
+      case 2: return pick_tv<2, 1>(tv);
+      case 4: return pick_tv<4, 1>(tv);
+      case 8: return pick_tv<8, 1>(tv);
+    }
+    return nullptr;
+  }
+  switch (U) {
+    case 1: return pick_tv<1, 0>(tv);
+    case 2: return pick_tv<2, 0>(tv);
+    case 4: return pick_tv<4, 0>(tv);
+    case 8: return pick_tv<8, 0>(tv);
+  }
+  return nullptr;
+}
+
+static void compute(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, float* scratch) {
+  const int64_t ntok = p->T - tile * p->TT < p->TT ? p->T - tile * p->TT : p->TT;
+  const int tv = (int)((ntok + W - 1) / W);  // a short last tile runs fewer vectors
+  rows_fn fn = pick(p->U, tv, p->bf16);
+  if (!fn) return;  // the caller validated U against the dtype; never reached
+  fn(p, tile, r0, r1, scratch);
+  store_tile(p, tile, r0, r1, scratch);
+}
+
+// True when a 32-bit word of x holds a NaN/Inf (fp32, or either half of a bf16 pair).
+static inline bool word_nonfinite(uint32_t w, int bf16) {
+  if (!bf16) return (w & 0x7f800000u) == 0x7f800000u;
+  return (w & 0x7f80u) == 0x7f80u || (w & 0x7f800000u) == 0x7f800000u;
+}
+
+// Packs token tiles: xp[tile][w][TT] = x32[token][w], zero past T tokens / past words_in.
+static void pack(const FineParams* p, int64_t tb, int64_t te) {
+  const int TT = p->TT;
+  const uint32_t* x = (const uint32_t*)p->x;
+  const int64_t ldw = p->bf16 ? p->ldx / 2 : p->ldx;
+  for (int64_t tile = tb; tile < te; ++tile) {
+    uint32_t* dst = (uint32_t*)p->xp + tile * p->tile_words;
+    for (int g = 0; g < TT; g += W) {
+      const int64_t tok0 = tile * TT + g;
+      const int nrow = (int)(p->T - tok0 <= 0 ? 0 : (p->T - tok0 < W ? p->T - tok0 : W));
+#if SPV_AVX512
+      uint32_t bad = 0;
+      const vi expo32 = vset1i(0x7f800000), expo16 = _mm512_set1_epi16(0x7f80);
+      for (int64_t wb = 0; wb < p->words_pad; wb += 16) {
+        const int64_t left = p->words_in - wb;
+        const __mmask16 lm = (__mmask16)(left >= 16 ? 0xffffu : left <= 0 ? 0u : (1u << left) - 1u);
+        vf r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          if (i >= nrow || lm == 0) { r[i] = vzero(); continue; }
+          const vi xv = _mm512_maskz_loadu_epi32(lm, x + (tok0 + i) * ldw + wb);
+          const bool nf = p->bf16 ? _mm512_cmpeq_epi16_mask(_mm512_and_si512(xv, expo16), expo16) != 0
+                                  : _mm512_cmpeq_epi32_mask(_mm512_and_si512(xv, expo32), expo32) != 0;
+          bad |= (uint32_t)nf << i;
+          r[i] = vcasti(xv);
+        }
+        transpose16(r);
+        const int nw = (int)(p->words_pad - wb < 16 ? p->words_pad - wb : 16);
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j)
+          if (j < nw) vstore((float*)(dst + (wb + j) * TT + g), r[j]);
+      }
+      for (int i = 0; i < W; ++i) p->bad_token[tile * TT + g + i] = (uint8_t)((bad >> i) & 1u);
+#else
+      for (int i = 0; i < W; ++i) {
+        bool bad = false;
+        for (int64_t w = 0; w < p->words_pad; ++w) {
+          uint32_t v = 0;
+          if (i < nrow && w < p->words_in) {
+            v = x[(tok0 + i) * ldw + w];
+            bad = bad || word_nonfinite(v, p->bf16);
+          }
+          dst[w * TT + g + i] = v;
+        }
+        p->bad_token[tile * TT + g + i] = bad ? 1 : 0;
+      }
+#endif
+    }
+  }
+}
+
+}  // namespace
+}  // namespace FINE_NS
+
+const FineKernels* FINE_ENTRY() {
+  // AVX-512 runs up to 8 vectors (128 tokens) per weight broadcast: (TV + 1) loads per TV FMAs.
+  static const FineKernels k = {FINE_NAME, FINE_NS::W, (SPV_AVX512 ? 8 : 4) * FINE_NS::W, FINE_NS::pack, FINE_NS::compute};
+  return &k;
+}
+
+}  // namespace sparsevit_cpu

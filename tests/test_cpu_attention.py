@@ -1,0 +1,114 @@
+"""sparsevit::cpu_attention (fused CPU attention for pruned heads) against a float64 reference: odd
+head counts and dims, Dqk != Dv, broadcast biases, fp32 and bf16 (error at most 2x that of torch's
+own SDPA in the same dtype, plus one ulp of the output), every ISA level, NaN propagation, opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsevit import _ext
+from sparsevit.ops.cpu_attention import cpu_attention, not_supported_reasons
+
+HAS_CPP = _ext.has_op("attention_cpu")
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"C++ extension: {_ext.unavailable_reason('attention_cpu')}")
+DTYPES = [torch.float32, torch.bfloat16]
+SHAPES = [(1, 3, 5, 16, 24), (2, 6, 37, 64, 64), (1, 5, 49, 40, 48), (1, 1, 1, 8, 8), (1, 2, 70, 24, 16)]
+
+
+def _qkv(B, H, N, D, Dv, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, N, D, generator=g).to(dtype), torch.randn(B, H, N, D, generator=g).to(dtype),
+            torch.randn(B, H, N, Dv, generator=g).to(dtype))
+
+
+def _ref64(q, k, v, bias, scale):
+    s = (q.double() @ k.double().transpose(-2, -1)) * scale
+    if bias is not None:
+        s = s + bias.double()
+    return torch.softmax(s, -1) @ v.double()
+
+
+def _check(out, q, k, v, bias, scale, what):
+    ref = _ref64(q, k, v, bias, scale)
+    mask = None if bias is None else bias.to(q.dtype).expand(*q.shape[:3], k.shape[2])
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # torch in the same dtype
+    err = (out.double() - ref).abs().max().item()
+    err_torch = (sdpa.double() - ref).abs().max().item()
+    tol = 2 * err_torch + torch.finfo(q.dtype).eps * ref.abs().max().item()
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert err <= tol, f"{what}: max err {err:.3g} > 2x torch err {err_torch:.3g} (+1ulp)"
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_float64(dtype, shape):
+    B, H, N, D, Dv = shape
+    q, k, v = _qkv(*shape, dtype)
+    g = torch.Generator().manual_seed(1)
+    biases = [None, torch.randn(1, H, N, N, generator=g),  # rel-pos bias shared over the batch
+              torch.randn(B, 1, N, N, generator=g).to(dtype),  # per-window mask shared over heads
+              torch.randn(N, generator=g)]  # broadcast along rows
+    for bias in biases:
+        for scale in (D ** -0.5, 0.125):  # 0.125: the unpruned head dim's scale after pruning
+            out = cpu_attention(q, k, v, bias, scale)
+            _check(out, q, k, v, bias, scale, f"{dtype} {shape} bias={None if bias is None else tuple(bias.shape)}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_isa_level(isa, dtype):
+    if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    for shape in SHAPES:
+        q, k, v = _qkv(*shape, dtype, seed=2)
+        bias = torch.randn(shape[2], shape[2])
+        out = torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, 0.3, isa)
+        _check(out, q, k, v, bias, 0.3, f"isa={isa} {dtype} {shape}")
+
+
+@needs_cpp
+def test_strided_inputs_and_masks():
+    """q/k/v as timm makes them (permuted views of one qkv tensor); a Swin-style -100 mask; a bool mask."""
+    B, N, H, D = 2, 17, 3, 24
+    qkv = torch.randn(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    mask = torch.zeros(B, 1, N, N).masked_fill(torch.rand(B, 1, N, N) < 0.3, -100.0)
+    _check(cpu_attention(q, k, v, mask, 0.2), q, k, v, mask, 0.2, "strided + swin mask")
+    keep = torch.rand(N, N) < 0.7
+    keep.fill_diagonal_(True)
+    add = torch.zeros(N, N).masked_fill(~keep, float("-inf"))
+    _check(cpu_attention(q, k, v, keep, 0.2), q, k, v, add, 0.2, "bool mask")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_propagates_like_reference(dtype):
+    q, k, v = _qkv(1, 2, 9, 16, 8, dtype)
+    q[0, 0, 3, 5] = float("nan")   # one query row
+    v[0, 1, 4, 2] = float("nan")   # one channel of every row of head 1
+    out = cpu_attention(q, k, v)
+    ref = _ref64(q, k, v, None, 0.25)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+def test_reasons_and_reference_fallback():
+    q, k, v = _qkv(1, 2, 5, 8, 8, torch.float64)
+    assert any("float64" in r for r in not_supported_reasons(q, k, v))
+    out = cpu_attention(q, k, v, None, 0.3)  # reference path, float64 throughout
+    assert torch.allclose(out, _ref64(q, k, v, None, 0.3), rtol=1e-12, atol=1e-12)
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    assert any("broadcast" in r for r in not_supported_reasons(qf, kf, vf, torch.zeros(3, 5)))
+    if HAS_CPP and torch.ops.sparsevit_C.attention_cpu_isa(-1):
+        assert not_supported_reasons(qf, kf, vf, torch.zeros(5, 5)) == []
+    with pytest.raises(ValueError, match="4-D"):
+        cpu_attention(qf[0], kf, vf)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    q, k, v = _qkv(1, 3, 7, 16, 24, dtype)
+    for bias in (None, torch.randn(1, 3, 7, 7)):
+        torch.library.opcheck(torch.ops.sparsevit.cpu_attention.default, (q, k, v, bias, 0.25),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
