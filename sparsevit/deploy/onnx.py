@@ -40,7 +40,9 @@ class OnnxExportReport:
     opset:          ONNX opset of the graph
     params:         elements of the ONNX weights that are model parameters (matched by name)
     model_params:   ``sum(p.numel() for p in model.parameters())`` of the exported model
-    constants:      elements of the other initializers (index buffers, Swin masks, cached biases)
+    constants:      elements of the other initializers (index buffers, Swin masks, shape constants)
+    zeros_dropped:  elements of all-zero parameters (e.g. zero-initialised biases) the graph
+                    optimizer removed with the additions that used them
     custom_ops:     sparsevit op -> number of nodes translated to standard ONNX
     densified:      layers exported as dense Linears (``densify=True``), with their zero fraction
     warnings:       one line per thing the user should know (densified layers first)
@@ -51,14 +53,17 @@ class OnnxExportReport:
     params: int
     model_params: int
     constants: int
+    zeros_dropped: int = 0
     custom_ops: Dict[str, int] = field(default_factory=dict)
     densified: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.custom_ops.items())) or "none"
+        dropped = f", {self.zeros_dropped:,} all-zero ones optimised away" if self.zeros_dropped else ""
         lines = [f"wrote {self.path} (ONNX opset {self.opset})",
-                 f"  parameters: {self.params:,} (model: {self.model_params:,}); other constants: {self.constants:,}",
+                 f"  parameters: {self.params:,} (model: {self.model_params:,}{dropped}); "
+                 f"other constants: {self.constants:,}",
                  f"  sparsevit ops translated to standard ONNX: {ops}"]
         lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -140,13 +145,14 @@ def _optimize(model, param_names) -> None:
 
 
 def _count_initializers(model, params: Dict[str, torch.Tensor]):
-    """(elements of the model's parameters found in the graph, elements of the other initializers).
+    """(elements of the model's parameters found in the graph, elements of the other initializers,
+    elements of all-zero parameters the optimizer removed together with the ops that used them).
 
     A parameter is found under its own name with its shape, or, when the optimizer merged
     identical tensors (e.g. LayerNorm weights that are all ones), as an initializer with the
     same shape and values."""
     inits = dict(model.graph.initializers)
-    found = constants = 0
+    found = constants = zeros_dropped = 0
     used = set()
     for name, p in params.items():
         value = inits.get(name)
@@ -160,10 +166,13 @@ def _count_initializers(model, params: Dict[str, torch.Tensor]):
                 found += p.numel()
                 used.add(other)
                 break
+        else:
+            if not bool(p.detach().any()):  # an all-zero bias the optimizer removed with its Add
+                zeros_dropped += p.numel()
     for name, v in inits.items():
         if name not in used:
             constants += v.const_value.size if v.const_value is not None else 0
-    return found, constants
+    return found, constants, zeros_dropped
 
 
 def export_onnx(fast: nn.Module, example_input: torch.Tensor, path: Union[str, os.PathLike], *,
@@ -226,6 +235,6 @@ def export_onnx(fast: nn.Module, example_input: torch.Tensor, path: Union[str, o
     counts = _check_graph(onnx_program.exported_program, table)
     _optimize(onnx_program.model, {n for n, _ in fast.named_parameters()})
     atomic_write(os.fspath(path), lambda tmp: onnx_program.save(tmp), suffix=".onnx")
-    params, constants = _count_initializers(onnx_program.model, dict(fast.named_parameters()))
+    params, constants, zeros = _count_initializers(onnx_program.model, dict(fast.named_parameters()))
     return OnnxExportReport(os.fspath(path), opset, params, sum(p.numel() for p in fast.parameters()),
-                            constants, counts, dense_names, report_warnings)
+                            constants, zeros, counts, dense_names, report_warnings)
