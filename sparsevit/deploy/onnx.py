@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Union
@@ -104,9 +105,16 @@ def _densify(model: nn.Module, report_warnings: List[str]):
     return dense, [n for n, _, _ in replaced]
 
 
-def _first_line(exc: Exception) -> str:
-    lines = [ln for ln in str(exc).splitlines() if "sparsevit" in ln]
-    return (lines[0] if lines else str(exc).splitlines()[0]).strip()[:300]
+# how the exporter names an op it has no translation for (not a file path like .../sparsevit/...)
+_SPARSEVIT_OP = re.compile(r"sparsevit::\w+|sparsevit\.\w+\.default")
+
+
+def _untranslated_op(exc: Exception):
+    """The line of the exporter's error that names a sparsevit op, or None."""
+    for line in str(exc).splitlines():
+        if _SPARSEVIT_OP.search(line):
+            return line.strip()[:300]
+    return None
 
 
 def _check_graph(program: torch.export.ExportedProgram, table: Dict) -> Dict[str, int]:
@@ -227,11 +235,12 @@ def export_onnx(fast: nn.Module, example_input: torch.Tensor, path: Union[str, o
                                              input_names=["pixels"], output_names=["logits"],
                                              verbose=False, optimize=False)
         except Exception as exc:
-            if "sparsevit" in str(exc):
-                raise UnsupportedModelError(f"ONNX export failed on a sparsevit op with no standard ONNX form "
-                                            f"({_first_line(exc)}); sparse layers need densify=True, other ops "
-                                            f"an entry in sparsevit.deploy.onnx_ops.") from exc
-            raise
+            line = _untranslated_op(exc)
+            if line is None:
+                raise
+            raise UnsupportedModelError(f"ONNX export failed on a sparsevit op with no standard ONNX form "
+                                        f"({line}); sparse layers need densify=True, other ops an entry in "
+                                        f"sparsevit.deploy.onnx_ops.") from exc
     counts = _check_graph(onnx_program.exported_program, table)
     _optimize(onnx_program.model, {n for n, _ in fast.named_parameters()})
     atomic_write(os.fspath(path), lambda tmp: onnx_program.save(tmp), suffix=".onnx")
