@@ -8,6 +8,7 @@
 4. Time dense vs accelerated side by side, here and on a full-size DeiT-S (224 px, batch 8) with the
    structured plan, 70% 32x32 block sparsity, and both combined.
 5. Save and load the fast model and check the round trip.
+6. A short summary table: accuracy, parameters, MACs, latency dense vs fast, output difference.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def accuracy(model, loader) -> float:
 
 
 def latency_rows(dense, variants, x, runs):
+    """Print (and return as ``[(label, ms, mac_ratio, kernels)]``) dense vs accelerated latency."""
     from sparsevit.benchmark import median_ms, time_models
 
     models, info = {"dense timm": dense}, {"dense timm": (1.0, "torch")}
@@ -42,6 +44,21 @@ def latency_rows(dense, variants, x, runs):
     print(f"  {'model':<34} {'ms':>9} {'speed-up':>9} {'MAC cut':>8}  kernels")
     for label, ms, macs, kernels in rows:
         print(f"  {label:<34} {ms:>9.1f} {base / ms:>8.2f}x {macs:>7.2f}x  {kernels}")
+    return rows
+
+
+def summary_table(acc, params, macs, latency_ms, batch: int, threads: int, err: float) -> str:
+    """The closing table: one row per quantity, dense vs pruned + accelerated."""
+    rows = [("top-1 on held-out digits", f"{acc[0]:.2f}%", f"{acc[1]:.2f}%", f"{acc[1] - acc[0]:+.2f} pts"),
+            ("parameters", f"{params[0] / 1e6:.3f} M", f"{params[1] / 1e6:.3f} M", f"{params[1] / params[0]:.2f}x"),
+            ("MACs per image", f"{macs[0] / 1e6:.2f} M", f"{macs[1] / 1e6:.2f} M", f"{macs[1] / macs[0]:.2f}x"),
+            (f"latency (batch {batch}, {threads} threads)", f"{latency_ms[0]:.2f} ms", f"{latency_ms[1]:.2f} ms",
+             f"{latency_ms[0] / latency_ms[1]:.2f}x faster"),
+            ("output vs masked dense model", "", f"{err:.1e}", "max relative difference")]
+    head = ("", "dense", "pruned + fast", "")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    return "\n".join("  " + ln for ln in lines)
 
 
 def main(argv=None) -> int:
@@ -93,7 +110,7 @@ def main(argv=None) -> int:
 
     print("== 4. latency (median of runs, side by side)")
     print(f"  the digits ViT, batch {x.shape[0]}:")
-    latency_rows(tuned, [("pruned + accelerated", plan)], x, args.runs)
+    digits_rows = latency_rows(tuned, [("pruned + accelerated", plan)], x, args.runs)
     if not args.skip_deit:
         from sparsevit.benchmark import plan_block_sparse, plan_heads_mlp, plan_structured_then_block_sparse
 
@@ -114,6 +131,11 @@ def main(argv=None) -> int:
         print(f"  {os.path.getsize(path) / 1e6:.2f} MB written; reloaded model identical: {same}")
     print("\nper-layer report (first rows):")
     print("\n".join(fast.sparsevit_report.table().splitlines()[:8]))
+    total = plan.summary(model, as_dict=True)["total"]
+    print("\n== summary (the digits ViT)")
+    print(summary_table((acc_dense, acc_fast), (total["params_before"], sum(p.numel() for p in fast.parameters())),
+                        (total["macs_before"], total["macs_after"]), (digits_rows[0][1], digits_rows[1][1]),
+                        x.shape[0], args.threads, err))
     return 0 if same else 1
 
 
