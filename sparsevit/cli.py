@@ -280,7 +280,13 @@ register_command("bench", "time dense timm vs accelerated side by side", _bench_
 # ----------------------------------------------------------------------------------- export
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="accelerated model file (.sparsevit) from `sparsevit accelerate`")
-    p.add_argument("--out", required=True, help="where to write the exported program (.pt2)")
+    p.add_argument("--out", required=True, help="where to write the exported program (.pt2 or .onnx)")
+    p.add_argument("--format", choices=("pt2", "onnx", "aoti"), default="pt2",
+                   help="pt2: torch.export (runs where sparsevit is installed); onnx: structured plans as a "
+                        "standard ONNX graph; aoti: an AOTInductor package runnable from C++")
+    p.add_argument("--densify", action="store_true",
+                   help="onnx only: export layers that hold sparse weights as dense Linears (a warning each) "
+                        "instead of refusing them")
     p.add_argument("--input-size", type=_positive("--input-size"), nargs=4, default=None, metavar=("B", "C", "H", "W"),
                    help="input shape to export for (default: batch 1 at the model's own size)")
 
@@ -298,13 +304,17 @@ def _export_run(args: argparse.Namespace) -> int:
     if shape[1:] != [3, size, size]:
         raise ValueError(f"--input-size {' '.join(map(str, shape))} does not fit {args.model}, which takes "
                          f"B x 3 x {size} x {size} images; e.g. --input-size 1 3 {size} {size}")
-    sparsevit.export(fast, torch.randn(*shape, dtype=dtype), args.out)
-    print(f"exported {args.model} for input {tuple(shape)} to {args.out} "
-          "(load with torch.export.load after `import sparsevit`)")
+    result = sparsevit.export(fast, torch.randn(*shape, dtype=dtype), args.out, format=args.format,
+                              densify=args.densify)
+    how = {"pt2": "load with torch.export.load after `import sparsevit`",
+           "onnx": "runs in ONNX Runtime / OpenVINO / TensorRT", "aoti": "AOTInductor package; see docs/deploy.md"}
+    if args.format == "onnx":
+        print(result)
+    print(f"exported {args.model} for input {tuple(shape)} to {args.out} ({how[args.format]})")
     return 0
 
 
-register_command("export", "torch.export an accelerated model (.sparsevit -> .pt2)", _export_arguments, _export_run)
+register_command("export", "export an accelerated model (.sparsevit -> .pt2 | .onnx | AOTInductor .pt2)", _export_arguments, _export_run)
 
 
 # ----------------------------------------------------------------------------------- entry point

@@ -278,16 +278,31 @@ def _load_pickle(path: str, map_location) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------- export
-def export(model: nn.Module, example_input: torch.Tensor, path: Union[str, os.PathLike]):
-    """``torch.export`` an accelerated model for ``example_input``'s shape and save it (``.pt2``).
+def export(model: nn.Module, example_input: torch.Tensor, path: Union[str, os.PathLike], *, format: str = "pt2",
+           densify: bool = False):
+    """Export an accelerated model for ``example_input``'s shape.
 
-    Every sparsevit op is a registered custom op with a fake implementation, so the exported program
-    keeps the sparse kernels as single nodes; load it with ``torch.export.load(path).module()`` in a
-    process that has imported ``sparsevit`` (which registers those ops). Returns the ExportedProgram.
+    ``format="pt2"``: ``torch.export`` with every sparsevit op kept as a single custom-op node; load it
+    with ``torch.export.load(path).module()`` in a process that has imported ``sparsevit``. Returns the
+    ExportedProgram. ``format="onnx"``: :func:`sparsevit.deploy.export_onnx` (structured plans; sparse
+    layers are refused unless ``densify=True``), returns its report. ``format="aoti"``:
+    :func:`sparsevit.deploy.export_aoti` (an AOTInductor package runnable from C++), returns the path.
     """
     if not isinstance(example_input, torch.Tensor):
         raise TypeError("export needs an example input tensor of the shape you will run, e.g. "
                         "torch.randn(1, 3, 224, 224)")
+    if format not in ("pt2", "onnx", "aoti"):
+        raise ValueError(f"format must be 'pt2', 'onnx' or 'aoti', got {format!r}")
+    if densify and format != "onnx":
+        raise ValueError("densify applies to format='onnx' only")
+    if format == "onnx":
+        from sparsevit.deploy import export_onnx
+
+        return export_onnx(model, example_input, path, densify=densify)
+    if format == "aoti":
+        from sparsevit.deploy import export_aoti
+
+        return export_aoti(model, example_input, path)
     model.eval()
     program = torch.export.export(model, (example_input,))
     atomic_write(os.fspath(path), lambda tmp: torch.export.save(program, tmp), suffix=".pt2")
