@@ -65,7 +65,7 @@ def _val(node):
 def _cpp_target(node):
     """``(C++ op, its arguments)`` for a sparsevit node the C++ kernel can run, else ``None``."""
     from sparsevit.formats.bsr import packed_block_rows
-    from sparsevit.ops.bsr import _ACT_CODE
+    from sparsevit.ops.linear_kernels import ACT_CODE
 
     ops, cpp = torch.ops.sparsevit, torch.ops.sparsevit_C
     x = _val(node.args[0])
@@ -76,10 +76,11 @@ def _cpp_target(node):
     if node.target == ops.residual_scatter_add.default and _ext.has_op("residual_scatter_add"):
         return cpp.residual_scatter_add.default, node.args
     if node.target == ops.bsr_linear.default and _ext.has_op("bsr_linear") and cpp.bsr_linear_isa(-1):
-        x_node, values, col, crow, packed, out_f, in_f, bh, bw, bias, act = node.args
+        x_node, values, col, crow, packed, out_f, in_f, bh, bw, bias, act, kernel = node.args
         p = _val(packed)
-        if p.dim() == 4 and p.dtype == x.dtype and p.shape[2] == packed_block_rows(bh):
-            return cpp.bsr_linear.default, (x_node, packed, col, crow, bias, out_f, in_f, bh, bw, _ACT_CODE[act], -1)
+        if kernel in ("auto", "cpp_bsr") and p.dim() == 4 and p.dtype == x.dtype and \
+                p.shape[2] == packed_block_rows(bh):
+            return cpp.bsr_linear.default, (x_node, packed, col, crow, bias, out_f, in_f, bh, bw, ACT_CODE[act], -1)
     return None
 
 
