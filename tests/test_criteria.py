@@ -84,8 +84,8 @@ def test_planted_head_dim_channels(crit):
     scale_slices(model, coupled_slices(ad, "qk", 0, 3), 1e-3)
     scale_slices(model, coupled_slices(ad, "v", 0, 7), 1e-3)
     s = C.unit_scores(model, crit, data(), progress=False)
-    assert int(s.blocks[0].qk.sum(0).argmin()) == 3
-    assert int(s.blocks[0].v.sum(0).argmin()) == 7
+    assert int(s.blocks[0].qk_shared.argmin()) == 3
+    assert int(s.blocks[0].v_shared.argmin()) == 7
 
 
 @pytest.mark.parametrize("crit", STRUCTURED)

@@ -58,7 +58,8 @@ def grouped(model, *, criterion: str = "taylor", sparsity: Optional[float] = 0.5
             num_batches: Optional[int] = 8, loss_fn: Optional[Callable] = None, macs: Optional[float] = None,
             prune_heads: bool = True, prune_head_dims: bool = False, prune_mlp: bool = True,
             prune_residual: bool = False, round_to: int = 1, allow_empty: bool = False,
-            normalize: str = "mean", seed: int = 0, micro_batches: int = 4, scores=None,
+            normalize: str = "mean", seed: int = 0, taylor: str = "group_sq", fisher: str = "per_sample",
+            fisher_chunk: Optional[int] = None, micro_batches: int = 4, scores=None,
             progress: bool = True) -> SparsityPlan:
     """Grouped structural global pruning: heads / head dims / MLP channels / residual channels.
 
@@ -70,6 +71,10 @@ def grouped(model, *, criterion: str = "taylor", sparsity: Optional[float] = 0.5
         round_to: kept MLP / head-dim / residual channel counts become multiples of this.
         allow_empty: allow a layer to lose all its heads or MLP channels (the branch is dropped).
         normalize: per layer group score normaliser, ``mean`` | ``max`` | ``sum`` | ``none``.
+        taylor: Taylor estimator, ``group_sq`` (default; Molchanov et al. 2019) | ``weight_sq`` | ``abs``.
+        fisher: Hessian's Fisher estimate, ``per_sample`` (default, exact) | ``microbatch`` (cheap,
+            biased; ``micro_batches`` chunks per batch); ``fisher_chunk`` bounds per-sample gradients
+            held at once. See :mod:`sparsevit.prune.criteria`.
         scores: precomputed :class:`criteria.UnitScores` (reuses gradients across targets).
     Returns a :class:`SparsityPlan` whose ``meta`` holds method, criterion, target, kept fraction per
     kind (``channel_ratios``) and ``stats`` (exact parameter/MAC counts).
@@ -83,6 +88,7 @@ def grouped(model, *, criterion: str = "taylor", sparsity: Optional[float] = 0.5
     adapter = get_adapter(model)
     if scores is None:
         scores = C.unit_scores(model, crit, data, num_batches=num_batches, loss_fn=loss_fn, seed=seed,
+                               taylor=taylor, fisher=fisher, fisher_chunk=fisher_chunk,
                                micro_batches=micro_batches, progress=progress)
     t_scores = time.perf_counter() - t0
     groups = layer_groups(adapter, scores, prune_heads=prune_heads, prune_head_dims=prune_head_dims,
@@ -107,6 +113,7 @@ def grouped(model, *, criterion: str = "taylor", sparsity: Optional[float] = 0.5
         "options": {"prune_heads": prune_heads, "prune_head_dims": prune_head_dims, "prune_mlp": prune_mlp,
                     "prune_residual": prune_residual, "round_to": round_to, "allow_empty": allow_empty,
                     "normalize": normalize, "num_batches": num_batches if C.needs_data(crit) else None},
+        "estimator": dict(scores.meta),
         "channel_ratios": ranking.channel_ratios(hi),
         "units_removed": int(hi),
         "time_s": {"scores": round(t_scores, 3), "plan": round(time.perf_counter() - t0 - t_scores, 3)},

@@ -87,15 +87,21 @@ def layer_groups(adapter, scores, *, prune_heads: bool = True, prune_head_dims: 
             groups.append(LayerGroup("head", b.index, bs.heads, 0 if allow_empty else 1))
         if prune_head_dims:
             if b.prunable("qk"):
-                groups.append(LayerGroup("qk", b.index, bs.qk.sum(0), min(b.head_dim, r), r))
+                groups.append(LayerGroup("qk", b.index, _shared(bs.qk_shared, bs.qk), min(b.head_dim, r), r))
             if b.prunable("v"):
-                groups.append(LayerGroup("v", b.index, bs.v.sum(0), min(b.head_dim, r), r))
+                groups.append(LayerGroup("v", b.index, _shared(bs.v_shared, bs.v), min(b.head_dim, r), r))
         if prune_mlp and b.prunable("mlp"):
             groups.append(LayerGroup("mlp", b.index, bs.mlp, 0 if allow_empty else min(b.hidden, r), r))
     if prune_residual:
         for s, sc in enumerate(scores.residual):
             groups.append(LayerGroup("residual", s, sc, min(len(sc), r), r))
     return groups
+
+
+def _shared(shared: Optional[torch.Tensor], per_head: torch.Tensor) -> torch.Tensor:
+    """Score of the shared head-dim channels (channel c of every head is one unit); scores built by
+    hand without ``qk_shared`` / ``v_shared`` fall back to the sum over heads."""
+    return shared if shared is not None else per_head.sum(0)
 
 
 class GroupRanking:

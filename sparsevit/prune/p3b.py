@@ -25,6 +25,7 @@ from torch import nn
 
 from sparsevit.errors import CheckpointError
 from sparsevit.plan import BlockPlan, SparsityPlan
+from sparsevit.prune.estimators import squared_taylor
 from sparsevit.prune.p3b_alloc import (ATTN_GATES, DEFAULT_GATE_FACTORS, MLP_GATES, KeepRatioAllocator,
                                        block_threshold, ramp, ramped_keep_ratio, soft_mask, split_by_gate, tau_at,
                                        unit_ranks)
@@ -94,11 +95,15 @@ class P3BPruner:
 
     @torch.no_grad()
     def accumulate_scores(self) -> None:
-        """Add (m * dL/dm)^2 of every gate element (after a backward pass) and clear the gate grads."""
+        """Add (m * dL/dm)^2 of every gate element (after a backward pass) and clear the gate grads.
+
+        The per-batch squared Taylor score of the shared estimators (``estimators.squared_taylor``):
+        m * dL/dm is the signed first-order contribution of everything the gate element scales.
+        """
         flat = [m for k in range(len(self.branches)) for m in self.masks(k)]
         for acc, m in zip(self.scores, flat):
             if m.grad is not None:
-                acc += (m.detach() * m.grad).double().pow(2).cpu()
+                acc += squared_taylor(m, m.grad)
                 m.grad = None
         self.score_steps += 1
 

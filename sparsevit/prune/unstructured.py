@@ -25,13 +25,15 @@ UNSTRUCTURED_CRITERIA = STRUCTURED_CRITERIA + ("lamp",)
 def unstructured(model, *, criterion: str = "l1", sparsity: Optional[float] = 0.5, data=None,
                  num_batches: Optional[int] = 8, loss_fn: Optional[Callable] = None, scope: str = "global",
                  block: Optional[Sequence[int]] = None, nm: Optional[Sequence[int]] = None, reduce: str = "mean",
-                 layers: Optional[Sequence[str]] = None, seed: int = 0, micro_batches: int = 4,
+                 layers: Optional[Sequence[str]] = None, seed: int = 0, taylor: str = "group_sq",
+                 fisher: str = "per_sample", fisher_chunk: Optional[int] = None, micro_batches: int = 4,
                  progress: bool = True) -> SparsityPlan:
     """Unstructured (or block-aligned) pruning of the blocks' Linear weights into ``plan.masks``.
 
     Args:
         criterion: ``l1``, ``l2``, ``lamp`` (layer-adaptive magnitude: global ranking of LAMP scores),
-            ``taylor``, ``hessian``, ``random`` (elementwise).
+            ``taylor``, ``hessian``, ``random`` (elementwise; ``taylor`` / ``fisher`` / ``fisher_chunk``
+            pick the estimator, see :func:`sparsevit.prune.criteria.weight_importance`).
         sparsity: fraction of prunable (block) parameters to remove; only Linear weights are masked, so
             it must stay below their share of the prunable parameters.
         scope: ``global`` (one ranking over all layers) or ``layer`` (the same fraction per layer).
@@ -58,7 +60,8 @@ def unstructured(model, *, criterion: str = "l1", sparsity: Optional[float] = 0.
                         f"weights are {maskable:,} ({maskable / prunable:.3f} of the prunable parameters); "
                         "lower sparsity or use method='grouped'.")
     imp = C.weight_importance(model, "l2" if crit == "lamp" else crit, data, num_batches=num_batches,
-                              loss_fn=loss_fn, seed=seed, micro_batches=micro_batches, progress=progress)
+                              loss_fn=loss_fn, seed=seed, taylor=taylor, fisher=fisher, fisher_chunk=fisher_chunk,
+                              micro_batches=micro_batches, progress=progress)
     names = {id(p): n for n, p in model.named_parameters()}
     scores = {n: imp[names[id(lin.weight)]].cpu() for n, lin in linears.items()}
     how = {"n_remove": n_remove} if scope == "global" else {"fraction": n_remove / maskable}
