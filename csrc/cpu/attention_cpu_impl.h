@@ -29,6 +29,42 @@ static inline float load_elem(const void* base, int64_t idx, int bf16) {
   return bf16 ? bf16_to_f32(((const uint16_t*)base)[idx]) : ((const float*)base)[idx];
 }
 
+#if SPV_AVX512
+// Up to 16 consecutive elements (n of them; the rest 0) of an fp32 or bf16 row, widened to fp32.
+static inline vf load_row16(const void* base, int64_t idx, int n, int bf16) {
+  const __mmask16 m = (__mmask16)(n >= 16 ? 0xffffu : (1u << n) - 1u);
+  if (!bf16) return _mm512_maskz_loadu_ps(m, (const float*)base + idx);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)base + idx);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// K^T [Dqk][Np] and V [Np][Dvp] of head (b, h) in fp32, zero past N keys and past Dv channels.
+// K is transposed 16 keys x 16 channels at a time in registers; V rows are copied (widened).
+static void pack_kv(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
+  const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
+  const int64_t kb = b * p->sk[0] + h * p->sk[1], vb = b * p->sv[0] + h * p->sv[1];
+  for (int64_t j0 = 0; j0 < Np; j0 += 16) {
+    const int nk = (int)(N - j0 < 0 ? 0 : (N - j0 < 16 ? N - j0 : 16));
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int nd = (int)(D - d0 < 16 ? D - d0 : 16);
+      vf r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = i < nk ? load_row16(p->k, kb + (j0 + i) * p->sk[2] + d0, nd, p->bf16) : vzero();
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int d = 0; d < 16; ++d)
+        if (d < nd) vstore(kt + (d0 + d) * Np + j0, r[d]);
+    }
+    for (int i = 0; i < 16; ++i) {
+      float* dst = vp + (j0 + i) * Dvp;
+      for (int64_t c = 0; c < Dvp; c += 16) {
+        const int n = i < nk ? (int)(Dv - c < 0 ? 0 : (Dv - c < 16 ? Dv - c : 16)) : 0;
+        vstore(dst + c, n ? load_row16(p->v, vb + (j0 + i) * p->sv[2] + c, n, p->bf16) : vzero());
+      }
+    }
+  }
+}
+#else
 // K^T [Dqk][Np] and V [Np][Dvp] of head (b, h) in fp32, zero past N keys and past Dv channels.
 static void pack_kv(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
@@ -44,6 +80,7 @@ static void pack_kv(const AttnParams* p, int64_t b, int64_t h, float* kt, float*
     for (int64_t d = Dv; d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
   }
 }
+#endif
 
 // s[qi][jb .. jb + NJ*W) = sum_d qs[qi][d] * kt[d][...] for the QB queries of the block.
 template <int NJ>
