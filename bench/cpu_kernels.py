@@ -1,23 +1,24 @@
-"""CPU kernel benchmark: fine-grained sparse linear and fused attention against what torch offers.
+"""CPU kernel benchmark: fine-grained sparse linear, dense candidates and fused attention vs torch.
 
-Linear, per DeiT-S shape x tokens x sparsity pattern x dtype, side by side in interleaved rounds:
-dense torch ``F.linear`` (MKL / oneDNN), ``torch.ops.mkldnn._linear_pointwise`` when this torch has
-it, sparsevit's BSR kernel (``ops.bsr_linear``, block 1x8 holding the same mask) and the fine-grained
-kernel (``ops.fine_linear``). Reported: median ms after warm-up, speed-up vs dense, and GFLOP/s of
-*kept* work (2 x stored weights x tokens / time) next to the machine's peak.
+Peak: ``torch.ops.sparsevit_C.peak_gflops`` runs 16 independent ``vfmadd231ps zmm`` (fp32) or
+``vdpbf16ps zmm`` (bf16) chains in registers (no memory operands) on each thread for 0.2 s of that
+thread's CPU time; kept work is reported as % of that peak for the dtype at hand.
 
-Peak: the rate of a large dense GEMM in fp32 (a lower bound: MKL takes no AVX-512 path on AMD) and
-half the rate of the same GEMM in bf16 (oneDNN's vdpbf16ps path runs near its peak, and one bf16
-dot-pair instruction does twice the fp32 FMA work), both printed; the larger is used as "peak".
+Linear, per DeiT-S shape x tokens x pattern x sparsity x dtype, side by side in interleaved rounds:
+the dense candidates of ``ops.dense_cpu`` (``torch_linear`` = MKL fp32 / oneDNN bf16,
+``onednn_packed``, ``sparsevit_bsr_full``) on the masked weight, and the fine-grained kernel
+(``ops.fine_linear``). Reported: median ms, the fine kernel's speed-up vs the fastest dense
+candidate, and % of peak (dense: 2*out*in*T flops; fine: 2*stored weights*T, i.e. kept work).
 
 Attention: ``F.scaled_dot_product_attention`` vs ``ops.cpu_attention`` at DeiT-S shapes (N=197,
 H=6 or 3 after head pruning, D=64 or 32).
 
-    python bench/cpu_kernels.py                 # short default run (< 1 minute)
-    python bench/cpu_kernels.py --threads 2 --tokens 197 1576 --sparsity 0.7 0.9 0.95 --rounds 15
+    python bench/cpu_kernels.py --threads 1            # short default run
+    python bench/cpu_kernels.py --threads 1 --shapes qkv proj fc1 fc2 --tokens 197 1576 --tiles 1 4 8
 
-Timings on a shared machine are indicative only; the median over interleaved rounds damps, but
-does not remove, interference from other processes.
+With ``--threads 1`` every op runs on the calling thread, so each call is timed in that thread's CPU
+time (``time.thread_time``): on a shared machine a wall clock counts the time spent waiting for a
+core. Other processes still evict caches; timings are indicative only, compare ratios within a run.
 """
 import argparse
 import os
@@ -30,37 +31,39 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sparsevit.formats import BlockSparseWeight  # noqa: E402
 from sparsevit.formats.fine import FineSparseWeight  # noqa: E402
-from sparsevit.ops.bsr import bsr_linear  # noqa: E402
+from sparsevit.ops.dense_cpu import dense_candidates  # noqa: E402
 from sparsevit.ops.cpu_attention import cpp_kernel_name as attn_kernel_name, cpu_attention  # noqa: E402
 from sparsevit.ops.fine_linear import cpp_kernel_name, fine_linear, not_supported_reasons  # noqa: E402
 
 SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}  # (in, out)
 
 
+def _clock():
+    """Thread CPU time when torch runs on this thread alone, else wall time."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def time_interleaved(fns, rounds, warmup=2):
     """name -> median seconds, calling every fn once per round (background load hits all alike)."""
+    clock = _clock()
     for _ in range(warmup):
         for f in fns.values():
             f()
     times = {n: [] for n in fns}
     for _ in range(rounds):
         for n, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(clock() - t0)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def measure_peak():
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    t = time_interleaved({"f32": lambda: a @ b}, 5)["f32"]
-    f32 = 2 * 2048 ** 3 / t / 1e9
-    ab, bb = a.bfloat16(), b.bfloat16()
-    t = time_interleaved({"bf16": lambda: ab @ bb}, 5)["bf16"]
-    bf16_half = 2 * 2048 ** 3 / t / 1e9 / 2
-    return f32, bf16_half
+def measure_peak(threads):
+    """GFLOP/s of the register-resident FMA / vdpbf16ps loops (0 where the op or ISA is missing)."""
+    if not hasattr(torch.ops.sparsevit_C, "peak_gflops"):
+        return {"float32": 0.0, "bfloat16": 0.0}
+    return {d: torch.ops.sparsevit_C.peak_gflops(d, threads, 0.2) for d in ("float32", "bfloat16")}
 
 
 def make_mask(out_f, in_f, tile, sparsity, g):
@@ -68,29 +71,40 @@ def make_mask(out_f, in_f, tile, sparsity, g):
     return keep.repeat_interleave(tile, dim=1)[:, :in_f]
 
 
-def linear_methods(x, w, mask, tile):
-    wm = (w * mask).to(x.dtype)
-    fns = {"dense": lambda: F.linear(x, wm)}
-    mk = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if mk is not None and torch.backends.mkldnn.is_available():
-        try:
-            mk(x, wm, None, "none", [], "")
-            fns["mkldnn"] = lambda: mk(x, wm, None, "none", [], "")
-        except RuntimeError:
-            pass
-    bw = BlockSparseWeight.from_dense(wm, block=(1, 8), mask=mask)
-    fns["bsr_1x8"] = lambda: bsr_linear(x, bw)
-    fw = FineSparseWeight.from_dense(wm, mask, tile=tile)
-    fns["fine"] = lambda: fine_linear(x, fw)
-    return fns, fw
+def dense_methods(w, dtype):
+    """name -> module for every supported dense candidate of the (masked) weight."""
+    return {c.name: c.build() for c in dense_candidates(w, None, None, dtype=dtype) if not c.not_supported_reasons}
 
 
-def bench_linear(args, peak):
+def _pct(flops, seconds, peak):
+    return f"{100 * flops / seconds / 1e9 / peak:.0f}%" if peak else "-"
+
+
+def bench_dense(args, peaks):
+    print("\n## Dense candidates, ms median (% of peak)")
+    print("| dtype | shape | tokens | " + " | ".join(("torch_linear", "onednn_packed", "sparsevit_bsr_full")) + " |")
+    print("|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
-    print(f"\n## Linear (fine kernel: {cpp_kernel_name()}), ms median; x = speed-up vs dense; GF/s of kept work "
-          f"(peak {peak:.0f})")
-    print("| dtype | shape | tokens | pattern | sparsity | dense | mkldnn | bsr 1x8 | fine | fine x | fine GF/s | % peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        dt = getattr(torch, dtype)
+        for name in args.shapes:
+            in_f, out_f = SHAPES[name]
+            mods = dense_methods(torch.randn(out_f, in_f, generator=g), dt)
+            for T in args.tokens:
+                x = torch.randn(T, in_f, generator=g).to(dt)
+                t = time_interleaved({n: (lambda m=m: m(x)) for n, m in mods.items()}, args.rounds)
+                cells = [f"{t[n] * 1e3:.3f} ({_pct(2 * in_f * out_f * T, t[n], peaks[dtype])})" if n in t else "-"
+                         for n in ("torch_linear", "onednn_packed", "sparsevit_bsr_full")]
+                print(f"| {dtype} | {name} {in_f}->{out_f} | {T} | " + " | ".join(cells) + " |")
+
+
+def bench_linear(args, peaks):
+    g = torch.Generator().manual_seed(0)
+    print(f"\n## Fine-grained linear ({cpp_kernel_name()}), ms median; x = speed-up vs the fastest dense "
+          f"candidate; % of peak: dense of all MACs, fine of kept MACs")
+    print("| dtype | shape | tokens | pattern | sparsity | fastest dense | dense ms | fine ms | fine x | "
+          "dense % peak | fine kept % peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         dt = getattr(torch, dtype)
         for name in args.shapes:
@@ -101,14 +115,18 @@ def bench_linear(args, peak):
                 for tile in args.tiles:
                     for sp in args.sparsity:
                         mask = make_mask(out_f, in_f, tile, sp, g)
-                        fns, fw = linear_methods(x, w, mask, tile)
+                        wm = w * mask
+                        fns = {n: (lambda m=m: m(x)) for n, m in dense_methods(wm, dt).items()}
+                        fw = FineSparseWeight.from_dense(wm.to(dt), mask, tile=tile)
+                        fns["fine"] = lambda fw=fw: fine_linear(x, fw)
                         reasons = not_supported_reasons(x, fw)
                         t = time_interleaved(fns, args.rounds)
-                        gf = 2 * fw.nnz * T / t["fine"] / 1e9
-                        cell = {n: f"{t[n] * 1e3:.3f}" if n in t else "-" for n in ("dense", "mkldnn", "bsr_1x8", "fine")}
-                        print(f"| {dtype} | {name} {in_f}->{out_f} | {T} | 1x{tile} | {sp:.2f} | {cell['dense']} | "
-                              f"{cell['mkldnn']} | {cell['bsr_1x8']} | {cell['fine']} | {t['dense'] / t['fine']:.2f} | "
-                              f"{gf:.0f} | {100 * gf / peak:.0f}%{' (reference: ' + '; '.join(reasons) + ')' if reasons else ''} |")
+                        best = min((n for n in t if n != "fine"), key=t.get)
+                        note = f" (reference: {'; '.join(reasons)})" if reasons else ""
+                        print(f"| {dtype} | {name} {in_f}->{out_f} | {T} | 1x{tile} | {sp:.2f} | {best} | "
+                              f"{t[best] * 1e3:.3f} | {t['fine'] * 1e3:.3f} | {t[best] / t['fine']:.2f} | "
+                              f"{_pct(2 * in_f * out_f * T, t[best], peaks[dtype])} | "
+                              f"{_pct(2 * fw.nnz * T, t['fine'], peaks[dtype])}{note} |")
 
 
 def bench_attention(args):
@@ -136,15 +154,17 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["linear", "attention"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["dense", "linear", "attention"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    f32, bf16_half = measure_peak()
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__}; peak estimate: dense fp32 GEMM "
-          f"{f32:.0f} GF/s, bf16 GEMM / 2 = {bf16_half:.0f} GF/s")
+    peaks = measure_peak(torch.get_num_threads())
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__}; register-loop peak: fp32 "
+          f"{peaks['float32']:.0f} GF/s, bf16 (vdpbf16ps) {peaks['bfloat16']:.0f} GF/s")
+    if "dense" not in args.skip:
+        bench_dense(args, peaks)
     if "linear" not in args.skip:
-        bench_linear(args, max(f32, bf16_half))
+        bench_linear(args, peaks)
     if "attention" not in args.skip:
         bench_attention(args)
 

@@ -112,3 +112,29 @@ def test_opcheck(dtype):
     for bias in (None, torch.randn(1, 3, 7, 7)):
         torch.library.opcheck(torch.ops.sparsevit.cpu_attention.default, (q, k, v, bias, 0.25),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequences_use_several_key_blocks(dtype):
+    """N past one online-softmax key block (256 keys on AVX-512, 128 on AVX2), with a bias whose
+    first key block is fully masked for some rows (the running max must recover) and one row
+    masked everywhere (NaN, as softmax gives)."""
+    g = torch.Generator().manual_seed(5)
+    B, H, N, D, Dv = 1, 2, 601, 24, 40
+    q, k = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(B, H, N, Dv, generator=g).to(dtype)
+    bias = torch.randn(1, H, N, N, generator=g)
+    bias[:, :, 5:9, :300] = float("-inf")
+    bias[:, :, 11, :] = float("-inf")
+    for isa in (0, 1):
+        if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
+            continue
+        out = torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, 0.2, isa)
+        ref = _ref64(q, k, v, bias, 0.2)
+        assert torch.isnan(out[:, :, 11]).all() and torch.isnan(ref[:, :, 11]).all()
+        keep = torch.ones(N, dtype=torch.bool)
+        keep[11] = False
+        err = (out[:, :, keep].double() - ref[:, :, keep]).abs().max().item()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert err <= tol * max(1.0, ref[:, :, keep].abs().max().item()), f"isa={isa} {dtype}: err {err:.3g}"

@@ -102,7 +102,9 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const int64_t want = nth == 1 ? 1 : 4 * nth;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((N + 15) / 16, (want + heads - 1) / heads));
   const int64_t n_items = heads * chunks;
-  const int64_t per_thread = D * p.Np + p.Np * p.Dvp + 4 * p.Np + 4 * D + 16;
+  // packed K^T and V, a [4][min(Np, key_block)] score block, 4 scaled queries, a [4][Dvp] accumulator
+  const int64_t per_thread = D * p.Np + p.Np * p.Dvp + 4 * std::min<int64_t>(p.Np, kern->key_block) + 4 * D +
+                             4 * p.Dvp + 16;
   at::Tensor scratch = at::empty({nth * per_thread + 16}, q.options().dtype(at::kFloat));
   float* base = scratch.data_ptr<float>();
   base += (16 - ((uintptr_t)base / 4) % 16) % 16;  // 64-byte align
