@@ -244,6 +244,12 @@ class ModelAdapter:
         """Shifted-window attention values (Swin); None for global attention."""
         return None
 
+    def input_shape(self) -> tuple:
+        """``(channels, height, width)`` of the images the model was built for (a probe input)."""
+        pe = self.model.patch_embed
+        size = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)
+        return (int(pe.proj.in_channels), int(size[0]), int(size[1]))
+
     # ---------------------------------------------------------------- shared logic
     def signature(self) -> Dict:
         return {
