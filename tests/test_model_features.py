@@ -98,7 +98,8 @@ def test_zero_padded_layernorm_equals_layernorm_over_zeros(dtype):
     full = x.new_zeros(3, 5, width).index_copy(-1, keep, x)
     want = F.layer_norm(full, (width,), w, b, 1e-6)[..., keep]
     norm = ZeroPaddedLayerNorm(NormValues(w[keep], b[keep], 1e-6, width)).to(dtype)
-    got = norm(x.to(dtype))
+    with torch.no_grad():
+        got = norm(x.to(dtype))
     assert got.dtype == dtype
     assert rel_err(got, want) < {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
 
@@ -228,3 +229,15 @@ def test_verify_in_bfloat16_passes():
     assert next(fast.parameters()).dtype == torch.bfloat16
     assert fast.sparsevit_report.verify_seconds > 0
     assert next(m.parameters()).dtype == torch.float32  # the user's model is untouched
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("vit_small_patch16_224", dict(qk_norm=True, scale_attn_norm=True, scale_mlp_norm=True, act_layer="quick_gelu")),
+    ("deit_tiny_distilled_patch16_224", dict(num_heads=3))])
+def test_new_features_save_and_load(tmp_path, name, kw):
+    m = _vit(name, **kw)
+    fast = sparsevit.accelerate(m, random_plan(m, 5, kinds=("heads", "v", "mlp", "residual", "masks")))
+    sparsevit.save(fast, tmp_path / "m.sparsevit")
+    back = sparsevit.load(tmp_path / "m.sparsevit")
+    with torch.no_grad():
+        assert rel_err(back(_x()), fast(_x())) < 1e-6

@@ -26,10 +26,10 @@ def vit_config(draw):
     kw["qkv_bias"] = draw(st.booleans())
     if draw(st.booleans()):
         kw["init_values"] = 0.5
-    if not distilled:
-        kw.update(qk_norm=draw(st.booleans()), scale_attn_norm=draw(st.booleans()),
-                  scale_mlp_norm=draw(st.booleans()), reg_tokens=draw(st.sampled_from((0, 2))),
-                  act_layer=draw(st.sampled_from(ACTS)))
+    kw.update(qk_norm=draw(st.booleans()), scale_attn_norm=draw(st.booleans()),
+              scale_mlp_norm=draw(st.booleans()), act_layer=draw(st.sampled_from(ACTS)))
+    if not distilled:  # DeiT distilled has exactly a class and a dist token, token pooling
+        kw["reg_tokens"] = draw(st.sampled_from((0, 2)))
         pool = draw(st.sampled_from(("token", "avg", "max")))
         kw["global_pool"] = pool
         if pool == "token":

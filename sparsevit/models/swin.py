@@ -22,7 +22,8 @@ class SwinAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        check_top_level(model, frozenset({"patch_embed", "layers", "norm", "head"}), frozenset())
+        check_top_level(model, frozenset({"patch_embed", "layers", "norm", "head"}),
+                        frozenset({"absolute_pos_embed"}))
         i = 0
         for s, stage in enumerate(model.layers):
             dims = set()

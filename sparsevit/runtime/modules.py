@@ -1,7 +1,8 @@
 """The modules ``accelerate`` swaps in for timm's: physically smaller, same function.
 
 They are plain ``nn.Module``s built from explicit values the model adapter hands out (sliced
-weights, scale, rel-pos index, window sizes; never the source module or a patched ``forward``), keep the callers' keyword arguments (``attn_mask``/``is_causal`` for ViT,
+weights, scale, rel-pos index, window sizes, branch-norm values; never the source module or a
+patched ``forward``), keep the callers' keyword arguments (``attn_mask``/``is_causal`` for ViT,
 ``shared_rel_pos_bias`` for BeiT, Swin's ``mask``), and hold their Linears as whatever module the
 per-layer kernel choice produced (``nn.Linear``, or a sparse module from ``runtime.linear``).
 """

@@ -2,12 +2,13 @@
 
 One random probe (batch 1, the model's input size, a fixed seed, the model's device) runs through
 the masked reference (the user's model with the plan applied as zeros, see ``models/masking.py``;
-run in float32 at least) and through the fast model. Every block's output is compared (forward hooks on both; the fast
-model's residual stream may be narrower, so the reference is compared on the kept residual
-channels), then the final output. Tolerances (relative to the largest reference value): 1e-4 in
-float32; in bf16/fp16 3e-2, or twice what the reference itself loses in that dtype when that is more
-(deep models accumulate rounding that is no sparsevit error). The first block beyond a dtype-aware tolerance is named in a
-:class:`~sparsevit.errors.VerificationError`: a model that computes something else is never returned.
+run in float32 at least) and through the fast model. Every block's output is compared (forward hooks
+on both; the fast model's residual stream may be narrower, so the reference is compared on the kept
+residual channels), then the final output. Tolerances (relative to the largest reference value):
+1e-4 in float32; in bf16/fp16 3e-2, or twice what the reference itself loses in that dtype when that
+is more (deep models accumulate rounding that is no sparsevit error). The first block beyond a
+dtype-aware tolerance is named in a :class:`~sparsevit.errors.VerificationError`: a model that
+computes something else is never returned.
 """
 from __future__ import annotations
 
