@@ -200,8 +200,8 @@ def test_verify_reports_its_cost():
     m = _vit()
     fast = sparsevit.accelerate(m, random_plan(m, 0))
     assert fast.sparsevit_report.verify_seconds > 0
-    assert fast.sparsevit_report.by_name()["verify"][0].action == "verified"
-    assert "verify" not in sparsevit.accelerate(m, verify=False).sparsevit_report.by_name()
+    assert 0 <= fast.sparsevit_report.verify_max_error < 1e-4
+    assert not hasattr(sparsevit.accelerate(m, verify=False).sparsevit_report, "verify_seconds")
 
 
 def test_verify_names_the_first_block_that_diverges(monkeypatch):
@@ -241,3 +241,21 @@ def test_new_features_save_and_load(tmp_path, name, kw):
     back = sparsevit.load(tmp_path / "m.sparsevit")
     with torch.no_grad():
         assert rel_err(back(_x()), fast(_x())) < 1e-6
+
+
+def test_safetensors_header_length_starting_with_0x80_is_not_a_pickle(tmp_path):
+    """A safetensors header of length 0x..80 starts with the pickle PROTO byte; it must still load
+    (1 in 256 saved files hit this before)."""
+    from sparsevit._io import first_bytes, is_torch_pickle
+
+    path = tmp_path / "x.safetensors"
+    header = b'{"__metadata__":{"k":"' + b"x" * (0x180 - 25) + b'"}}'
+    assert len(header) == 0x180
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    assert first_bytes(str(path))[:1] == b"\x80"
+    assert not is_torch_pickle(first_bytes(str(path)))
+    pickled = tmp_path / "old.pt"
+    torch.save({"a": 1}, pickled, _use_new_zipfile_serialization=False)
+    assert is_torch_pickle(first_bytes(str(pickled)))
+    torch.save({"a": 1}, pickled)
+    assert is_torch_pickle(first_bytes(str(pickled)))

@@ -190,8 +190,6 @@ def check_vit_block(blk: nn.Module, fqn: str) -> None:
     check_module(blk.attn, f"{fqn}.attn", Attention, Allowed(
         children={"qkv": "linear", "q_norm": "layernorm", "k_norm": "layernorm", "norm": "layernorm",
                   "proj": "linear"}, forward_args=frozenset({"attn_mask", "is_causal"})))
-    if getattr(blk.attn, "gate", None) is not None:  # also caught as an unknown child; named here first
-        raise UnsupportedModelError(f"{fqn}.attn.gate ({_typename(blk.attn.gate)}): gated attention is not supported.")
     check_mlp(blk.mlp, f"{fqn}.mlp")
 
 

@@ -44,7 +44,8 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
             the fast model, compare every block's output and the final output within a dtype-aware
             tolerance (fp32 1e-4, bf16/fp16 3e-2 relative), and raise
             :class:`~sparsevit.errors.VerificationError` naming the first block that diverges. The cost
-            (seconds) is in ``fast.sparsevit_report.verify_seconds`` and the report's ``verify`` row.
+            (seconds) is in ``fast.sparsevit_report.verify_seconds`` (the largest relative error seen in
+            ``verify_max_error``).
             ``False`` skips it (``sparsevit.load`` does: its file is checksummed and was compared at save).
 
     The tile shape the plan's masks were made for (``plan.block``) is the first one the kernel
