@@ -52,14 +52,20 @@ def check_readable_file(path: str, error: Callable[[str], Exception], what: str)
         raise error(f"no such file: {path} (expected a {what} file).")
 
 
-def first_bytes(path: str, n: int = 8) -> bytes:
+def first_bytes(path: str, n: int = 9) -> bytes:
     with open(path, "rb") as f:
         return f.read(n)
 
 
 def is_torch_pickle(head: bytes) -> bool:
-    """True for torch.save archives (zip) and legacy pickles: files that must never be unpickled."""
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    """True for torch.save archives (zip) and legacy pickles: files that must never be unpickled.
+
+    A safetensors file starts with its 8-byte header length, whose first byte may well be 0x80 (the
+    pickle opcode PROTO); its JSON header then starts at byte 8 with ``{``, which no pickle has there.
+    """
+    if head.startswith(b"PK\x03\x04"):
+        return True
+    return head[:1] == b"\x80" and head[8:9] != b"{"
 
 
 __all__: Iterable[str] = ["atomic_write", "sha256_hex", "check_readable_file", "first_bytes", "is_torch_pickle"]

@@ -19,3 +19,8 @@ class KernelError(SparseVitError, RuntimeError):
 
 class CheckpointError(SparseVitError, IOError):
     """A saved sparsevit model is corrupt, from a newer version, or not a sparsevit file."""
+
+
+class VerificationError(SparseVitError, RuntimeError):
+    """``accelerate(..., verify=True)`` built a model that does not compute what the masked dense model
+    computes on a random probe: a sparsevit bug or a model feature it missed. Never returned silently."""

@@ -15,7 +15,7 @@ from sparsevit.models.coupling import (AttentionValues, Coupled, MlpValues, Wind
 from sparsevit.models.masking import MaskedLayerNorm  # noqa: F401
 from sparsevit.plan import register_adapter_lookup
 
-SUPPORTED = ("timm VisionTransformer (ViT, DeiT, DeiT-3), timm Beit, timm SwinTransformer "
+SUPPORTED = ("timm VisionTransformer (ViT, DeiT, DeiT distilled, DeiT-3), timm Beit, timm SwinTransformer "
              "(each with timm Attention/WindowAttention and Mlp blocks)")
 
 
@@ -28,7 +28,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     if getattr(model, "_sparsevit_accelerated", False):
         raise UnsupportedModelError("this model was already accelerated by sparsevit; pass the original "
                                     "timm model (or the masked dense model) instead.")
-    if name == "VisionTransformer" and mod.startswith("timm."):
+    if name in ("VisionTransformer", "VisionTransformerDistilled") and mod.startswith("timm."):
         from sparsevit.models.vit import ViTAdapter
 
         return ViTAdapter(model)

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from sparsevit.errors import UnsupportedModelError
-from sparsevit.models.coupling import AttentionValues, Coupled, MlpValues, WindowValues, activation_kind, find
+from sparsevit.models.coupling import (AttentionValues, Coupled, MlpValues, WindowValues, activation_kind, find,
+                                       norm_values)
+from sparsevit.models.features import activation_facts
 from sparsevit.models.counting import count
 from sparsevit.models.masking import apply_plan_masks, infer_plan_from_zeros
 from sparsevit.models.validation import validate_plan
@@ -118,12 +120,24 @@ class BlockInfo:
         return None
 
     def prunable(self, kind: str) -> bool:
-        """Whether units of ``kind`` (``head``, ``qk``, ``v``, ``mlp``) can be removed: not when a norm
-        runs over them (qk-norm over the head dim, scale-norm over all heads, an MLP norm)."""
-        norm_of = {"head": (self.attn, "norm"), "v": (self.attn, "norm"), "qk": (self.attn, "q_norm"),
-                   "mlp": (self.mlp, "norm")}
-        module, attr = norm_of[kind]
-        return isinstance(getattr(module, attr, nn.Identity()), nn.Identity)
+        """Whether units of ``kind`` (``head``, ``qk``, ``v``, ``mlp``) can be removed exactly.
+
+        Not q/k channels under qk-norm (zeroing a channel before a norm over the head dim is not
+        removing it). Heads and v channels under scale-norm, and MLP channels under an MLP norm, are:
+        the removed channels are zeros the norm statistics count (``NormValues``). MLP channels need
+        an elementwise activation with act(0) = 0 (``features.activation_facts``).
+        """
+        if kind == "qk":
+            return isinstance(getattr(self.attn, "q_norm", nn.Identity()), nn.Identity)
+        if kind == "mlp":
+            return activation_facts(self.mlp.act).sliceable
+        return kind in ("head", "v")
+
+    def has_norm(self, branch: str) -> bool:
+        """Whether a norm runs over all of a branch's inner channels (``attn``: scale-norm over the
+        heads' outputs; ``mlp``: the norm over the hidden channels)."""
+        module = self.attn if branch == "attn" else self.mlp
+        return not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity)
 
     def branch_parameters(self, branch: str) -> List[torch.Tensor]:
         """Every parameter of the ``attn`` or ``mlp`` branch: its module, its norm and its layer scale."""
@@ -230,6 +244,12 @@ class ModelAdapter:
         """Shifted-window attention values (Swin); None for global attention."""
         return None
 
+    def input_shape(self) -> tuple:
+        """``(channels, height, width)`` of the images the model was built for (a probe input)."""
+        pe = self.model.patch_embed
+        size = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)
+        return (int(pe.proj.in_channels), int(size[0]), int(size[1]))
+
     # ---------------------------------------------------------------- shared logic
     def signature(self) -> Dict:
         return {
@@ -328,7 +348,11 @@ class ModelAdapter:
                 t = e.get().detach()
                 rel_table = t.index_select(e.dim, e.positions(r.heads).to(t.device)).clone()
                 rel_index = self.rel_pos_index(b)
-        return AttentionValues(qkv_w, qkv_b, proj_w, proj_b, self.attention_scale(b), rel_table, rel_index)
+        a = b.attn
+        return AttentionValues(qkv_w, qkv_b, proj_w, proj_b, self.attention_scale(b), rel_table, rel_index,
+                               q_norm=norm_values(getattr(a, "q_norm", None)),
+                               k_norm=norm_values(getattr(a, "k_norm", None)),
+                               out_norm=norm_values(getattr(a, "norm", None), r.v_units))
 
     @torch.no_grad()
     def sliced_mlp(self, b: BlockInfo, r: ResolvedBlock) -> MlpValues:
@@ -339,7 +363,8 @@ class ModelAdapter:
         fc1_b = None if b.fc1.bias is None else b.fc1.bias.detach()[hidden]
         fc2_w = b.fc2.weight.detach()[r.mlp_out.to(dev)][:, hidden]
         fc2_b = None if b.fc2.bias is None else b.fc2.bias.detach()[r.mlp_out.to(dev)]
-        return MlpValues(fc1_w, fc1_b, fc2_w, fc2_b, b.mlp.act, activation_kind(b.mlp.act))
+        return MlpValues(fc1_w, fc1_b, fc2_w, fc2_b, b.mlp.act, activation_kind(b.mlp.act),
+                         norm=norm_values(getattr(b.mlp, "norm", None), r.hidden))
 
     def _check_residual_supported(self, plan: SparsityPlan) -> None:
         pass

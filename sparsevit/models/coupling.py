@@ -161,12 +161,46 @@ def find(entries: List[Coupled], owner: nn.Module, attr: str, dim: Optional[int]
 
 # ------------------------------------------------------------------------------- explicit values
 @dataclass
+class NormValues:
+    """A LayerNorm over a vector of ``width`` channels of which only ``len(weight)`` are kept.
+
+    The removed channels are zeros in the masked dense model, and the norm's statistics run over the
+    full width, zeros included (``runtime.modules.ZeroPaddedLayerNorm`` computes them from the kept
+    channels and the count of implicit zeros). ``weight`` / ``bias`` (None without affine) are
+    already sliced to the kept channels.
+    """
+
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: float
+    width: int
+
+
+def norm_values(norm: nn.Module, keep: Optional[torch.Tensor] = None) -> Optional[NormValues]:
+    """The (sliced) values of a LayerNorm, None for an Identity (no norm)."""
+    if norm is None or isinstance(norm, nn.Identity):
+        return None
+    width = int(norm.normalized_shape[0])
+    w, b = norm.weight, norm.bias
+
+    def take(t):
+        if t is None:
+            return None
+        t = t.detach()
+        return (t if keep is None else t[keep.to(t.device)]).clone()
+
+    return NormValues(take(w), take(b), float(norm.eps), width)
+
+
+@dataclass
 class AttentionValues:
     """What the sparse attention of one block is built from, already sliced to the kept units.
 
     ``qkv_weight`` rows are ``[q | k | v]`` of the kept heads and channels; ``qkv_bias`` is the fused
     bias (zeros where the source model has none, e.g. BeiT's k); ``rel_table`` keeps the kept heads'
-    columns and ``rel_index`` is the ``[N, N]`` lookup into it.
+    columns and ``rel_index`` is the ``[N, N]`` lookup into it. ``q_norm`` / ``k_norm``: timm's
+    qk-norm over each head's full head dim (q/k channels are never sliced under it); ``out_norm``:
+    timm's scale-norm over all heads' outputs, sliced to the kept v channels.
     """
 
     qkv_weight: torch.Tensor
@@ -176,6 +210,9 @@ class AttentionValues:
     scale: float
     rel_table: Optional[torch.Tensor] = None
     rel_index: Optional[torch.Tensor] = None
+    q_norm: Optional[NormValues] = None
+    k_norm: Optional[NormValues] = None
+    out_norm: Optional[NormValues] = None
 
 
 @dataclass
@@ -183,7 +220,8 @@ class MlpValues:
     """What the sparse MLP of one block is built from, sliced to the kept hidden channels.
 
     ``act_kind`` names the activation when a kernel can fuse it (``gelu``, ``gelu_tanh``), else None;
-    ``act`` is the activation module to run when it is not fused.
+    ``act`` is the activation module to run when it is not fused. ``norm``: timm's scale-mlp-norm
+    over the hidden channels (after the activation), sliced to the kept ones.
     """
 
     fc1_weight: torch.Tensor
@@ -192,6 +230,7 @@ class MlpValues:
     fc2_bias: Optional[torch.Tensor]
     act: nn.Module
     act_kind: Optional[str]
+    norm: Optional[NormValues] = None
 
 
 @dataclass
@@ -204,7 +243,8 @@ class WindowValues:
 
 
 def activation_kind(act: nn.Module) -> Optional[str]:
-    """``gelu`` / ``gelu_tanh`` for the activations sparse kernels fuse, else None."""
-    if isinstance(act, nn.GELU):
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    return None
+    """``gelu`` / ``gelu_tanh`` for the activations sparse kernels fuse (torch's or timm's GELU classes,
+    checked to compute exactly ``F.gelu``), else None."""
+    from sparsevit.models.features import activation_facts
+
+    return activation_facts(act).fused

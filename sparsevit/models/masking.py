@@ -2,7 +2,11 @@
 
 Zeroing is exact for everything a plan removes inside a block: a head whose v rows (and proj
 columns) are zero contributes nothing; a q/k channel whose q or k row is zero adds nothing to the
-scores; an MLP channel whose fc1 row and bias are zero gives act(0) = 0. Removing residual
+scores; an MLP channel whose fc1 row and bias are zero gives act(0) = 0 (the plan validation accepts
+MLP-channel pruning only for such activations). A LayerNorm over a branch's inner channels (timm's
+scale-norm over the heads' outputs, the MLP norm over the hidden channels) sees the removed channels
+as zeros and counts them in its statistics: that is the function the plan means, and the
+accelerated model computes it from the kept channels and the count of zeros. Removing residual
 (embedding) channels is the one place where zeros are not enough, because LayerNorm statistics would
 still count the removed channels; there :class:`MaskedLayerNorm` normalises over the kept channels
 only, which is what the physically narrower model computes.
@@ -16,8 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevit.plan import BlockPlan, SparsityPlan
-
-_ZERO_AT_ZERO = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity)
 
 
 class MaskedLayerNorm(nn.Module):
@@ -83,10 +85,6 @@ def apply_plan_masks(adapter, plan: SparsityPlan) -> None:
         del kept["residual"]  # norms and layer scales follow the global residual only (below)
         for e, parts in _kept_positions(b, kept).values():
             _zero_outside(e.get(), e.dim, torch.cat(parts))
-        if (r.mlp_mode != "none" or plan.blocks[i].mlp_channels is not None) and \
-                not isinstance(b.mlp.act, _ZERO_AT_ZERO):
-            raise ValueError(f"{b.fqn}.mlp.act is {type(b.mlp.act).__name__}; pruning MLP channels needs "
-                             "an activation with act(0) = 0 (GELU, ReLU, SiLU).")
     linears = adapter.linear_modules()
     for name, mask in plan.masks.items():
         w = linears[name].weight
@@ -166,9 +164,12 @@ def infer_plan_from_zeros(adapter, atol: float = 0.0) -> SparsityPlan:
     return plan
 
 
-def _alive(b, kind: str, atol: float) -> torch.Tensor:
+def _alive(b, kind: str, atol: float, normed: bool = False) -> torch.Tensor:
     """Per unit of ``kind``: some producing slice (row, bias entry) is nonzero and, when the kind
-    has consumers (columns), some consuming slice is nonzero too."""
+    has consumers (columns), some consuming slice is nonzero too.
+
+    ``normed``: a norm runs between producer and consumer; its output at a zero input is not zero
+    and a nonzero input changes its statistics, so a unit is dead only when both sides are zero."""
     produced = consumed = None
     for e in b.coupling[kind]:
         if e.role not in ("out", "in"):
@@ -182,7 +183,9 @@ def _alive(b, kind: str, atol: float) -> torch.Tensor:
             produced = unit_nz if produced is None else produced | unit_nz
         else:
             consumed = unit_nz if consumed is None else consumed | unit_nz
-    return produced if consumed is None else produced & consumed
+    if consumed is None:
+        return produced
+    return (produced | consumed) if normed else (produced & consumed)
 
 
 def _branch_nz(w: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor],
@@ -203,8 +206,11 @@ def _infer_block(b, R: torch.Tensor, atol: float) -> BlockPlan:
 
 def _infer_attention(b, R: torch.Tensor, atol: float, bp: BlockPlan) -> None:
     H, hd = b.num_heads, b.head_dim
-    qk_used = (_alive(b, "q", atol) & _alive(b, "k", atol)).view(H, hd)
-    v_used = _alive(b, "v", atol).view(H, hd)
+    if b.prunable("qk"):
+        qk_used = (_alive(b, "q", atol) & _alive(b, "k", atol)).view(H, hd)
+    else:  # under qk-norm, zero q/k rows stay (as unstructured zeros): they cannot be removed
+        qk_used = torch.ones(H, hd, dtype=torch.bool)
+    v_used = _alive(b, "v", atol, normed=b.has_norm("attn")).view(H, hd)
     heads = torch.nonzero(v_used.any(dim=1)).flatten()
     if len(heads) < H:
         bp.heads = heads.tolist()
@@ -228,8 +234,8 @@ def _infer_attention(b, R: torch.Tensor, atol: float, bp: BlockPlan) -> None:
 
 def _infer_mlp(b, R: torch.Tensor, atol: float, bp: BlockPlan) -> None:
     fc1, fc2 = b.fc1, b.fc2
-    if isinstance(b.mlp.act, _ZERO_AT_ZERO) and isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity):
-        h_used = _alive(b, "mlp", atol)
+    if b.prunable("mlp"):
+        h_used = _alive(b, "mlp", atol, normed=b.has_norm("mlp"))
     else:
         h_used = torch.ones(b.hidden, dtype=torch.bool)
     hidden = torch.nonzero(h_used).flatten()

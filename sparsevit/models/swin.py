@@ -10,6 +10,7 @@ from torch import nn
 from sparsevit.errors import PlanError, UnsupportedModelError
 from sparsevit.models.base import BlockInfo, ModelAdapter
 from sparsevit.models.coupling import Coupled, WindowValues, channels, pre_norm_block_coupling
+from sparsevit.models.features import check_swin_block, check_top_level
 
 
 class SwinAdapter(ModelAdapter):
@@ -21,18 +22,14 @@ class SwinAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        from timm.layers import Mlp
-
+        check_top_level(model, frozenset({"patch_embed", "layers", "norm", "head"}),
+                        frozenset({"absolute_pos_embed"}))
         i = 0
         for s, stage in enumerate(model.layers):
             dims = set()
             for j, blk in enumerate(stage.blocks):
-                where = f"layers[{s}].blocks[{j}]"
+                check_swin_block(blk, f"layers.{s}.blocks.{j}")
                 a = blk.attn
-                if not hasattr(a, "relative_position_bias_table") or not hasattr(a, "qkv"):
-                    raise UnsupportedModelError(f"{where}.attn is {type(a).__name__}; expected timm WindowAttention.")
-                if not isinstance(blk.mlp, Mlp):
-                    raise UnsupportedModelError(f"{where}.mlp is {type(blk.mlp).__name__}; only timm Mlp is supported.")
                 H = a.num_heads
                 hd = a.qkv.weight.shape[0] // (3 * H)
                 res_h, res_w = blk.input_resolution

@@ -72,12 +72,15 @@ def _check_block(b, bp: BlockPlan, residual: set, where: str) -> None:
                         "would be uniform. Keep at least one q/k channel or drop the heads.")
     if not b.prunable("qk") and bp.qk_channels is not None:
         raise PlanError(f"{where}: qk_channels cannot be pruned with qk_norm (LayerNorm over the "
-                        "head dim); prune whole heads instead.")
-    if not b.prunable("head") and (bp.heads is not None or bp.v_channels is not None):
-        raise PlanError(f"{where}: heads/v_channels cannot be pruned with scale_norm (LayerNorm over "
-                        "all heads); prune MLP channels only.")
-    if not b.prunable("mlp") and bp.mlp_channels is not None:
-        raise PlanError(f"{where}: mlp_channels cannot be pruned with an MLP norm over the hidden dim.")
+                        "head dim: zeroing a channel before the norm is not removing it); prune whole heads "
+                        "or v_channels instead.")
+    kept = b.hidden if bp.mlp_channels is None else len(bp.mlp_channels)
+    if 0 < kept < b.hidden and not b.prunable("mlp"):
+        from sparsevit.models.features import activation_facts
+
+        raise PlanError(f"{where}: mlp_channels cannot be pruned: {b.fqn}.mlp.act needs to be elementwise with "
+                        f"act(0) = 0, but {activation_facts(b.mlp.act).why}. Keep all MLP channels (None) "
+                        "or drop the MLP branch.")
 
 
 def check_index(v, n: int, where: str) -> None:

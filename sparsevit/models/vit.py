@@ -9,6 +9,7 @@ from torch import nn
 from sparsevit.errors import PlanError, UnsupportedModelError
 from sparsevit.models.base import BlockInfo, ModelAdapter
 from sparsevit.models.coupling import Coupled, channels, pre_norm_block_coupling
+from sparsevit.models.features import check_beit_block, check_top_level, check_vit_block
 
 
 def _layer_scale_slot(block: nn.Module, which: int) -> Optional[Tuple[nn.Module, str]]:
@@ -22,24 +23,17 @@ def _layer_scale_slot(block: nn.Module, which: int) -> Optional[Tuple[nn.Module,
     return None
 
 
-def _check_block(model, i: int, blk: nn.Module, kind: str) -> None:
-    from timm.layers import Mlp
+def _check_block(i: int, blk: nn.Module, kind: str) -> None:
+    """Fail closed: the block holds only what the adapter and the runtime handle (``features.py``)."""
+    if kind == "beit":
+        check_beit_block(blk, f"blocks.{i}")
+    else:
+        check_vit_block(blk, f"blocks.{i}")
 
-    where = f"{type(model).__name__}.blocks[{i}]"
-    for attr in ("norm1", "attn", "norm2", "mlp"):
-        if not hasattr(blk, attr):
-            raise UnsupportedModelError(f"{where} ({type(blk).__name__}) has no '{attr}': only pre-norm "
-                                        "transformer blocks (timm Block / beit Block) are supported.")
-    if not isinstance(blk.mlp, Mlp) or not isinstance(blk.mlp.fc1, nn.Linear):
-        raise UnsupportedModelError(f"{where}.mlp is {type(blk.mlp).__name__}; only timm.layers.Mlp with "
-                                    "Linear fc1/fc2 is supported (SwiGLU/GLU/conv MLPs are not yet).")
-    if kind == "vit" and getattr(blk.attn, "gate", None) is not None:
-        raise UnsupportedModelError(f"{where}.attn is gated attention; not supported yet.")
-    if not hasattr(blk.attn, "qkv"):
-        raise UnsupportedModelError(f"{where}.attn ({type(blk.attn).__name__}) has no fused qkv Linear; "
-                                    "only timm's Attention / beit Attention are supported.")
-    if type(blk).__name__ in ("ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock"):
-        raise UnsupportedModelError(f"{where} is a {type(blk).__name__}; only pre-norm Block is supported.")
+
+_VIT_TOP = frozenset({"patch_embed", "pos_drop", "patch_drop", "norm_pre", "blocks", "norm", "fc_norm", "head_drop",
+                      "head", "attn_pool", "head_dist"})
+_BEIT_TOP = frozenset({"patch_embed", "pos_drop", "rel_pos_bias", "blocks", "norm", "fc_norm", "head_drop", "head"})
 
 
 class ViTAdapter(ModelAdapter):
@@ -53,12 +47,16 @@ class ViTAdapter(ModelAdapter):
             self.has_attn_pool = True
         else:
             self.has_attn_pool = False
+        if self.family == "beit":
+            check_top_level(model, _BEIT_TOP, frozenset({"cls_token", "pos_embed"}))
+        else:
+            check_top_level(model, _VIT_TOP, frozenset({"cls_token", "reg_token", "pos_embed", "dist_token"}))
         tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
         dim = model.embed_dim
         self.stage_dims = [dim]
         for i, blk in enumerate(model.blocks):
             kind = self.kind_of(blk)
-            _check_block(model, i, blk, kind)
+            _check_block(i, blk, kind)
             a = blk.attn
             H = a.num_heads
             hd = a.qkv.weight.shape[0] // (3 * H)
@@ -82,9 +80,9 @@ class ViTAdapter(ModelAdapter):
         Dk = len(residual[0])
         conv = m.patch_embed.proj
         macs = m.patch_embed.num_patches * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * Dk
-        head = getattr(m, "head", None)
-        if isinstance(head, nn.Linear):
-            macs += head.out_features * Dk
+        for head in (getattr(m, "head", None), getattr(m, "head_dist", None)):
+            if isinstance(head, nn.Linear):
+                macs += head.out_features * Dk
         return macs
 
     def nonblock_coupling(self, stage: int) -> List[Coupled]:
@@ -93,13 +91,14 @@ class ViTAdapter(ModelAdapter):
         out = [Coupled(pe.proj, "weight", 0, units, "out")]
         out += [Coupled(pe.proj, "bias", 0, units, "out")] if pe.proj.bias is not None else []
         out += [Coupled(owner, name, -1, units) for owner, name in ((m, "cls_token"), (m, "reg_token"),
-                                                                     (m, "pos_embed"))
+                                                                     (m, "dist_token"), (m, "pos_embed"))
                 if getattr(owner, name, None) is not None]
         out += [Coupled(owner, name, None, units) for owner, name in ((pe, "norm"), (m, "norm_pre"), (m, "norm"),
                                                                        (m, "fc_norm"))
                 if not isinstance(getattr(owner, name, nn.Identity()), nn.Identity)]
-        if isinstance(getattr(m, "head", None), nn.Linear):
-            out.append(Coupled(m.head, "weight", 1, units, "in"))
+        for head in ("head", "head_dist"):  # DeiT distilled reads its dist token with a second head
+            if isinstance(getattr(m, head, None), nn.Linear):
+                out.append(Coupled(getattr(m, head), "weight", 1, units, "in"))
         return out
 
     def _check_residual_supported(self, plan) -> None:

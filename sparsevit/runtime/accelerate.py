@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Dict, Optional
 
 import torch
@@ -14,6 +15,7 @@ from sparsevit.models.spec import architecture_spec
 from sparsevit.plan import SparsityPlan
 from sparsevit.runtime.build import LinearFactory, build_block, sliced_layernorm
 from sparsevit.runtime.report import LayerDecision, Report
+from sparsevit.runtime.verify import probe_reference, verify as run_verification
 
 BACKENDS = ("auto", "dense", "sparse", "cpp", "triton", "cuda", "reference", "semi_structured")
 
@@ -21,7 +23,7 @@ BACKENDS = ("auto", "dense", "sparse", "cpp", "triton", "cuda", "reference", "se
 def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend: str = "auto",
                dtype: Optional[torch.dtype] = None, inplace: bool = False, batch_hint: int = 8,
                cuda_graph: bool = False, example_input: Optional[torch.Tensor] = None,
-               formats: Optional[Dict[str, str]] = None) -> nn.Module:
+               formats: Optional[Dict[str, str]] = None, verify: bool = True) -> nn.Module:
     """Return a model that computes what the masked dense model computes, physically smaller.
 
     Args:
@@ -37,6 +39,14 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
         cuda_graph: capture the forward as a CUDA graph for ``example_input``'s shape (CUDA only).
         formats: force the format of some Linears, by fully qualified name (e.g.
             ``{"blocks.0.mlp.fc1": "bsr"}``); the others are chosen per layer.
+        verify: after building, run one random probe (batch 1, the model's input size, fixed seed)
+            through the masked dense reference (``masked_model(model, plan)``, a temporary copy) and
+            the fast model, compare every block's output and the final output within a dtype-aware
+            tolerance (fp32 1e-4, bf16/fp16 3e-2 relative), and raise
+            :class:`~sparsevit.errors.VerificationError` naming the first block that diverges. The cost
+            (seconds) is in ``fast.sparsevit_report.verify_seconds`` (the largest relative error seen in
+            ``verify_max_error``).
+            ``False`` skips it (``sparsevit.load`` does: its file is checksummed and was compared at save).
 
     The tile shape the plan's masks were made for (``plan.block``) is the first one the kernel
     choice tries.
@@ -65,6 +75,8 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
     adapter.validate_plan(plan)
     residual = adapter.residual_indices(plan)
     _check_masked_norms(adapter, residual)
+    # the reference comes from the model as the user gave it, before any block is swapped
+    check = _Verification(model if not inplace else fast, plan, adapter, residual) if verify else None
 
     report = Report()
     make_linear = LinearFactory(report, backend, batch_hint, formats=formats,
@@ -83,6 +95,8 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
     fast.sparsevit_plan = plan
     fast._sparsevit_accelerated = True
     fast.sparsevit_source, fast.sparsevit_options = source, {"backend": backend, "dtype": dtype and str(dtype)[6:]}
+    if check is not None:
+        check.run(fast, report)
     if cuda_graph:
         from sparsevit.runtime.cuda_graph import capture_cuda_graph
 
@@ -90,6 +104,25 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
             raise ValueError("cuda_graph=True needs example_input (a tensor of the shape you will run).")
         fast = capture_cuda_graph(fast, example_input)
     return fast
+
+
+class _Verification:
+    """The masked dense reference (a temporary copy) and what comparing against it needs."""
+
+    def __init__(self, model: nn.Module, plan: SparsityPlan, adapter, residual):
+        started = time.perf_counter()
+        self.reference = probe_reference(model, plan)
+        self.build_seconds = time.perf_counter() - started
+        self.input_shape = adapter.input_shape()
+        self.blocks = [(b.fqn, b.stage) for b in adapter.blocks]
+        self.residual = residual
+
+    def run(self, fast: nn.Module, report: Report) -> None:
+        try:
+            run_verification(self.reference, fast, self.input_shape, self.blocks, self.residual, report,
+                             self.build_seconds)
+        finally:
+            self.reference = None  # free the copy either way
 
 
 def _attention_kernel(model: nn.Module, backend: str) -> str:

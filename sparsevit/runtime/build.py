@@ -13,7 +13,8 @@ from torch import nn
 from sparsevit.models.base import BlockInfo, ResolvedBlock
 from sparsevit.models.masking import MaskedLayerNorm
 from sparsevit.runtime.linear import LinearFactory
-from sparsevit.runtime.modules import BranchIO, ConstBranch, SparseAttention, SparseBlock, SparseMlp, SparseSwinBlock
+from sparsevit.runtime.modules import (BranchIO, ConstBranch, SparseAttention, SparseBlock, SparseMlp, SparseSwinBlock,
+                                       ZeroPaddedLayerNorm, head_norm)
 from sparsevit.runtime.report import LayerDecision, Report
 
 
@@ -93,7 +94,8 @@ def _build_attention(bb: _BranchBuilder, attention_kernel: str):
                              tuple(b.proj.weight.shape), bb.tokens)
     qk_dim, v_dim = r.qk.shape[1], r.v.shape[1]
     attn = SparseAttention(qkv, proj, len(r.heads), qk_dim, v_dim, v.scale, v.rel_table, v.rel_index,
-                           r.heads.to(bb.dev), attention_kernel)
+                           r.heads.to(bb.dev), attention_kernel, q_norm=head_norm(v.q_norm), k_norm=head_norm(v.k_norm),
+                           norm=None if v.out_norm is None else ZeroPaddedLayerNorm(v.out_norm))
     io = bb.io(b.norm1, r.attn_in, r.attn_out)
     _report_io(report, f"{b.fqn}.attn", io, len(r.attn_in), len(r.attn_out), len(r.residual), v.qkv_weight)
     sliced = len(r.heads) < b.num_heads or qk_dim < b.head_dim or v_dim < b.head_dim
@@ -122,7 +124,8 @@ def _build_mlp(bb: _BranchBuilder):
                             tuple(b.fc2.weight.shape), bb.tokens)
     io = bb.io(b.norm2, r.mlp_in, r.mlp_out)
     _report_io(report, f"{b.fqn}.mlp", io, len(r.mlp_in), len(r.mlp_out), len(r.residual), v.fc1_weight)
-    return io, SparseMlp(fc1, None if fused else v.act, fc2), None
+    norm = None if v.norm is None else ZeroPaddedLayerNorm(v.norm)
+    return io, SparseMlp(fc1, None if fused else v.act, fc2, norm), None
 
 
 def build_block(adapter, b: BlockInfo, r: ResolvedBlock, masks, make_linear: LinearFactory, report: Report,

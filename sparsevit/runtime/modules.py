@@ -1,7 +1,8 @@
 """The modules ``accelerate`` swaps in for timm's: physically smaller, same function.
 
 They are plain ``nn.Module``s built from explicit values the model adapter hands out (sliced
-weights, scale, rel-pos index, window sizes; never the source module or a patched ``forward``), keep the callers' keyword arguments (``attn_mask``/``is_causal`` for ViT,
+weights, scale, rel-pos index, window sizes, branch-norm values; never the source module or a
+patched ``forward``), keep the callers' keyword arguments (``attn_mask``/``is_causal`` for ViT,
 ``shared_rel_pos_bias`` for BeiT, Swin's ``mask``), and hold their Linears as whatever module the
 per-layer kernel choice produced (``nn.Linear``, or a sparse module from ``runtime.linear``).
 """
@@ -16,20 +17,78 @@ from torch import nn
 from sparsevit.ops.residual import layernorm_gather, residual_scatter_add
 
 
+class ZeroPaddedLayerNorm(nn.Module):
+    """LayerNorm over ``width`` channels of which only the kept ones are present; the others are zeros.
+
+    What a LayerNorm over a branch's inner channels (timm's scale-norm, the MLP norm) computes in the
+    masked dense model, where the removed channels are zero: statistics over the full width, zeros
+    included, output for the kept channels only (the zeros' outputs meet zeroed weight columns).
+    ``mean = sum(kept) / width``; the variance adds the zeros' ``(0 - mean)^2`` to the kept channels'
+    squared deviations (no ``E[x^2] - mean^2`` cancellation). Accumulates in float32 at least.
+    """
+
+    def __init__(self, values):
+        super().__init__()
+        self.width, self.eps = int(values.width), float(values.eps)
+        self.weight = None if values.weight is None else nn.Parameter(values.weight.clone())
+        self.bias = None if values.bias is None else nn.Parameter(values.bias.clone())
+
+    def extra_repr(self) -> str:
+        n = "?" if self.weight is None else self.weight.shape[0]
+        return f"kept={n}, width={self.width}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        if n == self.width:
+            return F.layer_norm(x, (n,), self.weight, self.bias, self.eps)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xa = x.to(acc)
+        mean = xa.sum(-1, keepdim=True) / self.width
+        d = xa - mean
+        var = (d.square().sum(-1, keepdim=True) + (self.width - n) * mean.square()) / self.width
+        y = d * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.to(acc)
+        if self.bias is not None:
+            y = y + self.bias.to(acc)
+        return y.to(x.dtype)
+
+
+def head_norm(values) -> Optional[nn.LayerNorm]:
+    """timm's qk-norm (a LayerNorm over each head's full head dim), from its values; None without one."""
+    if values is None:
+        return None
+    w, b = values.weight, values.bias
+    like = w if w is not None else b
+    norm = nn.LayerNorm(values.width, eps=values.eps, elementwise_affine=w is not None, bias=b is not None,
+                        device=None if like is None else like.device, dtype=None if like is None else like.dtype)
+    with torch.no_grad():
+        if w is not None:
+            norm.weight.copy_(w)
+        if b is not None:
+            norm.bias.copy_(b)
+    return norm
+
+
 class SparseAttention(nn.Module):
     """Multi-head attention over the kept heads, with q/k and v head dims that may differ.
 
     ``qkv`` produces ``[q (H*dqk) | k (H*dqk) | v (H*dv)]``; ``scale`` is the original model's (the
     masked dense model scores with the unpruned head dim). BeiT/Swin keep their relative position
     bias table sliced to the kept heads; the ``[1, H, N, N]`` bias it expands to is cached for
-    inference (recomputed in training mode, or after loading).
+    inference (recomputed in training mode, or after loading). ``q_norm`` / ``k_norm`` (timm's
+    qk-norm, over the full head dim) run on q and k per head; ``norm`` (timm's scale-norm, a
+    :class:`ZeroPaddedLayerNorm` over the kept v channels of all heads) runs before ``proj``.
     """
 
     def __init__(self, qkv: nn.Module, proj: nn.Module, num_heads: int, qk_dim: int, v_dim: int,
                  scale: float, rel_table: Optional[torch.Tensor] = None, rel_index: Optional[torch.Tensor] = None,
-                 head_index: Optional[torch.Tensor] = None, attention_kernel: str = "sdpa"):
+                 head_index: Optional[torch.Tensor] = None, attention_kernel: str = "sdpa",
+                 q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None,
+                 norm: Optional[nn.Module] = None):
         super().__init__()
         self.qkv, self.proj = qkv, proj
+        self.q_norm, self.k_norm, self.norm = q_norm, k_norm, norm
         self.num_heads, self.qk_dim, self.v_dim, self.scale = num_heads, qk_dim, v_dim, float(scale)
         self.relative_position_bias_table = None if rel_table is None else nn.Parameter(rel_table)
         self.register_buffer("relative_position_index", rel_index, persistent=True)
@@ -69,6 +128,8 @@ class SparseAttention(nn.Module):
         q = q.view(B, N, H, dqk).transpose(1, 2)
         k = k.view(B, N, H, dqk).transpose(1, 2)
         v = v.view(B, N, H, dv).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         bias = self.rel_pos_bias()
         if bias is not None and bias.shape[-1] != N:
             raise ValueError(f"SparseAttention: relative position bias was built for {bias.shape[-1]} tokens, "
@@ -96,20 +157,26 @@ class SparseAttention(nn.Module):
             out = attention(q, k, v, bias, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(B, N, H * dv))
+        out = out.transpose(1, 2).reshape(B, N, H * dv)
+        if self.norm is not None:
+            out = self.norm(out)
+        return self.proj(out)
 
 
 class SparseMlp(nn.Module):
-    """fc1 -> act -> fc2 over the kept hidden channels. ``act`` is ``None`` when fc1 fuses it."""
+    """fc1 -> act -> norm -> fc2 over the kept hidden channels. ``act`` is ``None`` when fc1 fuses it;
+    ``norm`` (timm's MLP norm, a :class:`ZeroPaddedLayerNorm`) is ``None`` without one."""
 
-    def __init__(self, fc1: nn.Module, act: Optional[nn.Module], fc2: nn.Module):
+    def __init__(self, fc1: nn.Module, act: Optional[nn.Module], fc2: nn.Module, norm: Optional[nn.Module] = None):
         super().__init__()
-        self.fc1, self.act, self.fc2 = fc1, act, fc2
+        self.fc1, self.act, self.fc2, self.norm = fc1, act, fc2, norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
         if self.act is not None:
             h = self.act(h)
+        if self.norm is not None:
+            h = self.norm(h)
         return self.fc2(h)
 
 
