@@ -242,3 +242,18 @@ def test_swin_dynamic_mask_is_refused():
             blk.dynamic_mask = True
     with pytest.raises(sparsevit.UnsupportedModelError, match="dynamic_mask"):
         sparsevit.accelerate(m)
+
+
+def test_export_leaves_the_relative_position_cache_real(tmp_path):
+    """Tracing (torch.export) must not leave a fake tensor in the cached rel-pos bias of the eager model."""
+    model = make_model("beit_base")
+    fast = sparsevit.accelerate(model, random_plan(model, 1, kinds=("heads", "mlp")))
+    x = torch.randn(2, 3, IMG["beit_base"], IMG["beit_base"])
+    for m in fast.modules():
+        if hasattr(m, "_rel_cache"):
+            m._rel_cache = None  # as after loading: the first forward happens under tracing
+    sparsevit.export(fast, x, str(tmp_path / "beit.pt2"))
+    with torch.no_grad():
+        out = fast(x)
+        ref = sparsevit.masked_model(model, fast.sparsevit_plan)(x)
+    assert rel_err(out, ref) < 1e-5

@@ -105,7 +105,9 @@ class SparseAttention(nn.Module):
         n = self.relative_position_index.shape[0]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
         bias = bias.permute(2, 0, 1).unsqueeze(0).contiguous()
-        if not self.training:
+        # cache only real tensors: under torch.compile/export tracing `bias` is a fake tensor, and
+        # keeping it would leave the eager module computing with a placeholder afterwards
+        if not self.training and type(bias) is torch.Tensor and not torch.compiler.is_compiling():
             self._rel_cache = bias.detach()
         return bias
 
