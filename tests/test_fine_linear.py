@@ -174,6 +174,31 @@ def test_nonfinite_inputs_propagate_like_dense(dtype):
     assert bool(finite[clean].all())
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_flags_under_both_thread_splits(dtype):
+    """NaN/Inf flags are written by whichever pack runs them: per-thread tile packing (16-token tiles,
+    many tiles) and packing up front (one wide tile), each on 1 and 2 threads."""
+    x, fw, b = _case(150, 21, 45, 1, 0.8, dtype, True, seed=5)
+    x[0, 3], x[77, 44], x[149, 0] = float("nan"), float("inf"), float("-inf")
+    ref = apply_activation(F.linear(x.double(), fw.to_dense().double(), b.double()), "gelu")
+    width = 8 if "avx2" in torch.ops.sparsevit_C.fine_linear_isa(-1) else 16
+    threads = torch.get_num_threads()
+    try:
+        for nth in (1, 2):
+            torch.set_num_threads(nth)
+            for tt in (width, 0):
+                y = torch.ops.sparsevit_C.fine_linear(x, fw.values, fw.col_indices, fw.seg_ptr, b, 21, 45,
+                                                      fw.unit, 1, -1, tt)
+                what = f"{dtype} token_tile={tt} threads={nth}"
+                assert torch.equal(torch.isnan(y), torch.isnan(ref)), f"{what}: NaN positions differ"
+                assert torch.equal(torch.isinf(y), torch.isinf(ref)), f"{what}: Inf positions differ"
+                clean = [t for t in range(150) if t not in (0, 77, 149)]
+                _assert_close_to_ref(y[clean], x[clean], fw, b, "gelu", what)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_reference_path_matches_float64():
     x, fw, b = _case(7, 20, 33, 4, 0.8, torch.float64, True)
     y = reference_fine_linear(x, fw, b, "gelu_tanh")
@@ -223,7 +248,9 @@ def test_opcheck(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_token_tiles_and_row_ranges(dtype):
     """Every token-tile width (1-8 vectors, a short last tile), row ranges split at the L2 cap
-    (out > 256 rows) and the 2-thread split give the float64 result."""
+    (out > 256 rows) and both 2-thread splits give the float64 result: whole tiles per thread (packed
+    by their owner; narrow tiles make >= 3 per thread) and tiles packed up front with row ranges x
+    tiles handed out (wide tiles: too few to go round)."""
     x, fw, b = _case(197, 530, 300, 1, 0.8, dtype, True, seed=7)
     isa_name = torch.ops.sparsevit_C.fine_linear_isa(-1)
     width = 8 if "avx2" in isa_name else 16

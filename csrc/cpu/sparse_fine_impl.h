@@ -9,6 +9,9 @@
 // in Python keeps 64 tokens x one chunk at 32 KiB). Unstructured nonzeros of different output rows
 // share nothing, so no row blocking is attempted; instead each row keeps two accumulator sets that
 // alternate between units, which gives 2*TV independent FMA chains (enough to cover FMA latency).
+// Measured and dropped (bench/cpu_kernels.py, DeiT-S shapes): groups of 4 rows stepping through
+// their units together (one loop exit per group; 2-34% slower, its zero padding costs more than
+// the exits), 4 accumulator sets per row (no change).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
 #include <stdint.h>

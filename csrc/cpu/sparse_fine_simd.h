@@ -1,5 +1,5 @@
-// Vector wrappers and fp32 math (exp, erf, tanh, GELU, 32-bit transposes) shared by the fine-grained
-// sparse linear and the CPU attention kernels.
+// Vector wrappers and fp32 math (exp, erf, tanh, GELU, 32-bit transposes) shared by the CPU kernels:
+// fine-grained sparse linear, block-sparse linear (bsr_kernel_impl.h) and attention.
 //
 // Included *inside* an ISA-specific anonymous namespace, after <immintrin.h>, <stdint.h> and
 // <string.h>, by a file compiled under `#pragma GCC target(...)` that defines
