@@ -295,13 +295,12 @@ def prune_row(dense, run, sp, ctx, args, seed):
                 oneshot=one, acc=acc, seed=seed, **extra)
 
 
-def torch_pruning_rows(dense, rows, ctx, args, seed, sp):
-    ref = [r for r in rows if r["method"] == "grouped" and r["target"] == sp and "error" not in r]
-    if not ref:
-        return []
+def torch_pruning_rows(dense, ctx, args, seed, sp):
+    """Torch-Pruning at the parameter count every sparsevit row of target ``sp`` aims at."""
+    target = n_params(dense) - sp * _prunable(dense)
     out = []
     for crit in ("taylor", "l2"):
-        tpm, ratio = torch_pruning_run(dense, args, ctx["calib"], ref[0]["params"], crit)
+        tpm, ratio = torch_pruning_run(dense, args, ctx["calib"], target, crit)
         one = evaluate(tpm, ctx["val"])
         acc = evaluate(train(tpm, None, ctx["train"], args, args.finetune_epochs, args.ft_lr, seed), ctx["val"])
         removed = 1 - (n_params(tpm) - (n_params(dense) - _prunable(dense))) / _prunable(dense)
@@ -346,8 +345,8 @@ def run_seed(args, seed):
             rows.append(dict(row, seconds=time.time() - t1))
             more = "".join(f", {k} {row[k]}" for k in ("art_epochs", "stopped", "topped_up", "depth") if k in row)
             log(f"  {label}: {100 * row['acc']:.2f} ({time.time() - t1:.0f}s{more})")
-        if sp is not None and args.torch_pruning and _has_torch_pruning():
-            rows += torch_pruning_rows(dense, rows, ctx, args, seed, sp)
+        if sp in STRUCTURED and args.torch_pruning and _has_torch_pruning():
+            rows += torch_pruning_rows(dense, ctx, args, seed, sp)
     info.update(seconds=time.time() - t0, dense_acc=rows[0]["acc"])
     return rows, info
 
@@ -404,17 +403,20 @@ def _speedup_of(a, latency):
     return f"{hit[0]['speedup']:.2f}x" if hit else ""
 
 
-def table(agg, infos, args, command: str, latency=()) -> str:
+def table(agg, infos, args, commands, latency=()) -> str:
     ref = next(a["acc"] for a in agg if a["method"] == "dense + same budget")
     i0 = infos[0]
     zero = "" if i0.get("zero_shot") is None else f", zero-shot on digits {100 * i0['zero_shot']:.2f}"
-    lines = [f"Command: `{command}`  ",
+    lines = [f"Command{'s (later ones merged with --merge)' if len(commands) > 1 else ''}: "
+             + ", ".join(f"`{c}`" for c in commands) + "  ",
              f"Task {args.task}: timm `vit_tiny_patch16_224` constructor, img {args.img_size}, patch {args.patch_size}, "
              f"dim {args.dim}, depth {args.depth}, heads {args.heads}; pre-trained {args.pretrain_epochs} epochs "
              f"(source val top-1 {100 * i0['src_acc']:.2f}{zero}), transferred {args.transfer_epochs} epochs on "
              f"{i0['labelled']} labelled target images; held-out {i0['held_out']} images. Every pruned row: "
              f"{args.finetune_epochs} epochs of budget (AdamW lr {args.ft_lr}, cosine), evaluated after "
-             f"`sparsevit.accelerate`. Seeds {args.seeds} ({sum(i.get('seconds', 0) for i in infos):.0f} s in all).",
+             f"`sparsevit.accelerate`. Seeds {args.seeds} ({sum(i.get('seconds', 0) for i in infos):.0f} s of runs in all; "
+             f"one source model unless --source-per-seed: seeds vary the labelled split, transfer, pruning and "
+             f"fine-tune).",
              "",
              "| method | variant | criterion | target | prunable removed | params | MACs (M) | top-1 one-shot | "
              "top-1 final (mean ± std) | vs dense + same budget | DeiT-S speed-up |",
@@ -536,14 +538,16 @@ def pattern_latency(args):
             d, f = statistics.median(times["dense"]), statistics.median(times["sparsevit"])
             kernels = sorted({r.kernel for r in fast.sparsevit_report if r.name.endswith(("qkv", "proj", "fc1", "fc2"))})
             out.append(dict(pattern=name, sparsity=sp, dense_ms=1e3 * d, sparsevit_ms=1e3 * f, speedup=d / f,
-                            kernels=kernels, load=os.getloadavg()))
+                            kernels=kernels, load=os.getloadavg(), threads=torch.get_num_threads(),
+                            batch=args.latency_batch, runs=args.latency_runs))
             log(f"latency {name} {sp}: dense {1e3 * d:.1f} ms, sparsevit {1e3 * f:.1f} ms ({d / f:.2f}x) {kernels}")
     return out
 
 
-def latency_table(latency, args) -> str:
+def latency_table(latency) -> str:
+    r0 = latency[0]
     lines = [f"DeiT-S (`deit_small_patch16_224`, random weights), DIMAP masks of each pattern, batch "
-             f"{args.latency_batch}, fp32, {torch.get_num_threads()} thread(s), median of {args.latency_runs} "
+             f"{r0['batch']}, fp32, {r0['threads']} thread(s), median of {r0['runs']} "
              "alternated runs after 2 warm-up; load average at each row shown (shared machine: indicative).",
              "", "| pattern | sparsity | dense ms | sparsevit ms | speed-up | kernels | load avg (1 min) |",
              "|---|---:|---:|---:|---:|---|---:|"]
@@ -569,13 +573,13 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--dim", type=int, default=96)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ft-lr", type=float, default=5e-4)
-    p.add_argument("--pretrain-epochs", type=int, default=30)
+    p.add_argument("--pretrain-epochs", type=int, default=12)
     p.add_argument("--transfer-epochs", type=int, default=10)
     p.add_argument("--finetune-epochs", type=int, default=10, help="training budget of every pruned row")
     p.add_argument("--labelled-per-class", type=int, default=60, help="mnist-digits: labelled target images per class")
@@ -588,6 +592,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=None, help="only these variants (e.g. unstructured 16x16)")
     p.add_argument("--no-torch-pruning", dest="torch_pruning", action="store_false")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed ... first-seed + seeds - 1 (split a "
+                   "run across processes, then --merge)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--cache", default=None, help="keep the pre-trained source model in this folder")
     p.add_argument("--source-per-seed", action="store_true",
@@ -599,6 +605,7 @@ def parse_args(argv=None):
     p.add_argument("--render", default=None, help="train nothing: rebuild table/plot from this JSON")
     p.add_argument("--latency", action="store_true", help="also time DeiT-S per mask pattern (pattern_latency)")
     p.add_argument("--latency-only", action="store_true", help="only the DeiT-S pattern timing")
+    p.add_argument("--latency-from", default=None, help="take the pattern timings from this JSON (of --latency-only)")
     p.add_argument("--latency-batch", type=int, default=8)
     p.add_argument("--latency-runs", type=int, default=7)
     p.add_argument("--plot", default=None, help="accuracy-vs-parameters PNG (needs matplotlib)")
@@ -616,7 +623,7 @@ def merged(rows, infos, path):
         old = json.load(f)
     mine = {family(r) for r in rows}
     keep = [r for r in old["rows"] if family(r) not in mine]
-    return keep + rows, infos or old["info"], old.get("latency", [])
+    return keep + rows, old["info"] + infos, old.get("latency", []), old.get("commands", [old.get("command", "")])
 
 
 def main(argv=None):
@@ -624,32 +631,37 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows, infos, latency = [], [], []
+    rows, infos, latency, commands = [], [], [], [command.strip()]
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
         rows, infos, latency = saved["rows"], saved["info"], saved.get("latency", [])
-        command = saved.get("command", command)
+        commands = saved.get("commands", [saved.get("command", command)])
+        keep = ("plot", "json", "write_results", "latency", "latency_only", "latency_from", "merge", "render")
+        args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in keep}})
     elif not args.latency_only:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             r, info = run_seed(args, seed)
             rows += r
             infos.append(info)
     if args.merge:
-        rows, infos, old_latency = merged(rows, infos, args.merge)
-        latency = latency or old_latency
+        rows, infos, old_latency, old_commands = merged(rows, infos, args.merge)
+        latency, commands = latency or old_latency, old_commands + commands
     if args.latency or args.latency_only:
         latency = pattern_latency(args)
-    text = latency_table(latency, args) if latency else ""
+    elif args.latency_from:
+        with open(args.latency_from) as f:
+            latency = json.load(f)["latency"]
+    text = latency_table(latency) if latency else ""
     if rows:
         agg = aggregate(rows)
-        text = "\n\n".join(x for x in (table(agg, infos, args, command.strip(), latency), checks(agg), text) if x)
+        text = "\n\n".join(x for x in (table(agg, infos, args, commands, latency), checks(agg), text) if x)
     print(text)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "aggregate": agg if rows else [], "info": infos, "latency": latency,
-                       "args": vars(args), "command": command.strip()}, f, indent=1)
+                       "args": vars(args), "commands": commands}, f, indent=1)
     if args.plot and rows:
         plot(agg, args.plot)
     if args.write_results and rows:
