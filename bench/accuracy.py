@@ -310,6 +310,32 @@ def torch_pruning_rows(dense, ctx, args, seed, sp):
     return out
 
 
+ART = METHOD_OPTIONS["art"][0]["options"]
+
+
+def machine():
+    """Where and when a seed ran: the table's device line."""
+    import timm
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
+        if os.path.exists("/proc/cpuinfo") else "?"
+    return dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
+                load=[round(x, 1) for x in os.getloadavg()], torch=torch.__version__, timm=timm.__version__)
+
+
+NOTES = """Budgets: every pruned row trains the same number of epochs over the labelled images after the
+transfer. One-shot methods (grouped, magnitude_unstructured, dimap, sls) fine-tune under their plan
+for all of it; P3B prunes while training for all of it (`epochs=budget`); ART spends it as {warm} dense
+warm-up epoch(s), at most budget - {warm} - {ft} ART epochs (alpha0 {alpha0}, growth {growth}: the short-run
+scaling its docstring gives), {ft} masked fine-tune epochs, and any epochs its stop rule leaves unused as more
+masked fine-tuning (`art_epochs` in the JSON). SLS is one row: the cut its silhouette rule finds,
+then the kept blocks and the head fine-tuned for the budget (the authors retrain the head only).
+Torch-Pruning (uniform channel ratio, head dims, bisected to the same parameter count as the target)
+is fine-tuned for the same budget. `magnitude_unstructured uniform per layer` is magnitude pruning
+with the same fraction in every Linear (`scope="layer"`), the baseline DIMAP's paper beats.
+"""
+
+
 def reference_rows(dense, ctx, args, seed):
     """The dense transfer and the dense model trained for the same budget as every pruned row."""
     st = sparsevit.get_adapter(dense).count(sparsevit.SparsityPlan.dense(dense))["total"]
@@ -347,7 +373,7 @@ def run_seed(args, seed):
             log(f"  {label}: {100 * row['acc']:.2f} ({time.time() - t1:.0f}s{more})")
         if sp in STRUCTURED and args.torch_pruning and _has_torch_pruning():
             rows += torch_pruning_rows(dense, ctx, args, seed, sp)
-    info.update(seconds=time.time() - t0, dense_acc=rows[0]["acc"])
+    info.update(seconds=time.time() - t0, dense_acc=rows[0]["acc"], **machine())
     return rows, info
 
 
@@ -407,7 +433,13 @@ def table(agg, infos, args, commands, latency=()) -> str:
     ref = next(a["acc"] for a in agg if a["method"] == "dense + same budget")
     i0 = infos[0]
     zero = "" if i0.get("zero_shot") is None else f", zero-shot on digits {100 * i0['zero_shot']:.2f}"
-    lines = [f"Command{'s (later ones merged with --merge)' if len(commands) > 1 else ''}: "
+    if "date" not in i0:  # runs from before the device line existed: read it now, and say so
+        i0 = {**i0, **machine(), "threads": args.threads or "default", "date": f"(device read when the table was written, {time.strftime('%Y-%m-%d')})"}
+    dev = "; ".join(f"{i['date']}, load {i['load']}" for i in [i0] + infos[1:] if "date" in i)
+    lines = [f"Device: {i0.get('cpu', '?')} ({i0.get('cores', '?')} cores shared with other jobs), no GPU; torch "
+             f"{i0.get('torch', '?')}, timm {i0.get('timm', '?')}; {i0.get('threads', '?')} thread(s) per process; "
+             f"runs (date, load average at the end of each seed): {dev}.  ",
+             f"Command{'s (later ones merged with --merge)' if len(commands) > 1 else ''}: "
              + ", ".join(f"`{c}`" for c in commands) + "  ",
              f"Task {args.task}: timm `vit_tiny_patch16_224` constructor, img {args.img_size}, patch {args.patch_size}, "
              f"dim {args.dim}, depth {args.depth}, heads {args.heads}; pre-trained {args.pretrain_epochs} epochs "
@@ -417,7 +449,7 @@ def table(agg, infos, args, commands, latency=()) -> str:
              f"`sparsevit.accelerate`. Seeds {args.seeds} ({sum(i.get('seconds', 0) for i in infos):.0f} s of runs in all; "
              f"one source model unless --source-per-seed: seeds vary the labelled split, transfer, pruning and "
              f"fine-tune).",
-             "",
+             "", NOTES.format(warm=ART["warmup"], ft=ART["finetune_epochs"], alpha0=ART["alpha0"], growth=ART["growth"]),
              "| method | variant | criterion | target | prunable removed | params | MACs (M) | top-1 one-shot | "
              "top-1 final (mean ± std) | vs dense + same budget | DeiT-S speed-up |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -527,8 +559,8 @@ def pattern_latency(args):
     from sparsevit.benchmark import time_models
 
     torch.manual_seed(0)
-    dense = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    x = torch.randn(args.latency_batch, 3, 224, 224)
+    dense = timm.create_model(args.latency_model, pretrained=False).eval()
+    x = torch.randn(args.latency_batch, 3, *dense.patch_embed.img_size)
     out = []
     for name, blk in TILES.items():
         for sp in (0.7, 0.9):
@@ -539,14 +571,14 @@ def pattern_latency(args):
             kernels = sorted({r.kernel for r in fast.sparsevit_report if r.name.endswith(("qkv", "proj", "fc1", "fc2"))})
             out.append(dict(pattern=name, sparsity=sp, dense_ms=1e3 * d, sparsevit_ms=1e3 * f, speedup=d / f,
                             kernels=kernels, load=os.getloadavg(), threads=torch.get_num_threads(),
-                            batch=args.latency_batch, runs=args.latency_runs))
+                            batch=args.latency_batch, runs=args.latency_runs, model=args.latency_model))
             log(f"latency {name} {sp}: dense {1e3 * d:.1f} ms, sparsevit {1e3 * f:.1f} ms ({d / f:.2f}x) {kernels}")
     return out
 
 
 def latency_table(latency) -> str:
     r0 = latency[0]
-    lines = [f"DeiT-S (`deit_small_patch16_224`, random weights), DIMAP masks of each pattern, batch "
+    lines = [f"`{r0['model']}` (random weights), DIMAP masks of each pattern, batch "
              f"{r0['batch']}, fp32, {r0['threads']} thread(s), median of {r0['runs']} "
              "alternated runs after 2 warm-up; load average at each row shown (shared machine: indicative).",
              "", "| pattern | sparsity | dense ms | sparsevit ms | speed-up | kernels | load avg (1 min) |",
@@ -607,6 +639,7 @@ def parse_args(argv=None):
     p.add_argument("--latency-only", action="store_true", help="only the DeiT-S pattern timing")
     p.add_argument("--latency-from", default=None, help="take the pattern timings from this JSON (of --latency-only)")
     p.add_argument("--latency-batch", type=int, default=8)
+    p.add_argument("--latency-model", default="deit_small_patch16_224", help="timm name of the timed model")
     p.add_argument("--latency-runs", type=int, default=7)
     p.add_argument("--plot", default=None, help="accuracy-vs-parameters PNG (needs matplotlib)")
     p.add_argument("--write-results", action="store_true", help=f"write the table into {RESULTS}")
