@@ -429,7 +429,7 @@ def _speedup_of(a, latency):
     return f"{hit[0]['speedup']:.2f}x" if hit else ""
 
 
-def table(agg, infos, args, commands, latency=()) -> str:
+def table(agg, infos, args, commands, latency=(), seeds=()) -> str:
     ref = next(a["acc"] for a in agg if a["method"] == "dense + same budget")
     i0 = infos[0]
     zero = "" if i0.get("zero_shot") is None else f", zero-shot on digits {100 * i0['zero_shot']:.2f}"
@@ -446,7 +446,8 @@ def table(agg, infos, args, commands, latency=()) -> str:
              f"(source val top-1 {100 * i0['src_acc']:.2f}{zero}), transferred {args.transfer_epochs} epochs on "
              f"{i0['labelled']} labelled target images; held-out {i0['held_out']} images. Every pruned row: "
              f"{args.finetune_epochs} epochs of budget (AdamW lr {args.ft_lr}, cosine), evaluated after "
-             f"`sparsevit.accelerate`. Seeds {args.seeds} ({sum(i.get('seconds', 0) for i in infos):.0f} s of runs in all; "
+             f"`sparsevit.accelerate`. Seeds {', '.join(map(str, seeds))} ({sum(i.get('seconds', 0) for i in infos):.0f} s "
+             f"of runs, summed over the processes; "
              f"one source model unless --source-per-seed: seeds vary the labelled split, transfer, pruning and "
              f"fine-tune).",
              "", NOTES.format(warm=ART["warmup"], ft=ART["finetune_epochs"], alpha0=ART["alpha0"], growth=ART["growth"]),
@@ -633,7 +634,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", default=None, help="also write rows (per seed) and aggregates as JSON here")
     p.add_argument("--merge", default=None, help="a JSON of an earlier run: its rows stay unless this run "
-                   "re-measures their (method, variant, criterion, target); the table covers both")
+                   "re-measures their (method, variant, criterion, target, seed); the table covers both")
     p.add_argument("--render", default=None, help="train nothing: rebuild table/plot from this JSON")
     p.add_argument("--latency", action="store_true", help="also time DeiT-S per mask pattern (pattern_latency)")
     p.add_argument("--latency-only", action="store_true", help="only the DeiT-S pattern timing")
@@ -651,11 +652,11 @@ def parse_args(argv=None):
 
 
 def merged(rows, infos, path):
-    """This run's rows plus those of ``path`` whose family this run did not re-measure."""
+    """This run's rows plus those of ``path`` whose (family, seed) this run did not re-measure."""
     with open(path) as f:
         old = json.load(f)
-    mine = {family(r) for r in rows}
-    keep = [r for r in old["rows"] if family(r) not in mine]
+    mine = {(family(r), r["seed"]) for r in rows}
+    keep = [r for r in old["rows"] if (family(r), r["seed"]) not in mine]
     return keep + rows, old["info"] + infos, old.get("latency", []), old.get("commands", [old.get("command", "")])
 
 
@@ -688,7 +689,7 @@ def main(argv=None):
     text = latency_table(latency) if latency else ""
     if rows:
         agg = aggregate(rows)
-        text = "\n\n".join(x for x in (table(agg, infos, args, commands, latency), checks(agg), text) if x)
+        text = "\n\n".join(x for x in (table(agg, infos, args, commands, latency, sorted({r["seed"] for r in rows})), checks(agg), text) if x)
     print(text)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
