@@ -517,7 +517,7 @@ def plot(agg, path: str) -> None:
               "masks (weights zeroed; unstructured / tiles)": lambda a: a["method"] not in
               ("grouped", "p3b", "sls", "Torch-Pruning")}
     ref = next(a for a in agg if a["method"] == "dense + same budget")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.4))  # own y scales: collapsed tile rows would flatten the rest
     for ax, (title, keep) in zip(axes, panels.items()):
         pts = [a for a in agg if a["n"] and a["target"] != 0.0 and keep(a)]
         series = {}
@@ -535,8 +535,9 @@ def plot(agg, path: str) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("parameters kept (thousands; masks: non-zero)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower right", ncol=2)
-    axes[0].set_ylabel("held-out top-1 (%), mean ± std over seeds")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
+    for ax in axes:
+        ax.set_ylabel("held-out top-1 (%), mean ± std over seeds")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
