@@ -23,6 +23,10 @@ table then shows the speed-up next to the mask rows of the same pattern and spar
     python bench/accuracy.py --quick --seeds 1        # smoke run
     python bench/accuracy.py --methods grouped --criteria l2 taylor hessian random   # issue-14 rows only
     python bench/accuracy.py --latency --write-results --json bench/out/acc.json --plot bench/out/acc.png
+
+A run split over processes (``--first-seed``, ``--methods``) is put back together with ``--merge`` (rows
+are replaced per method, variant, criterion, target and seed) or ``--render`` (no training);
+bench/RESULTS.md's run notes give the commands of record and the re-run of the grouped rows alone.
 """
 from __future__ import annotations
 
