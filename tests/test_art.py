@@ -154,3 +154,14 @@ def test_resume_refuses_a_foreign_file(tmp_path):
     with pytest.raises(CheckpointError, match="not an ART checkpoint"):
         A.art(_small_vit(), sparsity=0.5, data=_data("vit_tiny", batches=1),
               resume=str(bad), progress=False)
+
+
+def test_prune_front_door_returns_plan_and_model():
+    """sparsevit.prune(method="art", return_model=True) hands back (plan, trained masked model)."""
+    model = _small_vit()
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)))]
+    plan, trained = sparsevit.prune(model, method="art", sparsity=0.5, data=data, warmup=0, max_epochs=1,
+                                    finetune_epochs=1, progress=False, return_model=True)
+    assert isinstance(plan, sparsevit.SparsityPlan) and plan.meta["method"] == "art"
+    for name, mask in plan.masks.items():
+        assert not bool(trained.get_submodule(name).weight[~mask].any()), f"{name}: removed weights not zero"

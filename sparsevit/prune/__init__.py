@@ -53,11 +53,13 @@ def prune(model, method: str = "grouped", criterion: str = "taylor", sparsity: O
         C.check_data(criterion, data)
     if spec.needs_data and data is None:
         raise ValueError(f"method '{spec.name}' needs data: pass data=<iterable of (images, labels) batches>.")
-    plan = spec.fn(model, criterion=criterion, sparsity=sparsity, data=data, num_batches=num_batches,
-                   loss_fn=loss_fn, **method_options)
+    result = spec.fn(model, criterion=criterion, sparsity=sparsity, data=data, num_batches=num_batches,
+                     loss_fn=loss_fn, **method_options)
+    # training methods asked for their weights (return_model=True) give (plan, model)
+    plan = result[0] if isinstance(result, tuple) else result
     plan.meta.setdefault("method", spec.name)
     plan.meta.setdefault("criterion", criterion)
-    return plan
+    return result
 
 
 class _CallablePackage(types.ModuleType):
