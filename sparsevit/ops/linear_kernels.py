@@ -28,11 +28,20 @@ from sparsevit.errors import KernelError
 from sparsevit.formats import bsr_to_dense, pack_values, packed_block_rows, parse_format
 
 __all__ = ["ACT_CODE", "KernelInput", "LinearKernel", "register", "registry", "get_kernel", "walk", "resolve",
-           "apply_activation", "ACTIVATIONS"]
+           "apply_activation", "ACTIVATIONS", "standard_ops_wanted"]
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # the compiled kernels' `act` argument
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def standard_ops_wanted() -> bool:
+    """True while the forward is traced (``torch.compile``/``torch.export``) or runs under a
+    ``TorchDispatchMode`` (``FlopCounterMode``, fake tensors): dense layers and CPU attention then
+    call the standard torch op with the same math, so exporters, Inductor and counters see it."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
 def apply_activation(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
