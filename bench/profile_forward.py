@@ -8,6 +8,12 @@ the end-to-end median, and the kernels the report chose for the Linears and the 
     python bench/profile_forward.py                                  # deit_small, heads_mlp_50, batch 8, fp32
     python bench/profile_forward.py --dtype bfloat16 --scenario heads_mlp_50+block_sparse_70
     python bench/profile_forward.py --scenario none                  # the unpruned model through accelerate
+    python bench/profile_forward.py --baseline-backend dense         # also F.linear + SDPA, timed interleaved
+
+``--baseline-backend dense`` builds the same plan with ``backend="dense"`` (every Linear on
+``F.linear``, attention on SDPA: what ``accelerate`` did for structured plans before the dense
+options and the fused CPU attention) and times both alternately in one process
+(:func:`sparsevit.benchmark.time_models`), so the ratio holds on a shared machine.
 """
 from __future__ import annotations
 
@@ -20,10 +26,10 @@ import time
 import torch
 
 import sparsevit
-from sparsevit.benchmark import PRESETS
+from sparsevit.benchmark import PRESETS, time_models
 
 
-def build(args):
+def build(args, backend=None):
     import timm
 
     torch.manual_seed(0)
@@ -31,7 +37,7 @@ def build(args):
     plan = None if args.scenario == "none" else PRESETS[args.scenario](dense)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    fast = sparsevit.accelerate(dense, plan, dtype=dtype, batch_hint=args.batch, backend=args.backend)
+    fast = sparsevit.accelerate(dense, plan, dtype=dtype, batch_hint=args.batch, backend=backend or args.backend)
     build_s = time.perf_counter() - t0
     x = torch.randn(args.batch, 3, *dense.patch_embed.img_size, dtype=dtype)
     return fast, x, build_s
@@ -77,21 +83,35 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--baseline-backend", default="", help="also build with this backend; time both interleaved")
     p.add_argument("--json", default="", help="also write the result to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fast, x, build_s = build(args)
-    median, table = profile(fast, x, args.iters, args.top)
-    print(f"# {args.model} {args.scenario} batch {args.batch} {args.dtype} {args.threads} threads: "
-          f"median {median:.1f} ms/forward ({args.iters} runs), accelerate took {build_s:.1f} s")
-    print("| op | calls/forward | self CPU ms/forward | share |\n|---|---|---|---|")
-    for key, calls, ms, share in table:
-        print(f"| {key} | {calls} | {ms:.2f} | {100 * share:.1f}% |")
-    print("kernels:", json.dumps(kernels_used(fast), indent=1))
+    models = {args.backend: build(args)}
+    if args.baseline_backend:
+        models[args.baseline_backend] = build(args, args.baseline_backend)
+    result = {"args": vars(args), "models": {}}
+    for backend, (fast, x, build_s) in models.items():
+        median, table = profile(fast, x, args.iters, args.top)
+        print(f"\n# backend={backend}: {args.model} {args.scenario} batch {args.batch} {args.dtype} {args.threads} "
+              f"threads: median {median:.1f} ms/forward ({args.iters} runs), accelerate took {build_s:.1f} s")
+        print("| op | calls/forward | self CPU ms/forward | share |\n|---|---|---|---|")
+        for key, calls, ms, share in table:
+            print(f"| {key} | {calls} | {ms:.2f} | {100 * share:.1f}% |")
+        print("kernels:", json.dumps(kernels_used(fast), indent=1))
+        result["models"][backend] = {"median_ms": median, "build_s": build_s, "top": table,
+                                     "kernels": kernels_used(fast)}
+    if args.baseline_backend:
+        x = models[args.backend][1]
+        with torch.inference_mode():
+            times = time_models({k: v[0] for k, v in models.items()}, x, warmup=2, runs=args.iters * 2)
+        med = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+        print(f"\ninterleaved: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()) +
+              f"; {args.baseline_backend} / {args.backend} = {med[args.baseline_backend] / med[args.backend]:.2f}x")
+        result["interleaved_ms"] = med
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "median_ms": median, "build_s": build_s, "top": table,
-                       "kernels": kernels_used(fast)}, f, indent=1)
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
