@@ -611,7 +611,7 @@ def _pick(spec, lin, backend, top, timed, not_used, how):
             f"{fmt} density {d:.2f}: backend={backend!r} requested", not_used), d, est)
     name, t_dense, best = _fastest_dense(timed)
     ratio = (f"({t_sparse:.2f} ms vs {t_dense:.2f} ms for dense {name}, {how} at {spec.tokens} tokens; "
-             f"sparse: {_ms_list(timed, '')}".replace("dense ", "dense:") + ")")
+             f"every candidate, ms: {_ms_list(timed, '')})")
     if t_sparse <= _SLOWER_TOLERANCE * t_dense:
         return mod, _decision(spec, "packed", fmt, k.label(), _with_not_used(
             f"{fmt} density {d:.2f}: {t_dense / t_sparse:.1f}x faster than dense {ratio}", not_used), d, est)
