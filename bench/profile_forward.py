@@ -106,7 +106,7 @@ def main(argv=None):
         with torch.inference_mode():
             times = time_models({k: v[0] for k, v in models.items()}, x, warmup=2, runs=args.iters * 2)
         med = {k: 1e3 * statistics.median(t) for k, t in times.items()}
-        print(f"\ninterleaved: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()) +
+        print("\ninterleaved: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()) +
               f"; {args.baseline_backend} / {args.backend} = {med[args.baseline_backend] / med[args.backend]:.2f}x")
         result["interleaved_ms"] = med
     if args.json:

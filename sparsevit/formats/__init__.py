@@ -23,8 +23,8 @@ from sparsevit.formats.bsr import (BlockSparseWeight, bsr_to_dense, check_bsr_in
 from sparsevit.formats.fine import TILES as FINE_TILES, FineSparseWeight  # noqa: F401
 from sparsevit.formats.nm import NMSparseWeight  # noqa: F401
 
-__all__ = ["BlockSparseWeight", "NMSparseWeight", "FineSparseWeight", "FINE_TILES", "pack_values", "packed_block_rows", "bsr_to_dense",
-           "check_bsr_indices", "tiles", "parse_format", "format_string"]
+__all__ = ["BlockSparseWeight", "NMSparseWeight", "FineSparseWeight", "FINE_TILES", "pack_values", "packed_block_rows",
+           "bsr_to_dense", "check_bsr_indices", "tiles", "parse_format", "format_string"]
 
 _GRAMMAR = ("'dense', 'bsr:BHxBW' (e.g. 'bsr:32x32', sides 1..64), 'N:M' (e.g. '2:4') or 'fine:1xT' "
             "(T in 1, 4, 8, e.g. 'fine:1x1')")

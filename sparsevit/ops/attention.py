@@ -13,8 +13,9 @@ C++ kernel (:mod:`sparsevit.ops.cpu_attention`), each when :func:`attention_unsu
 is empty, else ``F.scaled_dot_product_attention``; :func:`attention_kernel_name` names what runs
 (the per-layer report shows it, or the reasons). The op has a fake impl and an autograd formula,
 so masked fine-tuning can run through it too. A traced CPU forward (``torch.export`` /
-``torch.compile``, or one under a dispatch mode such as ``FlopCounterMode``) calls SDPA directly, a standard op every exporter and Inductor lower (the
-compiled packages then do not depend on sparsevit's Python ops).
+``torch.compile``, or one under a dispatch mode such as ``FlopCounterMode``) calls SDPA directly:
+a standard op every exporter, counter and Inductor lowers, so compiled packages do not depend on
+sparsevit's Python ops.
 """
 from typing import List, Optional
 

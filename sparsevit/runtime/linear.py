@@ -41,7 +41,8 @@ from sparsevit.ops.nm import nm_linear
 from sparsevit.runtime.dense_linear import DenseLinear, _check_activation
 from sparsevit.runtime.report import LayerDecision, Report
 
-__all__ = ["SparseLinear", "DenseLinear", "LayerSpec", "choose_linear", "best_dense", "LinearFactory", "BLOCK_CANDIDATES",
+__all__ = ["SparseLinear", "DenseLinear", "LayerSpec", "choose_linear", "best_dense", "LinearFactory",
+           "BLOCK_CANDIDATES",
            "BACKENDS", "block_density", "median_ms"]
 
 # Tile shapes the chooser tries after the plan's own (kernels filter by the sides they take).
@@ -70,7 +71,8 @@ class SparseLinear(nn.Module):
     device/dtype is reset to ``"auto"`` (it was the choice for the device the layer was built on).
     """
 
-    def __init__(self, weight: Union[BlockSparseWeight, NMSparseWeight, FineSparseWeight], bias: Optional[Tensor] = None,
+    def __init__(self, weight: Union[BlockSparseWeight, NMSparseWeight, FineSparseWeight],
+                 bias: Optional[Tensor] = None,
                  activation: Optional[str] = None, kernel: str = "auto"):
         super().__init__()
         _check_activation(activation)
