@@ -41,8 +41,8 @@ class DenseLinear(nn.Linear):
     The state is ``weight`` and ``bias`` whatever the kernel (``state_dict`` is that of an
     ``nn.Linear``); the derived layout is rebuilt on load and on every device/dtype change, and a
     kernel that cannot run after a move falls back to ``"torch_linear"``. Traced forwards
-    (``torch.compile``/``torch.export``, dispatch modes such as ``FlopCounterMode``) and forwards
-    that need gradients take ``F.linear``, the
+    (``torch.compile``/``torch.export``, dispatch modes such as ``FlopCounterMode``), forwards under
+    CPU autocast and forwards that need gradients take ``F.linear``, the
     same function, so exporters and autograd see a standard op.
     """
 
@@ -98,7 +98,7 @@ class DenseLinear(nn.Linear):
             self._derived = None
 
     def forward(self, x: Tensor) -> Tensor:
-        fast = (self._derived is not None and not standard_ops_wanted()
+        fast = (self._derived is not None and not standard_ops_wanted() and not torch.is_autocast_enabled("cpu")
                 and not (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)))
         if fast and self.kernel == "onednn_packed" and x.dtype == self.weight.dtype:
             attr, algorithm = _ONEDNN_ATTR[self.activation]
