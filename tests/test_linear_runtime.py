@@ -15,6 +15,7 @@ from helpers import make_model, random_plan, rel_err
 from sparsevit import _ext
 from sparsevit.errors import KernelError
 from sparsevit.formats import BlockSparseWeight, parse_format
+from sparsevit.formats.fine import unit_width
 from sparsevit.ops.bsr import bsr_linear
 from sparsevit.ops.linear_kernels import registry
 from sparsevit.runtime.linear import LayerSpec, SparseLinear, choose_linear
@@ -106,7 +107,7 @@ def test_given_formats_skip_the_choice():
 
     with pytest.raises(ValueError, match="unknown weight format"):
         LinearFactory(Report(), "auto", 1, formats={"blocks.0.attn.qkv": "csr"})
-    assert all(parse_format(f)[0] == "bsr" for f in formats.values())
+    assert all(parse_format(f)[0] in ("bsr", "fine") for f in formats.values())
 
 
 def test_plan_tile_shape_is_tried_first():
@@ -126,7 +127,8 @@ def test_move_accelerated_model_between_dtypes_and_meta():
 
     m, plan = _vit()
     fast = sparsevit.accelerate(m, plan, backend="cpp")
-    assert _sparse_layers(fast) and all(s.kernel == "cpp_bsr" for s in _sparse_layers(fast))
+    assert _sparse_layers(fast) and all(s.kernel == ("cpp_fine" if s.is_fine else "cpp_bsr")
+                                        for s in _sparse_layers(fast))
     x = torch.randn(2, 3, 32, 32)
     ref = sparsevit.masked_model(m, plan).double()(x.double()).detach()
     with torch.no_grad():
@@ -134,13 +136,15 @@ def test_move_accelerated_model_between_dtypes_and_meta():
         on_meta = copy.deepcopy(fast).to("meta")
         assert on_meta(x.to("meta")).shape == y32.shape
         fast.to(torch.bfloat16)
-        assert all(s.packed.shape[-1] == 2 for s in _sparse_layers(fast))
+        assert all(s.values.shape[1] == unit_width(s.fine_tile.item(), torch.bfloat16) if s.is_fine
+                   else s.packed.shape[-1] == 2 for s in _sparse_layers(fast))
         assert rel_err(fast(x.bfloat16()), ref) < 0.1
         fast.to(torch.float64)  # no C++ kernel for float64: the layers fall back to the op's choice
         assert all(s.kernel == "auto" for s in _sparse_layers(fast))
         assert rel_err(fast(x.double()), ref) < 2e-2  # weights went through bfloat16
         fast.float()
-        assert all(s.packed.shape[-1] == 1 and s.packed.dtype == torch.float32 for s in _sparse_layers(fast))
+        assert all(s.values.shape[1] == unit_width(s.fine_tile.item(), torch.float32) if s.is_fine
+                   else s.packed.shape[-1] == 1 and s.packed.dtype == torch.float32 for s in _sparse_layers(fast))
         assert rel_err(fast(x), ref) < 2e-2
         assert rel_err(fast(x), y32) < 2e-2
 

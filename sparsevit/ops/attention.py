@@ -8,10 +8,14 @@ since the model was trained with it. ``attn_bias`` is additive and broadcastable
 ``[B, H, N, N]`` (BeiT/Swin relative-position bias, with Swin's shifted-window mask pre-added); a
 boolean mask (True = attend) is accepted and turned into an additive one.
 
-Dispatch: on CUDA the Triton flash kernel (:mod:`sparsevit.kernels.attention`) runs when
-:func:`attention_unsupported_reasons` is empty, else ``F.scaled_dot_product_attention``; on CPU
-always SDPA. The op has a fake impl (traces under ``torch.compile``) and an autograd formula, so
-masked fine-tuning can run through it too.
+Dispatch: on CUDA the Triton flash kernel (:mod:`sparsevit.kernels.attention`), on CPU the fused
+C++ kernel (:mod:`sparsevit.ops.cpu_attention`), each when :func:`attention_unsupported_reasons`
+is empty, else ``F.scaled_dot_product_attention``; :func:`attention_kernel_name` names what runs
+(the per-layer report shows it, or the reasons). The op has a fake impl and an autograd formula,
+so masked fine-tuning can run through it too. A traced CPU forward (``torch.export`` /
+``torch.compile``, or one under a dispatch mode such as ``FlopCounterMode``) calls SDPA directly:
+a standard op every exporter, counter and Inductor lowers, so compiled packages do not depend on
+sparsevit's Python ops.
 """
 from typing import List, Optional
 
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsevit.ops._autocast import register_autocast
+from sparsevit.ops.linear_kernels import standard_ops_wanted
 
 try:
     from sparsevit import kernels as _kernels
@@ -31,7 +36,14 @@ else:
 
 
 def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = None) -> List[str]:
-    """Why the Triton kernel cannot take this input (empty list: it can). Goes into the report."""
+    """Why the fused kernel of ``q``'s device (Triton on CUDA, C++ on CPU) cannot take this input
+    (empty list: it can). Goes into the report."""
+    if q.device.type == "cpu":
+        from sparsevit.ops import cpu_attention
+
+        if attn_bias is not None and attn_bias.dtype == torch.bool:
+            attn_bias = torch.empty(attn_bias.shape, dtype=q.dtype)  # converted to additive by attention()
+        return cpu_attention.not_supported_reasons(q, k, v, attn_bias)
     if _kernels is None:
         return [_KERNELS_ERROR]
     if attn_bias is not None and attn_bias.dtype == torch.bool:
@@ -42,6 +54,15 @@ def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_bias: Op
     reasons += [r for r in _kernels.attention_triton_unsupported_reasons(q, k, v, attn_bias)
                 if "needs CUDA" not in r and "require grad" not in r]
     return reasons
+
+
+def attention_kernel_name(device: torch.device) -> str:
+    """What runs attention on ``device`` when :func:`attention_unsupported_reasons` is empty."""
+    if torch.device(device).type == "cpu":
+        from sparsevit.ops import cpu_attention
+
+        return cpu_attention.cpp_kernel_name() or "cpp_attention"
+    return "triton_attention"
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], scale: float) -> Tensor:
@@ -55,6 +76,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], 
     if q.is_cuda and not attention_unsupported_reasons(q, k, v, attn_bias):
         with torch.no_grad():
             return _kernels.attention_triton(q, k, v, attn_bias, scale)
+    if q.device.type == "cpu" and not attention_unsupported_reasons(q, k, v, attn_bias):
+        return torch.ops.sparsevit_C.attention_cpu(q, k, v, attn_bias, scale, -1)
     return _sdpa(q, k, v, attn_bias, scale)
 
 
@@ -110,6 +133,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = Non
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if q.device.type == "cpu" and standard_ops_wanted():
+        return _sdpa(q, k, v, attn_bias, float(scale))  # see the module docstring
     if attn_bias is not None and attn_bias.dtype == torch.bool:
         attn_bias = torch.zeros(attn_bias.shape, device=q.device, dtype=q.dtype).masked_fill(
             ~attn_bias, float("-inf"))

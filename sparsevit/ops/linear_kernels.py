@@ -1,5 +1,5 @@
 """The registry of implementations of the sparse Linear ops (``sparsevit::bsr_linear``,
-``sparsevit::nm_linear``), in the style of xformers' attention dispatch.
+``sparsevit::nm_linear``, ``sparsevit::fine_linear``), in the style of xformers' attention dispatch.
 
 Each implementation is one small class that declares what it can run (format kind, devices,
 dtypes, tile sides) and says why it cannot run a given input (:meth:`LinearKernel.not_supported_reasons`).
@@ -28,11 +28,20 @@ from sparsevit.errors import KernelError
 from sparsevit.formats import bsr_to_dense, pack_values, packed_block_rows, parse_format
 
 __all__ = ["ACT_CODE", "KernelInput", "LinearKernel", "register", "registry", "get_kernel", "walk", "resolve",
-           "apply_activation", "ACTIVATIONS"]
+           "apply_activation", "ACTIVATIONS", "standard_ops_wanted"]
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # the compiled kernels' `act` argument
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def standard_ops_wanted() -> bool:
+    """True while the forward is traced (``torch.compile``/``torch.export``) or runs under a
+    ``TorchDispatchMode`` (``FlopCounterMode``, fake tensors): dense layers and CPU attention then
+    call the standard torch op with the same math, so exporters, Inductor and counters see it."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
 def apply_activation(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
@@ -68,7 +77,7 @@ class LinearKernel:
 
     name: str = ""                    # registry key, the ops' ``kernel`` argument
     backend: str = ""                 # the ``accelerate(backend=...)`` value that forces it
-    kinds: Tuple[str, ...] = ("bsr",)  # format kinds it runs: dense | bsr | nm
+    kinds: Tuple[str, ...] = ("bsr",)  # format kinds it runs: dense | bsr | nm | fine
     devices: Tuple[str, ...] = ()
     dtypes: Tuple[torch.dtype, ...] = ()
     block_sides: Optional[Tuple[int, ...]] = None  # allowed tile sides (None: any)
@@ -109,6 +118,7 @@ class LinearKernel:
     # ops' own (x is 2-D [tokens, in_features], act is "none" / "gelu" / "gelu_tanh").
     # run_bsr(x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias, act)
     # run_nm(x, values, indices, out_features, in_features, n, m, bias, act)
+    # Fine-grained kernels define run_fine(x, w: FineSparseWeight, bias, activation) (x of any rank).
 
 
 _REGISTRY: List[Type[LinearKernel]] = []
@@ -283,11 +293,42 @@ class SemiStructured24(LinearKernel):
 
 
 @register
+class CppFine(LinearKernel):
+    """csrc/cpu/sparse_fine*.cpp through ``sparsevit::fine_linear``: unstructured and 1x4 / 1x8
+    tiles, tokens in the vector lanes, bias and GELU fused (:mod:`sparsevit.ops.fine_linear`)."""
+
+    name, backend, kinds = "cpp_fine", "cpp", ("fine",)
+    devices, dtypes, priority = ("cpu",), (torch.float32, torch.bfloat16), 50
+    # per kept weight, relative to the BSR kernel's best case: it gathers activations per weight
+    efficiency = {(1, 1): 0.35, (1, 4): 0.5, (1, 8): 0.6}
+
+    @classmethod
+    def extra_reasons(cls, inp):
+        if not _ext.has_op("fine_linear"):
+            return [_ext.unavailable_reason("fine_linear")]
+        if not torch.ops.sparsevit_C.fine_linear_isa(-1):
+            return ["CPU lacks AVX2+FMA"]
+        return []
+
+    @classmethod
+    def label(cls) -> str:
+        from sparsevit.ops.fine_linear import cpp_kernel_name
+
+        return cpp_kernel_name() or cls.name
+
+    @staticmethod
+    def run_fine(x, w, bias, activation):
+        from sparsevit.ops.fine_linear import fine_linear
+
+        return fine_linear(x, w, bias, activation)
+
+
+@register
 class Reference(LinearKernel):
     """Dense reconstruction of the weight + ``F.linear``: what every fast kernel is tested against.
     Never faster than dense, so only used when asked for or when nothing else can run."""
 
-    name, backend, kinds = "reference", "reference", ("bsr", "nm")
+    name, backend, kinds = "reference", "reference", ("bsr", "nm", "fine")
     devices, dtypes, priority, auto = ("cpu", "cuda", "meta"), _FLOATS, 0, False
 
     @classmethod
@@ -305,3 +346,7 @@ class Reference(LinearKernel):
 
         w = NMSparseWeight(values, indices, (out_features, in_features), n, m).to_dense()
         return apply_activation(F.linear(x, w, bias), act)
+
+    @staticmethod
+    def run_fine(x, w, bias, activation):
+        return apply_activation(F.linear(x, w.to_dense().to(x.dtype), bias), activation)

@@ -126,8 +126,10 @@ class _Verification:
 
 
 def _attention_kernel(model: nn.Module, backend: str) -> str:
+    """``"sparsevit"`` (the fused kernel of the device, Triton on CUDA or C++ on CPU, where it takes
+    the input; the report says why not) unless the backend asks for plain torch."""
     p = next(model.parameters())
-    if p.device.type != "cuda" or backend in ("dense", "reference"):
+    if p.device.type not in ("cuda", "cpu") or backend in ("dense", "reference"):
         return "sdpa"
     return "sparsevit"
 

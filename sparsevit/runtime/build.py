@@ -161,13 +161,13 @@ def _report_io(report: Report, name: str, io: BranchIO, n_in: int, n_out: int, w
 def _attention_choice(kernel: str, heads: int, tokens: int, qk_dim: int, v_dim: int, like: torch.Tensor):
     """(kernel, reason) for the report: which attention runs for these shapes, and why."""
     if kernel == "sdpa":
-        where = "CPU" if like.device.type == "cpu" else "backend forced"
-        return "sdpa", f"{where}: torch scaled_dot_product_attention (the Triton attention kernel is CUDA-only)"
-    from sparsevit.ops import attention_unsupported_reasons
+        return "sdpa", "torch scaled_dot_product_attention: backend or device asks for plain torch"
+    from sparsevit.ops import attention_kernel_name, attention_unsupported_reasons
 
     q = like.new_empty((1, heads, tokens, qk_dim))
     v = like.new_empty((1, heads, tokens, v_dim))
     reasons = attention_unsupported_reasons(q, q, v, None)
     if reasons:
-        return "sdpa", "Triton attention not used: " + "; ".join(reasons)
-    return "triton_attention", f"Triton attention for {heads} heads, qk {qk_dim} / v {v_dim}"
+        return "sdpa", "fused attention not used: " + "; ".join(reasons)
+    name = attention_kernel_name(like.device)
+    return name, f"{name} for {heads} heads, qk {qk_dim} / v {v_dim}"

@@ -1,16 +1,21 @@
 """The Linear layers of an accelerated model and the one per-layer choice between them.
 
 * :class:`SparseLinear` -- a :class:`~sparsevit.formats.BlockSparseWeight` (or an
-  :class:`~sparsevit.formats.NMSparseWeight`) + bias + fused activation, always run by the custom
-  op ``sparsevit::bsr_linear`` (``sparsevit::nm_linear``). Which implementation runs is the op's
+  :class:`~sparsevit.formats.NMSparseWeight`, or a :class:`~sparsevit.formats.FineSparseWeight`)
+  + bias + fused activation, always run by the custom op ``sparsevit::bsr_linear``
+  (``sparsevit::nm_linear``, ``sparsevit::fine_linear``). Which implementation runs is the op's
   business (:mod:`sparsevit.ops.linear_kernels`), so the module works on any device and dtype it is
   moved to; its indices and values are buffers (``state_dict`` round-trips, ``.to(...)`` just works).
-* :class:`DenseLinear` -- an ``nn.Linear`` holding ``W * mask`` with the same fused activation.
+* :class:`~sparsevit.runtime.dense_linear.DenseLinear` -- an ``nn.Linear`` holding ``W * mask``
+  with the same fused activation, run by the dense implementation measured fastest for it.
 * :func:`choose_linear` -- fed a plain :class:`LayerSpec`, walks the kernel registry over the
   candidate formats (the plan's tile shape first), ranks what can run by a cost model, times the
   best few (:func:`median_ms`, cached), and says why in a :class:`LayerDecision` (including why
   every implementation it did not use could not run). ``SPARSEVIT_CHOOSE=model`` skips the timing
-  (deterministic; what the tests use). Sparse is chosen only when at most 3% slower than dense.
+  (deterministic; what the tests use). Sparse is chosen only when at most 3% slower than the
+  fastest dense option: ``F.linear`` (MKL/oneDNN), oneDNN on a prepacked weight, sparsevit's BSR
+  kernel on the full weight (:mod:`sparsevit.ops.dense_cpu`), all timed.
+* :func:`best_dense` -- the same measurement for a layer that stays dense.
 * :class:`LinearFactory` -- what ``build_block`` calls for every Linear of a block.
 
 Activations are ``None``, ``"gelu"`` or ``"gelu_tanh"`` everywhere.
@@ -24,18 +29,20 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsevit.errors import KernelError
-from sparsevit.formats import BlockSparseWeight, NMSparseWeight, format_string, pack_values, parse_format, tiles
+from sparsevit.formats import (FINE_TILES, BlockSparseWeight, FineSparseWeight, NMSparseWeight, format_string,
+                               pack_values, parse_format, tiles)
+from sparsevit.formats.fine import chunk_columns, unit_width
 from sparsevit.ops.bsr import bsr_linear
-from sparsevit.ops.linear_kernels import (ACTIVATIONS, KernelInput, apply_activation, get_kernel, registry,
-                                          walk)
+from sparsevit.ops.linear_kernels import KernelInput, get_kernel, registry, walk
 from sparsevit.ops.nm import nm_linear
+from sparsevit.runtime.dense_linear import DenseLinear, _check_activation
 from sparsevit.runtime.report import LayerDecision, Report
 
-__all__ = ["SparseLinear", "DenseLinear", "LayerSpec", "choose_linear", "LinearFactory", "BLOCK_CANDIDATES",
+__all__ = ["SparseLinear", "DenseLinear", "LayerSpec", "choose_linear", "best_dense", "LinearFactory",
+           "BLOCK_CANDIDATES",
            "BACKENDS", "block_density", "median_ms"]
 
 # Tile shapes the chooser tries after the plan's own (kernels filter by the sides they take).
@@ -45,28 +52,27 @@ BACKENDS = ("auto", "dense", "sparse", "cpp", "triton", "cuda", "semi_structured
 _MODEL_GFLOPS = {torch.float32: (140.0, 200.0), torch.bfloat16: (800.0, 450.0)}
 _SLOWER_TOLERANCE = 1.03  # sparse may be chosen when at most 3% slower (it also saves memory)
 _MAX_PACK_DENSITY = 0.95  # the go-dense rule: above this fraction of kept tiles nothing is skipped
+_MAX_FINE_DENSITY = 0.5  # fine-grained formats are tried at or below this fraction of kept weights
 _TIMED_CANDIDATES = {"cpu": 2, "cuda": 6}  # sparse candidates timed per layer (ranked by the model)
 _TIMING_CACHE: Dict[tuple, float] = {}
 
 
-def _check_activation(activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
-
-
 class SparseLinear(nn.Module):
-    """``act(x @ W^T + b)`` with ``W`` block-sparse (or N:M).
+    """``act(x @ W^T + b)`` with ``W`` block-sparse (or N:M, or fine-grained).
 
-    Buffers (all in ``state_dict``): ``values``, ``col_indices`` + ``crow_indices`` (BSR) or
-    ``indices`` (N:M), ``bias``, ``shape``, ``block`` (BSR) or ``nm`` (N:M). Not saved: the CPU
-    kernel's ``packed`` layout, rebuilt on load and on every device/dtype change.
+    Buffers (all in ``state_dict``): ``values``, ``col_indices`` + ``crow_indices`` (BSR),
+    ``indices`` (N:M) or ``col_indices`` + ``row_ptr`` (fine), ``bias``, ``shape``, ``block`` (BSR),
+    ``nm`` (N:M) or ``fine_tile`` (fine). Not saved: the CPU kernels' derived layouts (BSR
+    ``packed``, fine ``seg_ptr``), rebuilt on load and on every device/dtype change (a fine weight
+    in bf16 stores column pairs, so a dtype change re-packs it).
 
     ``kernel``: ``"auto"`` (the op picks per device) or an implementation name from
     :mod:`sparsevit.ops.linear_kernels`; a named kernel that cannot run after a move to another
     device/dtype is reset to ``"auto"`` (it was the choice for the device the layer was built on).
     """
 
-    def __init__(self, weight: Union[BlockSparseWeight, NMSparseWeight], bias: Optional[Tensor] = None,
+    def __init__(self, weight: Union[BlockSparseWeight, NMSparseWeight, FineSparseWeight],
+                 bias: Optional[Tensor] = None,
                  activation: Optional[str] = None, kernel: str = "auto"):
         super().__init__()
         _check_activation(activation)
@@ -81,22 +87,42 @@ class SparseLinear(nn.Module):
         elif isinstance(weight, NMSparseWeight):
             self.register_buffer("indices", weight.indices)
             self.register_buffer("nm", torch.tensor([weight.n, weight.m], dtype=torch.int64))
+        elif isinstance(weight, FineSparseWeight):
+            self._set_fine(weight)
+            self.register_buffer("fine_tile", torch.tensor([weight.tile], dtype=torch.int64))
         else:
-            raise TypeError(f"weight must be a BlockSparseWeight or NMSparseWeight, got {type(weight).__name__}")
+            raise TypeError(f"weight must be a BlockSparseWeight, NMSparseWeight or FineSparseWeight, "
+                            f"got {type(weight).__name__}")
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("shape", torch.tensor(weight.shape, dtype=torch.int64))
-        self._meta = (tuple(weight.shape), weight.block if hasattr(weight, "block") else (weight.n, weight.m))
+        self._meta = (tuple(weight.shape), _format_params(weight))
         self.activation = activation
         self.kernel = kernel
+
+    def _set_fine(self, weight: FineSparseWeight) -> None:
+        """(Re)sets the fine-grained buffers from a validated weight."""
+        self.register_buffer("values", weight.values)
+        self.register_buffer("col_indices", weight.col_indices)
+        self.register_buffer("row_ptr", weight.row_ptr)
+        self.register_buffer("seg_ptr", weight.seg_ptr, persistent=False)
 
     @property
     def is_nm(self) -> bool:
         return "nm" in self._buffers
 
     @property
+    def is_fine(self) -> bool:
+        return "fine_tile" in self._buffers
+
+    @property
+    def kind(self) -> str:
+        """``"bsr"``, ``"nm"`` or ``"fine"`` (see :mod:`sparsevit.formats`)."""
+        return "nm" if self.is_nm else "fine" if self.is_fine else "bsr"
+
+    @property
     def fmt(self) -> str:
-        """The weight's format string (``"bsr:32x32"``, ``"2:4"``; see :mod:`sparsevit.formats`)."""
-        return format_string("nm" if self.is_nm else "bsr", self._meta[1])
+        """The weight's format string (``"bsr:32x32"``, ``"2:4"``, ``"fine:1x1"``; see :mod:`sparsevit.formats`)."""
+        return format_string(self.kind, self._meta[1])
 
     @property
     def out_features(self) -> int:
@@ -107,10 +133,13 @@ class SparseLinear(nn.Module):
         return self._meta[0][1]
 
     @property
-    def weight(self) -> Union[BlockSparseWeight, NMSparseWeight]:
+    def weight(self) -> Union[BlockSparseWeight, NMSparseWeight, FineSparseWeight]:
         """The sparse weight (a view on the buffers; no copy, no re-packing, no re-checking)."""
         if self.is_nm:
             return NMSparseWeight(self.values, self.indices, self._meta[0], *self._meta[1])
+        if self.is_fine:
+            return _fine_view(self.values, self.col_indices, self.row_ptr, self.seg_ptr, self._meta[0],
+                              self._meta[1][1])
         return BlockSparseWeight(self.values, self.col_indices, self.crow_indices, self._meta[0],
                                  self._meta[1], self.packed, checked=False)
 
@@ -119,7 +148,8 @@ class SparseLinear(nn.Module):
                    activation: Optional[str] = None, kernel: str = "auto",
                    fmt: Optional[str] = None) -> "SparseLinear":
         """Packs ``linear.weight * mask``: in ``block`` tiles (every tile with a True mask entry, or a
-        nonzero without a mask, is kept), or in ``fmt`` (a format string, e.g. ``"2:4"``) if given."""
+        nonzero without a mask, is kept), or in ``fmt`` (a format string, e.g. ``"2:4"``,
+        ``"fine:1x1"``) if given."""
         w = linear.weight.detach()
         kind, params = parse_format(fmt) if fmt is not None else ("bsr", tuple(block))
         if kind == "nm":
@@ -127,6 +157,8 @@ class SparseLinear(nn.Module):
             sparse = NMSparseWeight.from_dense(dense, *params)
         elif kind == "bsr":
             sparse = BlockSparseWeight.from_dense(w, block=params, mask=mask)
+        elif kind == "fine":
+            sparse = FineSparseWeight.from_dense(w, mask=mask, tile=params[1])
         else:
             raise ValueError(f"SparseLinear stores a sparse format, not {fmt!r}; use DenseLinear.from_dense")
         return cls(sparse, None if linear.bias is None else linear.bias.detach(), activation, kernel)
@@ -145,17 +177,32 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.is_nm:
             return nm_linear(x, self.weight, self.bias, self.activation, self.kernel)
+        if self.is_fine:
+            runner = get_kernel("reference" if self.kernel == "reference" else "cpp_fine")
+            return runner.run_fine(x, self.weight, self.bias, self.activation)
         return bsr_linear(x, self.weight, self.bias, self.activation, self.kernel)
 
     def _apply(self, fn, recurse=True):
+        before = self.weight if self.is_fine else None
         super()._apply(fn, recurse)
-        if not self.is_nm:
+        if self.is_fine:
+            self._repack_fine(before)
+        elif not self.is_nm:
             # the packed layout depends on the dtype (bf16 interleaves k pairs): rebuild, never cast
             p, want_pairs = self.packed, 2 if self.values.dtype == torch.bfloat16 else 1
             if p is None or p.dtype != self.values.dtype or p.shape[-1] != want_pairs or p.device != self.values.device:
                 self.packed = pack_values(self.values)
         self._keep_kernel_if_runnable()
         return self
+
+    def _repack_fine(self, before: FineSparseWeight) -> None:
+        """A dtype change may change the stored unit (bf16 pairs) and the segment width: re-pack
+        from the weight as it was (exact: the values are the same numbers)."""
+        v = self.values
+        if v.device.type == "meta":
+            return  # shapes only; nothing to index
+        if v.shape[1] != unit_width(self._meta[1][1], v.dtype) or chunk_columns(v.dtype) != chunk_columns(before.dtype):
+            self._set_fine(before.to(device=v.device, dtype=v.dtype))
 
     def __setstate__(self, state):
         # unpickled elsewhere (another machine, a build without the kernel it was built with)
@@ -182,16 +229,19 @@ class SparseLinear(nn.Module):
                               unexpected_keys, error_msgs):
         self._check_incoming(state_dict, prefix)
         # The number of kept blocks differs between checkpoints: take the incoming sizes.
-        for name in ("values", "col_indices", "crow_indices", "indices", "bias"):
+        for name in ("values", "col_indices", "crow_indices", "indices", "row_ptr", "bias"):
             key = prefix + name
             if key in state_dict and self._buffers.get(name) is not None:
                 buf = self._buffers[name]
                 self._buffers[name] = torch.empty(state_dict[key].shape, dtype=buf.dtype, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        fmt = self.nm if self.is_nm else self.block
-        self._meta = (tuple(int(v) for v in self.shape.tolist()), tuple(int(v) for v in fmt.tolist()))
-        if not self.is_nm:
+        fmt = self.nm if self.is_nm else (1, self.fine_tile) if self.is_fine else self.block
+        self._meta = (tuple(int(v) for v in self.shape.tolist()), tuple(int(v) for v in fmt))
+        if self.is_fine:
+            self._set_fine(FineSparseWeight(self.values, self.col_indices, self.row_ptr, self._meta[0],
+                                            self._meta[1][1]))
+        elif not self.is_nm:
             self.packed = pack_values(self.values)
 
     def _check_incoming(self, state_dict, prefix):
@@ -201,10 +251,13 @@ class SparseLinear(nn.Module):
             shape = tuple(int(v) for v in get("shape").tolist())
             if self.is_nm:
                 NMSparseWeight(get("values"), get("indices"), shape, *(int(v) for v in get("nm").tolist()))
+            elif self.is_fine:
+                FineSparseWeight(get("values").to(self.values.dtype), get("col_indices"), get("row_ptr"), shape,
+                                 int(get("fine_tile").reshape(-1)[0]))
             else:
                 BlockSparseWeight(get("values"), get("col_indices"), get("crow_indices"), shape,
                                   tuple(int(v) for v in get("block").tolist()), packed=get("values"))
-        except (ValueError, TypeError, RuntimeError) as exc:
+        except (ValueError, TypeError, RuntimeError, KernelError, IndexError) as exc:
             raise ValueError(f"{prefix.rstrip('.') or 'SparseLinear'}: the state_dict holds a corrupt sparse "
                              f"weight ({exc}); it cannot be loaded. Re-save it from a model built by "
                              f"sparsevit.accelerate.") from None
@@ -215,38 +268,22 @@ class SparseLinear(nn.Module):
                 f"activation={self.activation}, kernel={self.kernel}")
 
 
-class DenseLinear(nn.Linear):
-    """``act(F.linear(x, W * mask, b))``: an ``nn.Linear`` (so ``isinstance(m, nn.Linear)`` holds)
-    with the mask baked into its weight and an optional fused activation."""
+def _format_params(weight) -> Tuple[int, int]:
+    if isinstance(weight, BlockSparseWeight):
+        return tuple(weight.block)
+    if isinstance(weight, FineSparseWeight):
+        return (1, weight.tile)
+    return (weight.n, weight.m)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 activation: Optional[str] = None, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        _check_activation(activation)
-        self.activation = activation
 
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, mask: Optional[Tensor] = None,
-                   activation: Optional[str] = None) -> "DenseLinear":
-        w = linear.weight.detach()
-        m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, activation=activation,
-                device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            m.weight.copy_(w if mask is None else w * mask.to(device=w.device, dtype=w.dtype))
-            if linear.bias is not None:
-                m.bias.copy_(linear.bias.detach())
-        m.requires_grad_(False)
-        return m
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if self.activation is not None and not torch.is_grad_enabled():
-            # in place on the fresh linear output: saves a second activation-sized buffer
-            return torch.ops.aten.gelu_(y, approximate="none" if self.activation == "gelu" else "tanh")
-        return apply_activation(y, self.activation)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", activation={self.activation}"
+def _fine_view(values, col_indices, row_ptr, seg_ptr, shape, tile) -> FineSparseWeight:
+    """A :class:`FineSparseWeight` on buffers that were validated when they were set (no re-check,
+    no host sync: this runs on every forward, also on the meta device)."""
+    w = FineSparseWeight.__new__(FineSparseWeight)
+    w.tile, w.unit, w.shape = tile, values.shape[1], tuple(shape)
+    w.values, w.col_indices, w.row_ptr, w.seg_ptr = values, col_indices, row_ptr, seg_ptr
+    w.chunk_cols = chunk_columns(values.dtype)
+    return w
 
 
 # --------------------------------------------------------------------------------------- chooser
@@ -336,12 +373,12 @@ def median_ms(fn, device: Union[str, torch.device] = "cpu", reps: int = 3, warmu
 def _candidate_formats(spec: LayerSpec, go_dense_rule: bool) -> Tuple[List[Tuple[str, float]], List[str]]:
     """(format, density) to try, the plan's tile shape first, and why others were left out."""
     blocks, skipped = list(BLOCK_CANDIDATES), []
-    if spec.block_hint is not None:
-        hint = tuple(int(b) for b in spec.block_hint)
-        if hint == (1, 1):
-            skipped.append("plan tile 1x1 (fine-grained): no fine-grained sparse kernel registered, tried tiles")
-        else:
-            blocks = [hint] + [b for b in blocks if b != hint]
+    hint = None if spec.block_hint is None else tuple(int(b) for b in spec.block_hint)
+    fine_tiles = list(FINE_TILES)
+    if hint is not None and hint[0] == 1 and hint[1] in FINE_TILES:
+        fine_tiles = [hint[1]] + [t for t in fine_tiles if t != hint[1]]
+    elif hint is not None:
+        blocks = [hint] + [b for b in blocks if b != hint]
     out, too_dense = [], []
     for blk in blocks:
         fmt, d = format_string("bsr", blk), block_density(spec.keep, blk)
@@ -353,6 +390,16 @@ def _candidate_formats(spec: LayerSpec, go_dense_rule: bool) -> Tuple[List[Tuple
         lo, hi = min(d for _, d in too_dense), max(d for _, d in too_dense)
         skipped.append(f"{'/'.join(f for f, _ in too_dense)}: tile density {lo:.2f}-{hi:.2f} "
                        f"(> {_MAX_PACK_DENSITY}), nothing to skip")
+    fine, fine_dense = [], []
+    for t in fine_tiles:
+        fmt, d = format_string("fine", (1, t)), block_density(spec.keep, (1, t))
+        (fine if d <= _MAX_FINE_DENSITY else fine_dense).append((fmt, d))
+    if fine_dense:
+        skipped.append(f"{'/'.join(f'{f} {d:.2f}' for f, d in fine_dense)}: density above {_MAX_FINE_DENSITY} "
+                       f"(the fine-grained kernel pays off at 60-95% sparsity)")
+    plan_first = fine_tiles[0] != FINE_TILES[0] or hint == (1, 1)  # the plan's tiles are fine-grained
+    plan_first = plan_first and bool(fine) and fine[0][0] == format_string("fine", (1, fine_tiles[0]))
+    out = (fine[:1] + out + fine[1:]) if plan_first else (out + fine)
     n, m = spec.nm_hint or (2, 4)
     if _is_nm(spec.keep, n, m):
         out.insert(0 if spec.nm_hint else len(out), (f"{n}:{m}", n / m))
@@ -367,7 +414,7 @@ def _model_ms(spec: LayerSpec, kernel, fmt: str, density: float) -> float:
     if fmt == "dense":
         return flops / dense_gflops / 1e6
     kind, params = parse_format(fmt)
-    eff = kernel.efficiency.get(tuple(params), 0.7) if kind == "bsr" else 0.7
+    eff = kernel.efficiency.get(tuple(params), 0.7) if kind in ("bsr", "fine") else 0.7
     overhead = spec.tokens * (in_f + out_f) * 4 / 20e9 * 1e3  # activations in/out at ~20 GB/s
     return flops * density / (sparse_gflops * eff) / 1e6 + overhead
 
@@ -407,14 +454,40 @@ def _decision(spec: LayerSpec, action: str, fmt: str, kernel: str, reason: str, 
     return LayerDecision(spec.name, action, fmt, kernel, reason, shape, shape, density, dict(est or {}))
 
 
-def _dense(spec: LayerSpec, lin: nn.Linear, reason: str, est=None):
-    return DenseLinear.from_dense(lin, spec.mask, spec.activation), _decision(
-        spec, "dense", "dense", get_kernel("dense").label(), reason, 1.0, est)
+def _dense_label(kernel: str, activation: Optional[str]) -> str:
+    label = "torch.linear" if kernel == "torch_linear" else kernel
+    return label + (f"+{activation}" if activation else "")
 
 
-def _time_candidates(spec: LayerSpec, lin: nn.Linear, cands, with_dense: bool):
-    """Builds and times ``cands`` [(kernel, fmt, density)] (and dense): {key: (ms, module)}, and
-    why any was dropped. A candidate whose output is wrong never wins on speed."""
+def _dense(spec: LayerSpec, lin: nn.Linear, reason: str, est=None, module: Optional[DenseLinear] = None):
+    """The dense module (plain ``F.linear`` unless ``module`` is the measured best) and its decision."""
+    module = module if module is not None else DenseLinear.from_dense(lin, spec.mask, spec.activation)
+    return module, _decision(spec, "dense", "dense", _dense_label(module.kernel, spec.activation), reason, 1.0, est)
+
+
+def _dense_options(spec: LayerSpec, lin: nn.Linear) -> Tuple[List[Tuple[str, DenseLinear]], List[str]]:
+    """``[(key, module)]`` for every dense implementation that can run the layer (F.linear first),
+    and why the others cannot (:func:`sparsevit.ops.dense_cpu.dense_candidates`)."""
+    from sparsevit.ops.dense_cpu import dense_candidates
+
+    base = DenseLinear.from_dense(lin, spec.mask, spec.activation)
+    options, not_used = [("dense torch_linear", base)], []
+    if spec.device.type != "cpu":
+        return options, not_used
+    for cand in dense_candidates(base.weight, base.bias, spec.activation):
+        if cand.name == "torch_linear":
+            continue
+        if cand.not_supported_reasons:
+            not_used.append(f"dense {cand.name}: {'; '.join(cand.not_supported_reasons)}")
+        else:
+            options.append((f"dense {cand.name}", DenseLinear.from_dense(base, None, spec.activation, cand.name)))
+    return options, not_used
+
+
+def _time_candidates(spec: LayerSpec, lin: nn.Linear, cands, dense_options):
+    """Builds and times ``cands`` [(kernel, fmt, density)] and ``dense_options`` [(key, module)]:
+    {key: (ms, module)}, and why any was dropped. A candidate whose output is wrong never wins on
+    speed. Times are cached per (candidate, shape, dtype, activation, tokens, threads)."""
     out_f, in_f = spec.weight.shape
     x = torch.randn(spec.tokens, in_f, device=spec.device, dtype=spec.dtype)
     ref_mod = DenseLinear.from_dense(lin, spec.mask, spec.activation)
@@ -423,22 +496,49 @@ def _time_candidates(spec: LayerSpec, lin: nn.Linear, cands, with_dense: bool):
     with torch.inference_mode():
         ref = ref_mod(x).float()
         scale = max(ref.abs().max().item(), 1e-6)
-        entries = ([("dense", None, "dense", 1.0, ref_mod)] if with_dense else []) + \
+        entries = [(key, None, "dense", 1.0, mod) for key, mod in dense_options] + \
                   [(f"{k.name} {fmt}", k, fmt, d, None) for k, fmt, d in cands]
         for key, k, fmt, d, mod in entries:
-            mod = mod if mod is not None else _build(spec, k, fmt, lin)
             try:
+                mod = mod if mod is not None else _build(spec, k, fmt, lin)
                 err = (mod(x).float() - ref).abs().max().item() / scale
                 if not err < 5e-2:
                     dropped.append(f"{key}: rejected, relative error {err:.2e} vs dense")
                     continue
-                cache_key = (key, out_f, in_f, spec.dtype, spec.device.type, spec.tokens, threads, round(d, 2))
+                cache_key = (key, out_f, in_f, spec.dtype, spec.device.type, spec.activation, spec.bias is None,
+                             spec.tokens, threads, round(d, 2))
                 if cache_key not in _TIMING_CACHE:
                     _TIMING_CACHE[cache_key] = median_ms(lambda: mod(x), spec.device)
                 timed[key] = (_TIMING_CACHE[cache_key], mod)
             except Exception as exc:  # noqa: BLE001 - compile errors, resource limits: say so, go on
                 dropped.append(f"{key}: failed ({type(exc).__name__}: {exc})")
     return timed, dropped
+
+
+def _fastest_dense(timed) -> Tuple[str, float, Optional[DenseLinear]]:
+    key, (t, mod) = min(((k, v) for k, v in timed.items() if k.startswith("dense ")), key=lambda kv: kv[1][0])
+    return key[len("dense "):], t, mod
+
+
+def _ms_list(timed, prefix: str) -> str:
+    return ", ".join(f"{k[len(prefix):]} {t:.2f}" for k, (t, _) in sorted(timed.items(), key=lambda kv: kv[1][0])
+                     if k.startswith(prefix))
+
+
+def best_dense(spec: LayerSpec, lin: Optional[nn.Linear] = None, why: str = "") -> Tuple[DenseLinear, LayerDecision]:
+    """The fastest dense implementation of ``spec`` on its device (measured, cached; ``F.linear``
+    with ``SPARSEVIT_CHOOSE=model``), and a decision whose reason starts with ``why`` and lists
+    the ms of every option and why any could not run."""
+    lin = lin if lin is not None else spec.as_linear()
+    options, not_used = _dense_options(spec, lin)
+    if os.environ.get("SPARSEVIT_CHOOSE", "measure") == "model" or len(options) == 1:
+        how = "not timed (SPARSEVIT_CHOOSE=model)" if len(options) > 1 else "the only dense option here"
+        return _dense(spec, lin, _with_not_used(f"{why}; F.linear: {how}", not_used), module=options[0][1])
+    timed, dropped = _time_candidates(spec, lin, [], options)
+    name, t, mod = _fastest_dense(timed)
+    reason = f"{why}; fastest dense: {name} (ms at {spec.tokens} tokens: {_ms_list(timed, 'dense ')})"
+    return _dense(spec, lin, _with_not_used(reason, not_used + dropped),
+                  {k: v for k, (v, _) in timed.items()}, module=mod)
 
 
 def _with_not_used(reason: str, not_used: List[str]) -> str:
@@ -475,8 +575,9 @@ def choose_linear(spec: LayerSpec, backend: str = "auto", fmt: Optional[str] = N
         if not auto:
             raise KernelError(f"{spec.name}: backend={backend!r} cannot run this layer ({spec.dtype} on "
                               f"{spec.device.type}): {' | '.join(not_used)}. Use backend='auto' or 'dense'.")
-        return _dense(spec, lin, _with_not_used(
-            f"dense: no sparse kernel can run it (element density {elem_density:.2f})", not_used))
+        module, dec = best_dense(spec, lin, f"dense: no sparse kernel can run it (element density {elem_density:.2f})")
+        dec.reason = _with_not_used(dec.reason, not_used)
+        return module, dec
     ranked = sorted((_model_ms(spec, k, inp.fmt, density[inp.fmt]), i, k, inp.fmt)
                     for i, (k, inp) in enumerate(runnable))
     hinted = spec.block_hint is not None or spec.nm_hint is not None
@@ -484,11 +585,12 @@ def choose_linear(spec: LayerSpec, backend: str = "auto", fmt: Optional[str] = N
     top = plan_tile + [r for r in ranked if r not in plan_tile][:_TIMED_CANDIDATES.get(spec.device.type, 2)]
     measure = os.environ.get("SPARSEVIT_CHOOSE", "measure") != "model" and backend != "reference"
     if measure:
-        timed, dropped = _time_candidates(spec, lin, [(k, f, density[f]) for _, _, k, f in top], auto)
-        not_used += dropped
+        dense_options, dense_not_used = _dense_options(spec, lin) if auto else ([], [])
+        timed, dropped = _time_candidates(spec, lin, [(k, f, density[f]) for _, _, k, f in top], dense_options)
+        not_used += dense_not_used + dropped
         how = "measured"
     else:
-        timed = {"dense": (_model_ms(spec, None, "dense", 1.0), None)} if auto else {}
+        timed = {"dense torch_linear": (_model_ms(spec, None, "dense", 1.0), None)} if auto else {}
         timed.update({f"{k.name} {f}": (t, None) for t, _, k, f in top})
         how = "modelled"
     return _pick(spec, lin, backend, top, timed, not_used, how)
@@ -500,28 +602,33 @@ def _pick(spec, lin, backend, top, timed, not_used, how):
     if not sparse:
         if backend != "auto":
             raise KernelError(f"{spec.name}: every {backend!r} candidate failed: {' | '.join(not_used)}")
-        return _dense(spec, lin, _with_not_used("dense: every sparse candidate failed", not_used), est)
+        name, _, best = _fastest_dense(timed)
+        return _dense(spec, lin, _with_not_used(f"dense ({name}): every sparse candidate failed", not_used),
+                      est, best)
     t_sparse, k, fmt = min(sparse, key=lambda s: s[0])
     mod = timed[f"{k.name} {fmt}"][1] or _build(spec, k, fmt, lin)
     d = mod.weight.density
     if backend != "auto":
         return mod, _decision(spec, "packed", fmt, k.label(), _with_not_used(
             f"{fmt} density {d:.2f}: backend={backend!r} requested", not_used), d, est)
-    t_dense = timed["dense"][0]
-    ratio = f"({t_sparse:.2f} ms vs {t_dense:.2f} ms, {how} at {spec.tokens} tokens)"
+    name, t_dense, best = _fastest_dense(timed)
+    ratio = (f"({t_sparse:.2f} ms vs {t_dense:.2f} ms for dense {name}, {how} at {spec.tokens} tokens; "
+             f"every candidate, ms: {_ms_list(timed, '')})")
     if t_sparse <= _SLOWER_TOLERANCE * t_dense:
         return mod, _decision(spec, "packed", fmt, k.label(), _with_not_used(
             f"{fmt} density {d:.2f}: {t_dense / t_sparse:.1f}x faster than dense {ratio}", not_used), d, est)
     return _dense(spec, lin, _with_not_used(
-        f"dense: density {d:.2f} at best {fmt}, sparse would be {t_sparse / t_dense:.1f}x slower {ratio}",
-        not_used), est)
+        f"dense ({name}): density {d:.2f} at best {fmt}, sparse would be {t_sparse / t_dense:.1f}x slower {ratio}",
+        not_used), est, best)
 
 
 def _choose_given_format(spec: LayerSpec, backend: str, fmt: str, lin: nn.Linear):
     """``fmt`` fixed (e.g. read from a saved model): the first implementation that runs it."""
     kind, _ = parse_format(fmt)
-    if kind == "dense" or backend == "dense":
-        return _dense(spec, lin, f"dense: format {fmt!r} given")
+    if backend == "dense":
+        return _dense(spec, lin, f"dense: format {fmt!r} given, backend='dense'")
+    if kind == "dense":
+        return best_dense(spec, lin, f"dense: format {fmt!r} given")
     pool = [k for k in _pool(backend) if k.kinds != ("dense",)]
     runnable, rejected = walk([spec.kernel_input(fmt)], pool)
     if runnable:
@@ -537,8 +644,9 @@ def _choose_given_format(spec: LayerSpec, backend: str, fmt: str, lin: nn.Linear
 
 # ----------------------------------------------------------------------------- per-block factory
 class LinearFactory:
-    """Makes each Linear of an accelerated block: plain dense when nothing unstructured is left,
-    else whatever :func:`choose_linear` picks. Every decision goes into ``report``.
+    """Makes each Linear of an accelerated block: the fastest dense implementation
+    (:func:`best_dense`) when nothing unstructured is left, plain ``F.linear`` for
+    ``backend="dense"``, else whatever :func:`choose_linear` picks. Every decision goes into ``report``.
 
     Args:
         report: the model's :class:`~sparsevit.runtime.report.Report`.
@@ -566,8 +674,15 @@ class LinearFactory:
         """Returns ``(module, fused)``; ``fused`` tells whether the module applies ``activation``."""
         has_zeros = mask is not None and not bool(mask.all())
         fmt = self.formats.get(name)
-        if fmt is None and (self.backend == "dense" or (not has_zeros and self.backend == "auto")):
+        if fmt is None and self.backend == "dense":
             return self._dense(name, weight, bias, mask if has_zeros else None, shape_before, activation)
+        if fmt is None and not has_zeros and self.backend == "auto":
+            spec = LayerSpec(name, weight, bias, None, activation, tokens * self.batch_hint)
+            module, decision = best_dense(spec, why="dense: no unstructured sparsity left after structural slicing")
+            decision.action = "sliced" if tuple(weight.shape) != tuple(shape_before) else "kept"
+            decision.shape_before = shape_before
+            self.report.append(decision)
+            return module, activation is not None
         spec = LayerSpec(name, weight, bias, mask if has_zeros else None, activation, tokens * self.batch_hint,
                          self.block_hint, self.nm_hint)
         module, decision = choose_linear(spec, self.backend, fmt)
@@ -581,8 +696,7 @@ class LinearFactory:
         if mask is not None:
             with torch.no_grad():
                 lin.weight.mul_(mask.to(lin.weight.dtype))
-        why = ("dense: backend='dense' requested" if mask is not None else
-               "dense: no unstructured sparsity left after structural slicing")
+        why = "dense: backend='dense' requested"
         kernel = "torch.linear"
         if activation is not None:  # fuse the GELU (in place at inference) into the Linear
             lin, kernel = DenseLinear.from_dense(lin, None, activation), f"torch.linear+{activation}"

@@ -1,0 +1,118 @@
+"""Where the time of an accelerated model's forward goes: ``torch.profiler`` top ops by self CPU time.
+
+Builds the model (random init), a plan from :data:`sparsevit.benchmark.PRESETS`, accelerates it,
+and profiles ``--iters`` forwards after warm-up. Prints the top ops by self CPU time with their
+share of the total (shares, not absolute ms, are what compare across runs on a shared machine),
+the end-to-end median, and the kernels the report chose for the Linears and the attention.
+
+    python bench/profile_forward.py                                  # deit_small, heads_mlp_50, batch 8, fp32
+    python bench/profile_forward.py --dtype bfloat16 --scenario heads_mlp_50+block_sparse_70
+    python bench/profile_forward.py --scenario none                  # the unpruned model through accelerate
+    python bench/profile_forward.py --baseline-backend dense         # also F.linear + SDPA, timed interleaved
+
+``--baseline-backend dense`` builds the same plan with ``backend="dense"`` (every Linear on
+``F.linear``, attention on SDPA: what ``accelerate`` did for structured plans before the dense
+options and the fused CPU attention) and times both alternately in one process
+(:func:`sparsevit.benchmark.time_models`), so the ratio holds on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+
+import torch
+
+import sparsevit
+from sparsevit.benchmark import PRESETS, time_models
+
+
+def build(args, backend=None):
+    import timm
+
+    torch.manual_seed(0)
+    dense = timm.create_model(args.model, pretrained=False).eval()
+    plan = None if args.scenario == "none" else PRESETS[args.scenario](dense)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    fast = sparsevit.accelerate(dense, plan, dtype=dtype, batch_hint=args.batch, backend=backend or args.backend)
+    build_s = time.perf_counter() - t0
+    x = torch.randn(args.batch, 3, *dense.patch_embed.img_size, dtype=dtype)
+    return fast, x, build_s
+
+
+def profile(fast, x, iters: int, top: int):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch.inference_mode():
+        for _ in range(2):
+            fast(x)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fast(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                fast(x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    table = [(e.key, e.count // iters, e.self_cpu_time_total / iters / 1e3, e.self_cpu_time_total / total)
+             for e in rows]
+    return statistics.median(times), table
+
+
+def kernels_used(fast):
+    counts = collections.Counter()
+    for d in fast.sparsevit_report:
+        if d.name.endswith((".qkv", ".proj", ".fc1", ".fc2", ".attn")):
+            counts[f"{d.name.rsplit('.', 1)[1]}: {d.kernel} ({d.fmt})"] += 1
+    return dict(sorted(counts.items()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--scenario", default="heads_mlp_50", choices=["none", *PRESETS])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--baseline-backend", default="", help="also build with this backend; time both interleaved")
+    p.add_argument("--json", default="", help="also write the result to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = {args.backend: build(args)}
+    if args.baseline_backend:
+        models[args.baseline_backend] = build(args, args.baseline_backend)
+    result = {"args": vars(args), "models": {}}
+    for backend, (fast, x, build_s) in models.items():
+        median, table = profile(fast, x, args.iters, args.top)
+        print(f"\n# backend={backend}: {args.model} {args.scenario} batch {args.batch} {args.dtype} {args.threads} "
+              f"threads: median {median:.1f} ms/forward ({args.iters} runs), accelerate took {build_s:.1f} s")
+        print("| op | calls/forward | self CPU ms/forward | share |\n|---|---|---|---|")
+        for key, calls, ms, share in table:
+            print(f"| {key} | {calls} | {ms:.2f} | {100 * share:.1f}% |")
+        print("kernels:", json.dumps(kernels_used(fast), indent=1))
+        result["models"][backend] = {"median_ms": median, "build_s": build_s, "top": table,
+                                     "kernels": kernels_used(fast)}
+    if args.baseline_backend:
+        x = models[args.backend][1]
+        with torch.inference_mode():
+            times = time_models({k: v[0] for k, v in models.items()}, x, warmup=2, runs=args.iters * 2)
+        med = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+        print("\ninterleaved: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()) +
+              f"; {args.baseline_backend} / {args.backend} = {med[args.baseline_backend] / med[args.backend]:.2f}x")
+        result["interleaved_ms"] = med
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The runtime's fast CPU paths against float64 references on odd shapes: fine-grained SparseLinear
+("fine:1xT"), the dense implementations a layer may keep (F.linear, oneDNN prepacked, sparsevit's
+BSR kernel on the full weight), the chooser's report for them, the fused CPU attention inside an
+accelerated model, bf16 end to end, and a save/load round trip with fine-grained layers.
+Nothing here asserts a time."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsevit
+from helpers import make_model, random_plan, rel_err
+from sparsevit import _ext
+from sparsevit.errors import KernelError
+from sparsevit.formats import parse_format
+from sparsevit.formats.fine import unit_width
+from sparsevit.models import get_adapter
+from sparsevit.ops.dense_cpu import CANDIDATE_NAMES
+from sparsevit.runtime.dense_linear import DenseLinear
+from sparsevit.runtime.linear import LayerSpec, SparseLinear, best_dense, choose_linear
+
+HAS_FINE = _ext.has_op("fine_linear")
+HAS_ATTN = _ext.has_op("attention_cpu")
+ACTS = (None, "gelu", "gelu_tanh")
+
+
+def _ref(x, w, b, act):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    return {None: y, "gelu": F.gelu(y), "gelu_tanh": F.gelu(y, approximate="tanh")}[act]
+
+
+def _fine_mask(out_f, in_f, tile, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(out_f, -(-in_f // tile), generator=g) < density
+    return keep.repeat_interleave(tile, 1)[:, :in_f]
+
+
+# ------------------------------------------------------------------- fine-grained SparseLinear
+@pytest.mark.parametrize("tile", (1, 4, 8))
+@pytest.mark.parametrize("act", ACTS)
+def test_fine_sparse_linear_matches_float64(tile, act):
+    torch.manual_seed(tile)
+    lin = nn.Linear(83, 45)
+    mask = _fine_mask(45, 83, tile, 0.25, seed=tile)
+    mod = SparseLinear.from_dense(lin, mask, activation=act, fmt=f"fine:1x{tile}")
+    assert mod.fmt == f"fine:1x{tile}" and parse_format(mod.fmt) == ("fine", (1, tile))
+    x = torch.randn(3, 7, 83)
+    ref = _ref(x, lin.weight.detach() * mask, lin.bias.detach(), act)
+    assert rel_err(mod(x), ref) < 1e-5
+    mod.to(torch.bfloat16)  # re-packs: bf16 stores column pairs for tile 1
+    assert mod.values.shape[1] == unit_width(tile, torch.bfloat16)
+    assert rel_err(mod(x.bfloat16()), ref) < 3e-2
+    mod.to(torch.float64)  # no compiled kernel: the reference runs, exactly
+    assert rel_err(mod(x.double()), _ref(x, mod.to_dense().weight.detach(), mod.bias, act)) < 1e-12
+    assert rel_err(mod.to_dense().weight.detach(), lin.weight.detach().double() * mask) < 1e-2  # via bf16
+
+
+def test_fine_state_dict_round_trip_and_corrupt_indices():
+    lin = nn.Linear(37, 29)
+    mod = SparseLinear.from_dense(lin, _fine_mask(29, 37, 1, 0.3), fmt="fine:1x1", activation="gelu")
+    other = SparseLinear.from_dense(nn.Linear(37, 29), _fine_mask(29, 37, 1, 0.6, seed=1), fmt="fine:1x1",
+                                    activation="gelu")
+    sd = mod.state_dict()
+    assert set(sd) == {"values", "col_indices", "row_ptr", "bias", "shape", "fine_tile"}
+    other.load_state_dict(sd)
+    x = torch.randn(11, 37)
+    torch.testing.assert_close(other(x), mod(x), rtol=0, atol=0)
+    bad = dict(sd, col_indices=sd["col_indices"].clone())
+    bad["col_indices"][0] = 999
+    with pytest.raises(ValueError, match="corrupt sparse weight"):
+        other.load_state_dict(bad)
+
+
+def test_fine_layer_on_meta_and_reference_kernel():
+    lin = nn.Linear(21, 13)
+    mask = _fine_mask(13, 21, 4, 0.4)
+    ref_mod = SparseLinear.from_dense(lin, mask, fmt="fine:1x4", kernel="reference")
+    x = torch.randn(5, 21)
+    assert rel_err(ref_mod(x), _ref(x, lin.weight.detach() * mask, lin.bias.detach(), None)) < 1e-6
+    assert ref_mod.to("meta")(x.to("meta")).shape == (5, 13)
+
+
+@pytest.mark.skipif(not HAS_FINE, reason="C++ extension without fine_linear")
+def test_chooser_tries_the_plans_fine_tile_first_and_reports_why(monkeypatch):
+    monkeypatch.setenv("SPARSEVIT_CHOOSE", "model")
+    torch.manual_seed(0)
+    w, mask = torch.randn(96, 130), _fine_mask(96, 130, 1, 0.1)
+    spec = LayerSpec("blocks.0.mlp.fc1", w, torch.randn(96), mask, "gelu", 40, block_hint=(1, 1))
+    mod, dec = choose_linear(spec)
+    assert isinstance(mod, SparseLinear) and dec.fmt == "fine:1x1", dec.reason
+    assert "cpp_fine fine:1x1" in dec.est_ms and "dense torch_linear" in dec.est_ms
+    x = torch.randn(40, 130)
+    assert rel_err(mod(x), _ref(x, w * mask, spec.bias, "gelu")) < 1e-5
+    # too dense for the fine kernel: left out, with the reason
+    spec = LayerSpec("fc2", w, None, _fine_mask(96, 130, 1, 0.8), None, 40, block_hint=(1, 1))
+    mod, dec = choose_linear(spec)
+    assert not dec.fmt.startswith("fine") and "density above 0.5" in dec.reason
+
+
+# ------------------------------------------------------------------------------ dense at peak
+@pytest.mark.parametrize("kernel", CANDIDATE_NAMES)
+@pytest.mark.parametrize("act", ACTS)
+def test_dense_linear_kernels_match_float64(kernel, act):
+    torch.manual_seed(1)
+    lin = nn.Linear(70, 51)
+    try:
+        mod = DenseLinear.from_dense(lin, None, act, kernel)
+    except KernelError as exc:
+        pytest.skip(str(exc))
+    x = torch.randn(2, 9, 70)
+    ref = _ref(x, lin.weight.detach(), lin.bias.detach(), act)
+    with torch.inference_mode():
+        assert rel_err(mod(x), ref) < 1e-5
+    assert set(mod.state_dict()) == {"weight", "bias"}  # loads into a plain nn.Linear / DenseLinear
+    mod.to(torch.bfloat16)
+    with torch.inference_mode():
+        assert mod.kernel == kernel and rel_err(mod(x.bfloat16()), ref) < 3e-2
+    mod.to(torch.float64)  # neither oneDNN nor the BSR kernel run float64: back to F.linear
+    assert mod.kernel == "torch_linear"
+    import copy
+
+    copy.deepcopy(mod)  # the derived layout is never pickled
+
+
+def test_best_dense_measures_every_option_and_says_which(monkeypatch):
+    monkeypatch.setenv("SPARSEVIT_CHOOSE", "measure")
+    torch.manual_seed(2)
+    spec = LayerSpec("blocks.1.attn.proj", torch.randn(67, 96), torch.randn(67), None, None, 50)
+    mod, dec = best_dense(spec, why="dense: test")
+    assert isinstance(mod, DenseLinear) and dec.action == "dense" and dec.reason.startswith("dense: test")
+    assert "fastest dense:" in dec.reason
+    runnable = [c for c in CANDIDATE_NAMES if c == "torch_linear" or not DenseLinear.from_dense(
+        spec.as_linear()).kernel_reasons(c)]
+    assert {f"dense {c}" for c in runnable} == set(dec.est_ms)
+    assert dec.est_ms[f"dense {mod.kernel}"] == min(dec.est_ms.values())
+    x = torch.randn(50, 96)
+    with torch.inference_mode():
+        assert rel_err(mod(x), _ref(x, spec.weight, spec.bias, None)) < 1e-5
+
+
+def test_backend_dense_stays_plain_torch():
+    model = make_model("vit_tiny")
+    fast = sparsevit.accelerate(model, random_plan(model, 1, kinds=("heads", "mlp")), backend="dense")
+    assert all(getattr(m, "kernel", "torch_linear") == "torch_linear" for m in fast.modules()
+               if isinstance(m, nn.Linear))
+    assert all(d.kernel == "sdpa" for d in fast.sparsevit_report if d.name.endswith(".attn"))
+
+
+# --------------------------------------------------------------------------- attention, bf16
+@pytest.mark.skipif(not HAS_ATTN, reason="C++ extension without attention_cpu")
+@pytest.mark.parametrize("key", ("vit_tiny", "swin_tiny"))
+def test_accelerated_model_uses_fused_cpu_attention_and_matches(key, monkeypatch):
+    calls = []
+    real = torch.ops.sparsevit_C.attention_cpu
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[0].shape)
+            return real(*args)
+
+    model = make_model(key)
+    plan = random_plan(model, 4, kinds=("heads", "qk", "v", "mlp"))
+    fast = sparsevit.accelerate(model, plan)
+    attn = [d for d in fast.sparsevit_report if d.name.endswith(".attn") and d.action != "dropped"]
+    assert attn and all(d.kernel.startswith("cpp_attention") for d in attn), [d.reason for d in attn]
+    size = model.patch_embed.img_size
+    x = torch.randn(2, 3, *size)
+    monkeypatch.setattr(torch.ops.sparsevit_C, "attention_cpu", Spy(), raising=False)
+    with torch.no_grad():
+        out = fast(x)
+        ref = sparsevit.masked_model(model, plan).double()(x.double())
+    assert calls, "the fused CPU attention was not called"
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_bf16_end_to_end_uses_bf16_kernels():
+    model = make_model("vit_tiny")
+    plan = random_plan(model, 2, kinds=("heads", "mlp", "masks"))
+    fast = sparsevit.accelerate(model, plan, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in fast.parameters())
+    sparse = [m for m in fast.modules() if isinstance(m, SparseLinear)]
+    assert all(m.values.dtype == torch.bfloat16 for m in sparse)
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        out = fast(x.bfloat16())
+        ref = sparsevit.masked_model(model, plan).double()(x.double())
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 5e-2
+
+
+# ------------------------------------------------------------------------------ save / load
+@pytest.mark.skipif(not HAS_FINE, reason="C++ extension without fine_linear")
+def test_save_load_round_trips_fine_layers(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEVIT_CHOOSE", "model")
+    model = make_model("vit_tiny")
+    plan = random_plan(model, 3, kinds=("heads", "mlp"))
+    g = torch.Generator().manual_seed(0)
+    for name, lin in get_adapter(model).linear_modules().items():
+        if name.endswith("fc1"):
+            plan.masks[name] = torch.rand(lin.weight.shape, generator=g) < 0.1
+    plan.block = [1, 1]
+    fast = sparsevit.accelerate(model, plan)
+    fine = [n for n, m in fast.named_modules() if isinstance(m, SparseLinear) and m.is_fine]
+    assert fine, fast.sparsevit_report.table()
+    path = tmp_path / "fine.safetensors"
+    sparsevit.save(fast, path)
+    loaded = sparsevit.load(path)
+    assert [n for n, m in loaded.named_modules() if isinstance(m, SparseLinear) and m.is_fine] == fine
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fast(x), rtol=1e-5, atol=1e-5)
+        ref = sparsevit.masked_model(model, plan).double()(x.double())
+    assert rel_err(loaded(x), ref) < 1e-4
