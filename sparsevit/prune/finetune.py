@@ -159,7 +159,7 @@ def _train(work: nn.Module, data: Iterable, loss_fn: Callable, opt, sched, mask_
     dev = model_device(work)
     work.train()
     step = 0
-    bar = tqdm(total=total, desc="finetune", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="finetune", disable=None if progress else True, leave=False)
     while step < total:
         for x, y in iter_batches(data, None):
             if step >= total:
