@@ -10,7 +10,7 @@ Public API::
     sparsevit.save(fast, "model.sparsevit"); fast = sparsevit.load("model.sparsevit")
 """
 from sparsevit.errors import (CheckpointError, KernelError, PlanError, SparseVitError,  # noqa: F401
-                              UnsupportedModelError)
+                              UnsupportedModelError, VerificationError)
 from sparsevit.plan import BlockPlan, SparsityPlan  # noqa: F401
 from sparsevit.models import get_adapter, masked_model, summary  # noqa: F401
 from sparsevit.runtime.accelerate import accelerate  # noqa: F401
