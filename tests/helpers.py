@@ -3,8 +3,10 @@ import random
 
 import timm
 import torch
+import torch.nn.functional as F
 
 from sparsevit import BlockPlan, SparsityPlan, get_adapter
+from sparsevit.ops.bsr import apply_activation
 
 # Small configs of each supported family; image sizes kept tiny for CI.
 MODEL_CONFIGS = {
@@ -81,3 +83,19 @@ def random_plan(model, seed: int, kinds=("heads", "qk", "v", "mlp", "io", "drop"
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+def assert_close_to_ref(y, x, ws, b, act, what):
+    """A fast kernel's ``y`` against float64 ``act(x @ W^T + b)`` with ``W = ws.to_dense()``:
+    |y - ref64| <= 2 * |dense_torch(dtype) - ref64| (max over elements), plus one ulp of slack."""
+    wd = ws.to_dense()
+    ref = apply_activation(F.linear(x.double(), wd.double(), None if b is None else b.double()), act)
+    dense = apply_activation(F.linear(x, wd, b), act)
+    err = (y.double() - ref).abs()
+    err_dense = (dense.double() - ref).abs().max().item()
+    tol = 2 * err_dense + torch.finfo(x.dtype).eps * ref.abs().max().item()
+    worst = int(err.argmax())
+    r, c = divmod(worst, y.shape[-1])
+    assert err.max().item() <= tol, (
+        f"{what}: max err {err.max().item():.3g} > 2x dense-torch err {err_dense:.3g} (+1ulp); worst at "
+        f"[{r}, {c}]: got {y.reshape(-1, y.shape[-1])[r, c].item():.6g}, float64 ref {ref[r, c].item():.6g}")

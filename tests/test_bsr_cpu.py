@@ -3,10 +3,11 @@ float64. The fast kernel's error must stay within 2x of dense torch's error in t
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_to_ref
 
 from sparsevit import _ext
 from sparsevit.formats import BlockSparseWeight
-from sparsevit.ops.bsr import apply_activation, bsr_linear, reference_bsr_linear
+from sparsevit.ops.bsr import bsr_linear, reference_bsr_linear
 
 HAS_CPP = _ext.has_op("bsr_linear")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"C++ extension not built: {_ext.unavailable_reason('bsr_linear')}")
@@ -29,21 +30,6 @@ def _case(T, out_f, in_f, block, dtype, bias, density=0.3, seed=0):
     return x, ws, b
 
 
-def _assert_close_to_ref(y, x, ws, b, act, what):
-    """|y - ref64| <= 2 * |dense_torch(dtype) - ref64| (max over elements), plus one ulp of slack."""
-    wd = ws.to_dense()
-    ref = apply_activation(F.linear(x.double(), wd.double(), None if b is None else b.double()), act)
-    dense = apply_activation(F.linear(x, wd, b), act)
-    err = (y.double() - ref).abs()
-    err_dense = (dense.double() - ref).abs().max().item()
-    tol = 2 * err_dense + torch.finfo(x.dtype).eps * ref.abs().max().item()
-    worst = int(err.argmax())
-    r, c = divmod(worst, y.shape[-1])
-    assert err.max().item() <= tol, (
-        f"{what}: max err {err.max().item():.3g} > 2x dense-torch err {err_dense:.3g} (+1ulp); worst at "
-        f"[{r}, {c}]: got {y.reshape(-1, y.shape[-1])[r, c].item():.6g}, float64 ref {ref[r, c].item():.6g}")
-
-
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", BLOCKS)
@@ -54,7 +40,7 @@ def test_cpp_matches_float64(dtype, block):
             for act in ACTS:
                 y = bsr_linear(x, ws, b, act)
                 assert y.dtype == dtype and y.shape == (T, out_f)
-                _assert_close_to_ref(y, x, ws, b, act, f"{dtype} {block} T={T} bias={bias} act={act}")
+                assert_close_to_ref(y, x, ws, b, act, f"{dtype} {block} T={T} bias={bias} act={act}")
 
 
 @needs_cpp
@@ -69,7 +55,7 @@ def test_cpp_every_isa_level(isa, dtype):
         for act in ACTS:
             y = torch.ops.sparsevit_C.bsr_linear(x, ws.packed, ws.col_indices, ws.crow_indices, b, 100, 70,
                                                  block[0], block[1], ACT_CODE[act], isa)
-            _assert_close_to_ref(y, x, ws, b, act, f"isa={isa} {dtype} {block} act={act}")
+            assert_close_to_ref(y, x, ws, b, act, f"isa={isa} {dtype} {block} act={act}")
 
 
 @needs_cpp
@@ -85,12 +71,12 @@ def test_cpp_edge_cases():
     x = x_big[..., :100]
     x, ws, b = x, *_case(1, 64, 100, (32, 32), torch.float32, True)[1:]
     y = bsr_linear(x, ws, b)
-    _assert_close_to_ref(y.reshape(-1, 64), x.reshape(-1, 100), ws, b, None, "strided x")
+    assert_close_to_ref(y.reshape(-1, 64), x.reshape(-1, 100), ws, b, None, "strided x")
     # a 4 KiB row stride (1024 fp32) aliases in L1: the kernel reads a re-strided copy
     xa, wa, ba = _case(40, 48, 1024, (16, 16), torch.float32, True)
-    _assert_close_to_ref(bsr_linear(xa, wa, ba, "gelu"), xa, wa, ba, "gelu", "aliasing stride")
+    assert_close_to_ref(bsr_linear(xa, wa, ba, "gelu"), xa, wa, ba, "gelu", "aliasing stride")
     x1 = torch.randn(1, 100)
-    _assert_close_to_ref(bsr_linear(x1, ws, b), x1, ws, b, None, "one token")
+    assert_close_to_ref(bsr_linear(x1, ws, b), x1, ws, b, None, "one token")
     # whatever lies past the end of a row (here inf) must not leak through padded block columns
     for dtype, block in [(torch.float32, (32, 32)), (torch.bfloat16, (16, 15)), (torch.bfloat16, (16, 9))]:
         xs, ws2, _ = _case(20, 33, 45, block, dtype, False)
@@ -98,14 +84,14 @@ def test_cpp_edge_cases():
         wide[:, :45] = xs
         y = bsr_linear(wide[:, :45], ws2)
         assert torch.isfinite(y).all(), f"padding leaked inf for {dtype} {block}"
-        _assert_close_to_ref(y, xs, ws2, None, None, f"padded {dtype} {block}")
+        assert_close_to_ref(y, xs, ws2, None, None, f"padded {dtype} {block}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_reference_matches_float64(dtype):
     x, ws, b = _case(33, 70, 90, (16, 32), dtype, True)
     for act in ACTS:
-        _assert_close_to_ref(reference_bsr_linear(x, ws, b, act), x, ws, b, act, f"reference {dtype} {act}")
+        assert_close_to_ref(reference_bsr_linear(x, ws, b, act), x, ws, b, act, f"reference {dtype} {act}")
     # float64 has no C++ kernel: the op falls back to the reference
     if dtype == torch.float64:
         torch.testing.assert_close(bsr_linear(x, ws, b, "gelu"), reference_bsr_linear(x, ws, b, "gelu"))

@@ -4,6 +4,7 @@ error must stay within 2x of dense torch's error in the same dtype (plus one ulp
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_to_ref
 
 from sparsevit import _ext
 from sparsevit.errors import KernelError
@@ -31,20 +32,6 @@ def _case(T, out_f, in_f, tile, sparsity, dtype, bias, seed=0):
     x = torch.randn(T, in_f, generator=g).to(dtype)
     b = torch.randn(out_f, generator=g).to(dtype) if bias else None
     return x, FineSparseWeight.from_dense(w.to(dtype), mask, tile=tile), b
-
-
-def _assert_close_to_ref(y, x, fw, b, act, what):
-    wd = fw.to_dense()
-    ref = apply_activation(F.linear(x.double(), wd.double(), None if b is None else b.double()), act)
-    dense = apply_activation(F.linear(x, wd, b), act)
-    err = (y.double() - ref).abs()
-    err_dense = (dense.double() - ref).abs().max().item()
-    tol = 2 * err_dense + torch.finfo(x.dtype).eps * ref.abs().max().item()
-    worst = int(err.argmax())
-    r, c = divmod(worst, y.shape[-1])
-    assert err.max().item() <= tol, (
-        f"{what}: max err {err.max().item():.3g} > 2x dense-torch err {err_dense:.3g} (+1ulp); worst at "
-        f"[{r}, {c}]: got {y.reshape(-1, y.shape[-1])[r, c].item():.6g}, float64 ref {ref[r, c].item():.6g}")
 
 
 # ---- format -------------------------------------------------------------------------------------
@@ -121,7 +108,7 @@ def test_matches_float64(dtype, tile, sparsity):
             for act in ACTS:
                 y = fine_linear(x, fw, b, act)
                 assert y.dtype == dtype and y.shape == (T, out_f)
-                _assert_close_to_ref(y, x, fw, b, act, f"{dtype} 1x{tile} {sparsity} T={T} {out_f}x{in_f} "
+                assert_close_to_ref(y, x, fw, b, act, f"{dtype} 1x{tile} {sparsity} T={T} {out_f}x{in_f} "
                                                        f"bias={bias} act={act}")
 
 
@@ -137,7 +124,7 @@ def test_every_isa_level(isa, dtype):
         for act in ACTS:
             y = torch.ops.sparsevit_C.fine_linear(x, fw.values, fw.col_indices, fw.seg_ptr, b, 50, 270, fw.unit,
                                                   ACT_CODE[act], isa)
-            _assert_close_to_ref(y, x, fw, b, act, f"isa={isa} {dtype} 1x{tile} act={act}")
+            assert_close_to_ref(y, x, fw, b, act, f"isa={isa} {dtype} 1x{tile} act={act}")
 
 
 @needs_cpp
@@ -148,7 +135,7 @@ def test_empty_rows_and_empty_weight(dtype):
     w[::3] = 0  # every third output row stores nothing: bias + activation only
     fw = FineSparseWeight.from_dense(w, tile=1)
     for act in ACTS:
-        _assert_close_to_ref(fine_linear(x, fw, b, act), x, fw, b, act, f"{dtype} empty rows act={act}")
+        assert_close_to_ref(fine_linear(x, fw, b, act), x, fw, b, act, f"{dtype} empty rows act={act}")
     empty = FineSparseWeight.from_dense(torch.zeros(30, 41, dtype=dtype))
     assert empty.nnz == 0
     y = fine_linear(x, empty, b, "gelu")
@@ -170,7 +157,7 @@ def test_nonfinite_inputs_propagate_like_dense(dtype):
     assert torch.equal(torch.isinf(y), torch.isinf(ref))
     finite = torch.isfinite(ref)
     clean = [t for t in range(40) if t not in (3, 20, 21)]
-    _assert_close_to_ref(y[clean], x[clean], fw, b, "gelu", f"{dtype} finite tokens")
+    assert_close_to_ref(y[clean], x[clean], fw, b, "gelu", f"{dtype} finite tokens")
     assert bool(finite[clean].all())
 
 
@@ -194,7 +181,7 @@ def test_nonfinite_flags_under_both_thread_splits(dtype):
                 assert torch.equal(torch.isnan(y), torch.isnan(ref)), f"{what}: NaN positions differ"
                 assert torch.equal(torch.isinf(y), torch.isinf(ref)), f"{what}: Inf positions differ"
                 clean = [t for t in range(150) if t not in (0, 77, 149)]
-                _assert_close_to_ref(y[clean], x[clean], fw, b, "gelu", what)
+                assert_close_to_ref(y[clean], x[clean], fw, b, "gelu", what)
     finally:
         torch.set_num_threads(threads)
 
@@ -262,7 +249,7 @@ def test_token_tiles_and_row_ranges(dtype):
             for tt in tiles:
                 y = torch.ops.sparsevit_C.fine_linear(x, fw.values, fw.col_indices, fw.seg_ptr, b, 530, 300,
                                                       fw.unit, 1, -1, tt)
-                _assert_close_to_ref(y, x, fw, b, "gelu", f"{dtype} token_tile={tt} threads={nth}")
+                assert_close_to_ref(y, x, fw, b, "gelu", f"{dtype} token_tile={tt} threads={nth}")
     finally:
         torch.set_num_threads(threads)
     for bad in (width + 1, 1024, -width):
