@@ -79,9 +79,16 @@ METHOD_OPTIONS = {
 }
 
 
+SWIN = "swin_tiny_patch4_window7_224"  # --arch swin: this constructor, sized by --swin-* below
+
+
 def build_model(args, num_classes: int):
     import timm
 
+    if getattr(args, "arch", "vit") == "swin":
+        return timm.create_model(SWIN, pretrained=False, img_size=args.img_size, patch_size=args.swin_patch,
+                                 window_size=args.swin_window, embed_dim=args.swin_dim, depths=tuple(args.swin_depths),
+                                 num_heads=tuple(args.swin_heads), num_classes=num_classes, drop_path_rate=0.0)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=args.img_size,
                              patch_size=args.patch_size, embed_dim=args.dim, depth=args.depth,
                              num_heads=args.heads, mlp_ratio=4.0, num_classes=num_classes,
@@ -106,6 +113,9 @@ def source_model(args, seed):
     disk (state dict only, loaded with ``weights_only=True``) for later runs of the same configuration."""
     keys = (args.task, args.img_size, args.patch_size, args.dim, args.depth, args.heads, args.batch_size, args.lr,
             args.pretrain_epochs, seed)
+    if getattr(args, "arch", "vit") != "vit":  # the ViT key (and its cached file name) stays as it was
+        keys += (args.arch, args.swin_patch, args.swin_window, args.swin_dim, "-".join(map(str, args.swin_depths)),
+                 "-".join(map(str, args.swin_heads)))
     path = os.path.join(args.cache, "source_" + "_".join(str(k) for k in keys) + ".pt") if args.cache else None
     classes = 10 if args.task == "mnist-digits" else 5
     if keys not in _SOURCES and path and os.path.exists(path):
@@ -355,7 +365,7 @@ def run_seed(args, seed):
     t0 = time.time()
     dense, tr, va, info = prepare(args, seed)
     ctx = dict(train=tr, val=va, calib=list(itertools.islice(tr, args.num_batches)))
-    rows = reference_rows(dense, ctx, args, seed)
+    rows = [dict(r, **_arch_tag(args)) for r in reference_rows(dense, ctx, args, seed)]
     log(f"seed {seed}: source {100 * info['src_acc']:.2f}, dense transfer {100 * rows[0]['acc']:.2f}, "
         f"+budget {100 * rows[1]['acc']:.2f} ({time.time() - t0:.0f}s)")
     runs = method_runs(args)
@@ -370,15 +380,28 @@ def run_seed(args, seed):
             except Exception as exc:  # e.g. a sparsity a method cannot reach: reported, not fatal
                 log(f"  {label}: FAILED ({type(exc).__name__}: {exc})")
                 rows.append(dict(method=run["method"], variant=run["variant"], criterion=run["criterion"] or "-",
-                                 target=sp, seed=seed, error=f"{type(exc).__name__}: {exc}"))
+                                 target=sp, seed=seed, error=f"{type(exc).__name__}: {exc}", **_arch_tag(args)))
                 continue
-            rows.append(dict(row, seconds=time.time() - t1))
+            rows.append(dict(row, seconds=time.time() - t1, **_arch_tag(args)))
             more = "".join(f", {k} {row[k]}" for k in ("art_epochs", "stopped", "topped_up", "depth") if k in row)
             log(f"  {label}: {100 * row['acc']:.2f} ({time.time() - t1:.0f}s{more})")
         if sp in STRUCTURED and args.torch_pruning and _has_torch_pruning():
             rows += torch_pruning_rows(dense, ctx, args, seed, sp)
-    info.update(seconds=time.time() - t0, dense_acc=rows[0]["acc"], **machine())
+    info.update(seconds=time.time() - t0, dense_acc=rows[0]["acc"], **machine(), **_arch_tag(args))
+    if args.arch != "vit":
+        info["model"] = arch_line(args)
     return rows, info
+
+
+def _arch_tag(args) -> dict:
+    """ViT rows carry no arch field (older JSON files stay valid); other architectures are tagged."""
+    return {} if getattr(args, "arch", "vit") == "vit" else dict(arch=args.arch)
+
+
+def arch_line(args) -> str:
+    return (f"timm `{SWIN}` constructor, img {args.img_size}, patch {args.swin_patch}, window {args.swin_window}, "
+            f"embed dim {args.swin_dim}, depths {tuple(args.swin_depths)}, heads {tuple(args.swin_heads)}; pre-trained "
+            f"{args.pretrain_epochs} epochs, transferred {args.transfer_epochs}, budget {args.finetune_epochs} epochs")
 
 
 def _has_torch_pruning() -> bool:
@@ -395,7 +418,9 @@ def log(msg: str) -> None:
 
 
 def family(r):
-    return (r["method"], r.get("variant", "-"), r["criterion"], r["target"])
+    """A row family: rows of one family (and seed) replace each other in --merge; the architecture is
+    part of it, so a Swin run never replaces the ViT rows."""
+    return (r["method"], r.get("variant", "-"), r["criterion"], r["target"], r.get("arch", "vit"))
 
 
 def aggregate(rows):
@@ -405,9 +430,9 @@ def aggregate(rows):
     for r in rows:
         groups.setdefault(family(r), []).append(r)
     out = []
-    for (m, v, c, t), rs in groups.items():
+    for (m, v, c, t, arch), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
-        a = dict(method=m, variant=v, criterion=c, target=t, n=len(ok), failed=len(rs) - len(ok),
+        a = dict(method=m, variant=v, criterion=c, target=t, arch=arch, n=len(ok), failed=len(rs) - len(ok),
                  error=next((r["error"] for r in rs if "error" in r), None))
         if ok:
             acc = [r["acc"] for r in ok]
@@ -433,13 +458,33 @@ def _speedup_of(a, latency):
     return f"{hit[0]['speedup']:.2f}x" if hit else ""
 
 
+def _base(agg):
+    """The ViT rows (the checks, the plot and the header are about them); all rows of a run without any."""
+    vit = [a for a in agg if a.get("arch", "vit") == "vit"]
+    return vit or list(agg)
+
+
+def _shown(a) -> str:
+    arch = a.get("arch", "vit")
+    return a["method"] if arch == "vit" else f"{a['method']} ({'Swin' if arch == 'swin' else arch})"
+
+
 def table(agg, infos, args, commands, latency=(), seeds=()) -> str:
-    ref = next(a["acc"] for a in agg if a["method"] == "dense + same budget")
-    i0 = infos[0]
+    refs = {a.get("arch", "vit"): a["acc"] for a in reversed(agg) if a["method"] == "dense + same budget" and a["n"]}
+    vit_infos = [i for i in infos if i.get("arch", "vit") == "vit"] or infos
+    i0, extra = vit_infos[0], []
     zero = "" if i0.get("zero_shot") is None else f", zero-shot on digits {100 * i0['zero_shot']:.2f}"
     if "date" not in i0:  # runs from before the device line existed: read it now, and say so
         i0 = {**i0, **machine(), "threads": args.threads or "default", "date": f"(device read when the table was written, {time.strftime('%Y-%m-%d')})"}
     dev = "; ".join(f"{i['date']}, load {i['load']}" for i in [i0] + infos[1:] if "date" in i)
+    others = [i for i in infos if i.get("arch", "vit") != "vit"]
+    for arch in sorted({i["arch"] for i in others}):
+        mine = [i for i in others if i["arch"] == arch]
+        zs = "" if mine[0].get("zero_shot") is None else f", zero-shot on digits {100 * mine[0]['zero_shot']:.2f}"
+        extra.append(f"Rows marked ({'Swin' if arch == 'swin' else arch}): {mine[0]['model']} (source val top-1 "
+                     f"{100 * mine[0]['src_acc']:.2f}{zs}); same data, budgets and evaluation as the ViT rows; "
+                     f"{len(mine)} seed(s), {sum(i.get('seconds', 0) for i in mine):.0f} s; their % column is of "
+                     f"their own dense + same budget row.")
     lines = [f"Device: {i0.get('cpu', '?')} ({i0.get('cores', '?')} cores shared with other jobs), no GPU; torch "
              f"{i0.get('torch', '?')}, timm {i0.get('timm', '?')}; {i0.get('threads', '?')} thread(s) per process; "
              f"runs (date, load average at the end of each seed): {dev}.  ",
@@ -450,10 +495,10 @@ def table(agg, infos, args, commands, latency=(), seeds=()) -> str:
              f"(source val top-1 {100 * i0['src_acc']:.2f}{zero}), transferred {args.transfer_epochs} epochs on "
              f"{i0['labelled']} labelled target images; held-out {i0['held_out']} images. Every pruned row: "
              f"{args.finetune_epochs} epochs of budget (AdamW lr {args.ft_lr}, cosine), evaluated after "
-             f"`sparsevit.accelerate`. Seeds {', '.join(map(str, seeds))} ({sum(i.get('seconds', 0) for i in infos):.0f} s "
+             f"`sparsevit.accelerate`. Seeds {', '.join(map(str, seeds))} ({sum(i.get('seconds', 0) for i in vit_infos):.0f} s "
              f"of runs, summed over the processes; "
              f"one source model unless --source-per-seed: seeds vary the labelled split, transfer, pruning and "
-             f"fine-tune).",
+             f"fine-tune)." + "".join("  \n" + e for e in extra),
              "", NOTES.format(warm=ART["warmup"], ft=ART["finetune_epochs"], alpha0=ART["alpha0"], growth=ART["growth"]),
              "| method | variant | criterion | target | prunable removed | params | MACs (M) | top-1 one-shot | "
              "top-1 final (mean ± std) | vs dense + same budget | DeiT-S speed-up |",
@@ -461,14 +506,15 @@ def table(agg, infos, args, commands, latency=(), seeds=()) -> str:
     for a in agg:
         tgt = "-" if a["target"] is None else f"{100 * a['target']:.0f}%"
         if not a["n"]:
-            lines.append(f"| {a['method']} | {a['variant']} | {a['criterion']} | {tgt} | failed: {a['error']} "
+            lines.append(f"| {_shown(a)} | {a['variant']} | {a['criterion']} | {tgt} | failed: {a['error']} "
                          "| | | | | | |")
             continue
         fail = f" ({a['failed']} seed(s) failed)" if a["failed"] else ""
-        lines.append(f"| {a['method']} | {a['variant']} | {a['criterion']} | {tgt} | {100 * a['sparsity']:.1f}% | "
+        ref = refs.get(a.get("arch", "vit"), float("nan"))
+        lines.append(f"| {_shown(a)} | {a['variant']} | {a['criterion']} | {tgt} | {100 * a['sparsity']:.1f}% | "
                      f"{a['params']:,.0f} | {a['macs'] / 1e6:.2f} | {_pct(a['oneshot'])} | "
                      f"{_pct(a['acc'])} ± {_pct(a['acc_std'])}{fail} | {100 * a['acc'] / ref:.1f}% | "
-                     f"{_speedup_of(a, latency)} |")
+                     f"{_speedup_of(a, latency) if a.get('arch', 'vit') == 'vit' else ''} |")
     return "\n".join(lines)
 
 
@@ -482,6 +528,7 @@ def _find(agg, method, target, variant=None, criterion=None):
 
 def checks(agg) -> str:
     """The issues' acceptance comparisons, computed from the table (mean ± sample std over seeds)."""
+    agg = _base(agg)
     ref = next(a for a in agg if a["method"] == "dense + same budget")
     out = []
     for sp in STRUCTURED:
@@ -510,7 +557,9 @@ def checks(agg) -> str:
 
 def plot(agg, path: str) -> None:
     """Accuracy vs parameters kept, one series per row family, the Pareto front of all pruned rows
-    dashed; structured and mask methods in two panels (removed parameters vs zeroed weights)."""
+    dashed; structured and mask methods in two panels (removed parameters vs zeroed weights). ViT rows
+    only: the Swin rows are another model, with another parameter count and dense reference."""
+    agg = _base(agg)
     try:
         from plots import _pyplot
         plt = _pyplot()
@@ -609,6 +658,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=sorted(SECTIONS), default="mnist-digits")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets")
+    p.add_argument("--arch", choices=["vit", "swin"], default="vit", help="vit: the --patch-size/--dim/--depth/"
+                   "--heads ViT; swin: a small Swin sized by the --swin-* options (rows marked (Swin))")
+    p.add_argument("--swin-patch", type=int, default=4)
+    p.add_argument("--swin-window", type=int, default=4)
+    p.add_argument("--swin-dim", type=int, default=48)
+    p.add_argument("--swin-depths", type=int, nargs="+", default=[2, 2])
+    p.add_argument("--swin-heads", type=int, nargs="+", default=[2, 4])
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
@@ -662,7 +718,8 @@ def merged(rows, infos, path):
         old = json.load(f)
     mine = {(family(r), r["seed"]) for r in rows}
     keep = [r for r in old["rows"] if (family(r), r["seed"]) not in mine]
-    return keep + rows, old["info"] + infos, old.get("latency", []), old.get("commands", [old.get("command", "")])
+    return (keep + rows, old["info"] + infos, old.get("latency", []), old.get("commands", [old.get("command", "")]),
+            old["args"])
 
 
 def main(argv=None):
@@ -684,8 +741,11 @@ def main(argv=None):
             rows += r
             infos.append(info)
     if args.merge:
-        rows, infos, old_latency, old_commands = merged(rows, infos, args.merge)
+        rows, infos, old_latency, old_commands, old_args = merged(rows, infos, args.merge)
         latency, commands = latency or old_latency, old_commands + commands
+        if getattr(args, "arch", "vit") != old_args.get("arch", "vit"):  # header and --render follow the ViT run's
+            keep = ("plot", "json", "write_results", "latency", "latency_only", "latency_from", "merge", "render")
+            args = argparse.Namespace(**{**old_args, **{k: getattr(args, k) for k in keep}})
     if args.latency or args.latency_only:
         latency = pattern_latency(args)
     elif args.latency_from:
