@@ -24,7 +24,8 @@ import torch
 from sparsevit.formats import format_string
 from sparsevit.formats.bsr import BlockSparseWeight
 from sparsevit.ops._autocast import register_autocast
-from sparsevit.ops.linear_kernels import ACTIVATIONS, KernelInput, Reference, apply_activation, resolve
+from sparsevit.ops.linear_kernels import (ACTIVATIONS, KernelInput, Reference, apply_activation,  # noqa: F401
+                                          check_linear_inputs, resolve)
 
 __all__ = ["bsr_linear", "reference_bsr_linear", "apply_activation", "ACTIVATIONS"]
 
@@ -69,32 +70,6 @@ def _(x, values, col_indices, crow_indices, packed, out_features, in_features, b
 register_autocast("sparsevit::bsr_linear", "lower")
 
 
-def _check_inputs(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tensor],
-                  activation: Optional[str]) -> str:
-    if not isinstance(w, BlockSparseWeight):
-        raise TypeError(f"w must be a sparsevit.formats.BlockSparseWeight, got {type(w).__name__}; "
-                        f"build one with BlockSparseWeight.from_dense(linear.weight, block=(32, 32))")
-    if activation not in ACTIVATIONS and activation != "none":
-        raise ValueError(f"activation must be one of None, 'gelu', 'gelu_tanh'; got {activation!r}")
-    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features (shape {tuple(x.shape)}) but the "
-                         f"weight expects in_features={w.shape[1]} (weight shape {w.shape})")
-    if x.device != w.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one of them, "
-                         f"e.g. w = w.to(device=x.device)")
-    autocasting = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
-    if x.dtype != w.dtype and not autocasting:
-        raise TypeError(f"x is {x.dtype} but the weight is {w.dtype}; cast one of them, e.g. "
-                        f"w = w.to(dtype=x.dtype) (re-packs) or x.to({w.dtype})")
-    if bias is not None:
-        if bias.shape != (w.shape[0],):
-            raise ValueError(f"bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
-        if bias.device != x.device or (bias.dtype != x.dtype and not autocasting):
-            raise TypeError(f"bias is {bias.dtype} on {bias.device}, x is {x.dtype} on {x.device}; "
-                            f"use bias.to(x)")
-    return "none" if activation is None else activation
-
-
 def bsr_linear(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tensor] = None,
                activation: Optional[str] = None, kernel: str = "auto") -> torch.Tensor:
     """``act(x @ W^T + bias)`` with a block-sparse weight, fused in one kernel where available.
@@ -112,7 +87,8 @@ def bsr_linear(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tenso
         ``[..., out_features]``; equals ``act(F.linear(x, w.to_dense(), bias))`` up to rounding,
         NaN/Inf in ``x`` included.
     """
-    act = _check_inputs(x, w, bias, activation)
+    act = check_linear_inputs(x, w, bias, activation, BlockSparseWeight,
+                              "BlockSparseWeight.from_dense(linear.weight, block=(32, 32))")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, w.shape[1])
     if x2d.stride(-1) != 1:

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from sparsevit import _ext
 from sparsevit.formats.fine import FineSparseWeight, unit_width
 from sparsevit.ops.bsr import apply_activation
+from sparsevit.ops.linear_kernels import ACT_CODE, ACTIVATIONS, check_linear_inputs  # noqa: F401
 
 __all__ = ["fine_linear", "reference_fine_linear", "not_supported_reasons", "cpp_kernel_name", "ACTIVATIONS"]
 
-ACTIVATIONS = (None, "gelu", "gelu_tanh")
-_ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -85,7 +84,7 @@ def _kernel_takes(x, values) -> bool:
 def _fine_linear_cpu(x, values, col_indices, row_ptr, seg_ptr, out_features, in_features, bias, activation):
     if _cpp_ready() and _kernel_takes(x, values):
         return torch.ops.sparsevit_C.fine_linear(x, values, col_indices, seg_ptr, bias, out_features,
-                                                 in_features, values.shape[1], _ACT_CODE[activation], -1)
+                                                 in_features, values.shape[1], ACT_CODE[activation], -1)
     return _reference(x, values, col_indices, row_ptr, out_features, in_features, bias, activation)
 
 
@@ -121,28 +120,6 @@ def not_supported_reasons(x: torch.Tensor, w: FineSparseWeight) -> List[str]:
     return reasons
 
 
-def _check_inputs(x, w, bias, activation) -> str:
-    if not isinstance(w, FineSparseWeight):
-        raise TypeError(f"w must be a sparsevit.formats.fine.FineSparseWeight, got {type(w).__name__}; "
-                        f"build one with FineSparseWeight.from_dense(linear.weight, mask, tile=1)")
-    if activation not in ACTIVATIONS and activation != "none":
-        raise ValueError(f"activation must be one of None, 'gelu', 'gelu_tanh'; got {activation!r}")
-    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features (shape {tuple(x.shape)}) but the "
-                         f"weight expects in_features={w.shape[1]}")
-    if x.device != w.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one of them")
-    if x.dtype != w.dtype:
-        raise TypeError(f"x is {x.dtype} but the weight is {w.dtype}; cast one of them, e.g. "
-                        f"w = w.to(dtype=x.dtype) (re-packs)")
-    if bias is not None:
-        if bias.shape != (w.shape[0],):
-            raise ValueError(f"bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
-        if bias.device != x.device or bias.dtype != x.dtype:
-            raise TypeError(f"bias is {bias.dtype} on {bias.device}, x is {x.dtype} on {x.device}; use bias.to(x)")
-    return "none" if activation is None else activation
-
-
 def fine_linear(x: torch.Tensor, w: FineSparseWeight, bias: Optional[torch.Tensor] = None,
                 activation: Optional[str] = None) -> torch.Tensor:
     """``act(x @ W^T + bias)`` with a fine-grained sparse weight, fused in one kernel where available.
@@ -159,7 +136,8 @@ def fine_linear(x: torch.Tensor, w: FineSparseWeight, bias: Optional[torch.Tenso
         ``[..., out_features]`` in ``x.dtype``; equals ``act(F.linear(x, w.to_dense(), bias))`` up to
         rounding, NaN/Inf in ``x`` included (they propagate exactly as through the dense product).
     """
-    act = _check_inputs(x, w, bias, activation)
+    act = check_linear_inputs(x, w, bias, activation, FineSparseWeight,
+                              "FineSparseWeight.from_dense(linear.weight, mask, tile=1)")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, w.shape[1])
     if x2d.stride(-1) != 1:

@@ -28,7 +28,7 @@ from sparsevit.errors import KernelError
 from sparsevit.formats import bsr_to_dense, pack_values, packed_block_rows, parse_format
 
 __all__ = ["ACT_CODE", "KernelInput", "LinearKernel", "register", "registry", "get_kernel", "walk", "resolve",
-           "apply_activation", "ACTIVATIONS", "standard_ops_wanted"]
+           "apply_activation", "ACTIVATIONS", "check_linear_inputs", "standard_ops_wanted"]
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # the compiled kernels' `act` argument
@@ -42,6 +42,38 @@ def standard_ops_wanted() -> bool:
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
+def check_linear_inputs(x: torch.Tensor, w, bias: Optional[torch.Tensor], activation: Optional[str],
+                        weight_cls: type, how_to_build: str) -> str:
+    """The public sparse-linear wrappers' argument checks (one place for every weight format).
+
+    ``w`` must be a ``weight_cls`` (``how_to_build`` tells the user how to make one); shapes, devices
+    and dtypes must agree, except that under ``torch.autocast`` the op itself casts. Returns the
+    activation name the ops take (``"none"`` for None).
+    """
+    if not isinstance(w, weight_cls):
+        raise TypeError(f"w must be a sparsevit {weight_cls.__name__}, got {type(w).__name__}; "
+                        f"build one with {how_to_build}")
+    if activation not in ACTIVATIONS and activation != "none":
+        raise ValueError(f"activation must be one of None, 'gelu', 'gelu_tanh'; got {activation!r}")
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features (shape {tuple(x.shape)}) but the "
+                         f"weight expects in_features={w.shape[1]} (weight shape {tuple(w.shape)})")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one of them, "
+                         f"e.g. w = w.to(device=x.device)")
+    autocasting = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+    if x.dtype != w.dtype and not autocasting:
+        raise TypeError(f"x is {x.dtype} but the weight is {w.dtype}; cast one of them, e.g. "
+                        f"w = w.to(dtype=x.dtype) (re-packs) or x.to({w.dtype})")
+    if bias is not None:
+        if bias.shape != (w.shape[0],):
+            raise ValueError(f"bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
+        if bias.device != x.device or (bias.dtype != x.dtype and not autocasting):
+            raise TypeError(f"bias is {bias.dtype} on {bias.device}, x is {x.dtype} on {x.device}; "
+                            f"use bias.to(x)")
+    return "none" if activation is None else activation
 
 
 def apply_activation(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
