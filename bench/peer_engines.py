@@ -9,7 +9,9 @@ reports about itself (version, compile time, the precision it really ran, chosen
 
 Every engine sees the same weights and masks: torch engines run the masked dense model, ONNX
 engines an ONNX export of it (TorchScript exporter, one file per opset, cached in ``ctx``), and
-sparsevit ``accelerate(model, plan)``, which computes the same function.
+sparsevit ``accelerate(model, plan)``, which computes the same function. ``openvino-sliced`` runs
+OpenVINO on the model *after* sparsevit's structural slicing (heads, MLP channels removed; masks
+left as zeros): what a user who prunes with sparsevit but serves with OpenVINO would run.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class PlanContext:
     tag: str                    # plan name, used in file names
     _onnx: Dict[int, str] = field(default_factory=dict)
     _input_npy: Optional[str] = None
+    _sliced_onnx: Optional[str] = None
 
     @property
     def batch(self) -> int:
@@ -61,6 +64,21 @@ class PlanContext:
                                   input_names=["x"], output_names=["logits"], do_constant_folding=True)
             self._onnx[opset] = path
         return self._onnx[opset]
+
+    def sliced_onnx_path(self) -> str:
+        """ONNX of the structurally sliced model: ``accelerate(backend="dense")`` then
+        ``sparsevit.export(format="onnx", densify=True)`` (opset 18)."""
+        if self._sliced_onnx is None:
+            import sparsevit
+
+            path = os.path.join(self.workdir, f"{self.tag}.sliced.onnx")
+            sliced = sparsevit.accelerate(self.model, self.plan, backend="dense", batch_hint=self.batch,
+                                          verify=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sparsevit.export(sliced, self.x, path, format="onnx", densify=True)
+            self._sliced_onnx = path
+        return self._sliced_onnx
 
     def input_npy(self) -> str:
         if self._input_npy is None:
@@ -175,6 +193,7 @@ class OpenVino(Engine):
     """OpenVINO CPU plugin on the ONNX export. Its default precision on CPUs with AVX512_BF16 is bf16,
     so the precision is always set explicitly; ``info`` records what the compiled model reports."""
     name, dtypes, modules = "openvino", ("f32", "bf16"), ("onnx", "openvino")
+    sliced = False
 
     def prepare(self, ctx):
         import openvino as ov
@@ -183,7 +202,8 @@ class OpenVino(Engine):
         config = {"INFERENCE_NUM_THREADS": ctx.threads, "INFERENCE_PRECISION_HINT": self.dtype,
                   "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         t0 = time.perf_counter()
-        compiled = core.compile_model(core.read_model(ctx.onnx_path(ONNX_OPSET)), "CPU", config)
+        onnx = ctx.sliced_onnx_path() if self.sliced else ctx.onnx_path(ONNX_OPSET)
+        compiled = core.compile_model(core.read_model(onnx), "CPU", config)
         request = compiled.create_infer_request()
         x = ctx.x.numpy()
 
@@ -193,8 +213,14 @@ class OpenVino(Engine):
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         ran = hint.to_string() if hasattr(hint, "to_string") else str(hint)
         return Prepared(_timed(forward), lambda: _as_f32(forward().copy()),
-                        {"openvino": ov.__version__, "opset": ONNX_OPSET, "precision": ran,
+                        {"openvino": ov.__version__, "opset": 18 if self.sliced else ONNX_OPSET, "precision": ran,
                          "load_s": round(time.perf_counter() - t0, 2)})
+
+
+class OpenVinoSliced(OpenVino):
+    """OpenVINO on the structurally sliced model (see the module docstring)."""
+    name, sliced = "openvino-sliced", True
+    modules = ("onnx", "onnxscript", "openvino")
 
 
 class DeepSparse(Engine):
@@ -277,7 +303,8 @@ def kernel_counts(fast: nn.Module) -> Dict[str, int]:
     return dict(collections.Counter(getattr(d, "kernel", "?") for d in report))
 
 
-ENGINE_TYPES = {cls.name: cls for cls in (TorchEager, TorchCompile, OnnxRuntime, OpenVino, DeepSparse, Sparsevit)}
+ENGINE_TYPES = {cls.name: cls for cls in (TorchEager, TorchCompile, OnnxRuntime, OpenVino, OpenVinoSliced,
+                                           DeepSparse, Sparsevit)}
 
 
 def make_engines(names: List[str], dtypes: List[str], deepsparse_python: Optional[str] = None,

@@ -2,7 +2,8 @@
 
 For each plan (rows) every engine (columns) runs the same model with the same random weights and
 masks on the same input: timm in PyTorch eager, torch.compile (Inductor, freezing), ONNX Runtime and
-OpenVINO on an ONNX export of the masked dense model, DeepSparse (in its own venv, when
+OpenVINO on an ONNX export of the masked dense model, OpenVINO on sparsevit's structurally sliced
+model (``openvino-sliced``: the bar for sparsevit's dense layers), DeepSparse (in its own venv, when
 ``--deepsparse-python`` is given) on an opset-14 export of it, and ``sparsevit.accelerate``.
 Engines are timed in interleaved rounds (A, B, C, ..., then again) with a short sleep between two
 timed calls (idle ORT / OpenMP threads keep spinning for a while after a call and would steal the

@@ -47,7 +47,8 @@ def test_tiles_on_kept_are_whole_tiles_after_slicing():
 
 def test_harness_runs_and_outputs_agree(tmp_path):
     ds_python = os.environ.get("SPARSEVIT_DEEPSPARSE_PYTHON")
-    engines = ["torch-eager", "onnxruntime", "openvino", "sparsevit"] + (["deepsparse"] if ds_python else [])
+    engines = ["torch-eager", "onnxruntime", "openvino", "openvino-sliced", "sparsevit"] + \
+        (["deepsparse"] if ds_python else [])
     argv = TINY + ["--batch", "3", "--rounds", "1", "--warmup", "0", "--gap", "0", "--dtype", "f32",
                    "--plans", "dense", "heads_mlp50+blocks70", "--engines", *engines, "--out", str(tmp_path)]
     if ds_python:
@@ -55,7 +56,8 @@ def test_harness_runs_and_outputs_agree(tmp_path):
     result = peers.main(argv)
     rows = {(r["plan"], r["engine"]): r for r in result["rows"]}
     expected = {"torch-eager": True, "sparsevit": True, "deepsparse": bool(ds_python),
-                "onnxruntime": _installed("onnx", "onnxruntime"), "openvino": _installed("onnx", "openvino")}
+                "onnxruntime": _installed("onnx", "onnxruntime"), "openvino": _installed("onnx", "openvino"),
+                "openvino-sliced": _installed("onnx", "onnxscript", "openvino")}
     for plan in ("dense", "heads_mlp50+blocks70"):
         for engine in engines:
             row = rows[(plan, engine)]

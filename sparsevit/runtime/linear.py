@@ -43,7 +43,7 @@ from sparsevit.runtime.report import LayerDecision, Report
 
 __all__ = ["SparseLinear", "DenseLinear", "LayerSpec", "choose_linear", "best_dense", "LinearFactory",
            "BLOCK_CANDIDATES",
-           "BACKENDS", "block_density", "median_ms"]
+           "BACKENDS", "block_density", "median_ms", "interleaved_median_ms"]
 
 # Tile shapes the chooser tries after the plan's own (kernels filter by the sides they take).
 BLOCK_CANDIDATES: Tuple[Tuple[int, int], ...] = ((32, 32), (64, 64), (16, 16), (32, 64), (64, 32), (1, 8))
@@ -350,24 +350,35 @@ def _is_nm(keep: Tensor, n: int, m: int) -> bool:
 def median_ms(fn, device: Union[str, torch.device] = "cpu", reps: int = 3, warmup: int = 1) -> float:
     """Median milliseconds of ``fn()`` after ``warmup`` calls: CUDA events on CUDA (the stream's own
     time), ``perf_counter`` elsewhere. The one timer of the package (bench/ uses it too)."""
-    for _ in range(max(warmup, 1)):
-        fn()  # also first-touch of outputs / workspaces, autotuning
-    times = []
-    if torch.device(device).type == "cuda":
+    return interleaved_median_ms({0: fn}, device, reps, warmup)[0]
+
+
+def interleaved_median_ms(fns: Dict, device: Union[str, torch.device] = "cpu", reps: int = 5,
+                          warmup: int = 1) -> Dict:
+    """{key: median ms} of several functions timed in rounds, one call of each per round, so a
+    frequency change or a burst of load on a shared machine hits every candidate alike (timing them
+    one after another let the first layer's first candidate look 2x slower than it is)."""
+    for fn in fns.values():
+        for _ in range(max(warmup, 1)):
+            fn()  # also first-touch of outputs / workspaces, autotuning
+    times: Dict = {key: [] for key in fns}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[key].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def _candidate_formats(spec: LayerSpec, go_dense_rule: bool) -> Tuple[List[Tuple[str, float]], List[str]]:
@@ -492,12 +503,17 @@ def _time_candidates(spec: LayerSpec, lin: nn.Linear, cands, dense_options):
     x = torch.randn(spec.tokens, in_f, device=spec.device, dtype=spec.dtype)
     ref_mod = DenseLinear.from_dense(lin, spec.mask, spec.activation)
     threads = torch.get_num_threads()
-    timed, dropped = {}, []
+    # Dense options run on the masked weight, and sparsevit_bsr_full skips its all-zero blocks: the
+    # mask's density belongs in the cache key, or a time measured on a full weight is reused for a
+    # sparse one of the same shape (and the other way round).
+    mask_density = 1.0 if spec.mask is None else round(float(spec.mask.float().mean()), 2)
+    dropped = []
     with torch.inference_mode():
         ref = ref_mod(x).float()
         scale = max(ref.abs().max().item(), 1e-6)
         entries = [(key, None, "dense", 1.0, mod) for key, mod in dense_options] + \
                   [(f"{k.name} {fmt}", k, fmt, d, None) for k, fmt, d in cands]
+        correct = {}  # key -> (cache key, module)
         for key, k, fmt, d, mod in entries:
             try:
                 mod = mod if mod is not None else _build(spec, k, fmt, lin)
@@ -505,13 +521,14 @@ def _time_candidates(spec: LayerSpec, lin: nn.Linear, cands, dense_options):
                 if not err < 5e-2:
                     dropped.append(f"{key}: rejected, relative error {err:.2e} vs dense")
                     continue
-                cache_key = (key, out_f, in_f, spec.dtype, spec.device.type, spec.activation, spec.bias is None,
-                             spec.tokens, threads, round(d, 2))
-                if cache_key not in _TIMING_CACHE:
-                    _TIMING_CACHE[cache_key] = median_ms(lambda: mod(x), spec.device)
-                timed[key] = (_TIMING_CACHE[cache_key], mod)
+                correct[key] = ((key, out_f, in_f, spec.dtype, spec.device.type, spec.activation,
+                                 spec.bias is None, spec.tokens, threads, round(d, 2), mask_density), mod)
             except Exception as exc:  # noqa: BLE001 - compile errors, resource limits: say so, go on
                 dropped.append(f"{key}: failed ({type(exc).__name__}: {exc})")
+        untimed = {ck: (lambda m=mod: m(x)) for ck, mod in correct.values() if ck not in _TIMING_CACHE}
+        if untimed:
+            _TIMING_CACHE.update(interleaved_median_ms(untimed, spec.device))
+        timed = {key: (_TIMING_CACHE[ck], mod) for key, (ck, mod) in correct.items()}
     return timed, dropped
 
 
