@@ -316,3 +316,42 @@ def test_linear_factory_formats_rebuild_without_timing():
     x = torch.randn(4, 40)
     torch.testing.assert_close(fc1(x), F.gelu(F.linear(x, w * mask, b)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fc2(x), F.linear(x, w * mask, b), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_cpu_calls_skip_the_op_but_compute_the_same():
+    """Eager CPU inference calls the C++ BSR kernel directly; a forced kernel, a tracked gradient or a
+    dispatch mode still goes through the op, and all give the same numbers as the op."""
+    if not _ext.has_op("bsr_linear"):
+        pytest.skip("extension not built")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(70, 45)
+    mask = torch.rand(45, 70) > 0.5
+    layer = SparseLinear.from_dense(lin, mask, block=(16, 16), activation="gelu")
+    x = torch.randn(3, 5, 70)
+    with torch.inference_mode():
+        direct = layer(x)
+        via_op = bsr_linear(x, layer.weight, layer.bias, "gelu")
+    assert layer._cpp_direct is True
+    torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+    ref = F.gelu(F.linear(x.double(), (lin.weight * BlockSparseWeight.from_dense(lin.weight, (16, 16), mask)
+                                       .to_dense().ne(0)).double(), lin.bias.double()))
+    assert rel_err(direct, ref) < 1e-5
+    with torch.inference_mode(), Seen() as seen:  # under a dispatch mode the op must be what runs
+        torch.testing.assert_close(layer(x), direct, rtol=0, atol=0)
+    assert any(op.startswith("sparsevit.bsr_linear") for op in seen.ops), seen.ops
+    layer.kernel = "reference"
+    assert layer._cpp_direct is None
+    with torch.inference_mode():
+        assert rel_err(layer(x), ref) < 1e-5
+    assert layer._cpp_direct is False

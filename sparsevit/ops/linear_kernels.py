@@ -44,6 +44,16 @@ def standard_ops_wanted() -> bool:
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
+def eager_cpu_call_ok(x: torch.Tensor, like: torch.Tensor) -> bool:
+    """True when a layer may call its C++ CPU kernel directly instead of through its custom op: a
+    plain CPU tensor of the layer's dtype, in eager inference (no tracing, dispatch mode, autocast or
+    autograd). The custom op's Python dispatch, argument checks and kernel lookup cost ~20 us a call,
+    1-2 ms of a batch-1 ViT forward; whatever this refuses takes the op, which checks everything."""
+    return (type(x) is torch.Tensor and x.dtype == like.dtype and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.is_autocast_enabled("cpu")
+            and not standard_ops_wanted())
+
+
 def check_linear_inputs(x: torch.Tensor, w, bias: Optional[torch.Tensor], activation: Optional[str],
                         weight_cls: type, how_to_build: str) -> str:
     """The public sparse-linear wrappers' argument checks (one place for every weight format).
@@ -254,6 +264,18 @@ class CppBSR(LinearKernel):
             packed = pack_values(values.to(x.dtype))
         return torch.ops.sparsevit_C.bsr_linear(x, packed, col_indices, crow_indices, bias, out_features,
                                                 in_features, bh, bw, ACT_CODE[act], -1)
+
+    @classmethod
+    def linear(cls, x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias,
+               activation):
+        """``act(x @ W^T + b)`` for ``x`` of any leading shape, straight to the C++ kernel (no custom
+        op around it: see :func:`eager_cpu_call_ok`); the arguments are a BlockSparseWeight's pieces."""
+        x2d = x.reshape(-1, in_features)
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        y = cls.run_bsr(x2d, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias,
+                        "none" if activation is None else activation)
+        return y.reshape(*x.shape[:-1], out_features)
 
 
 @register

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from sparsevit.errors import KernelError
 from sparsevit.formats import BlockSparseWeight
 from sparsevit.ops.bsr import bsr_linear
-from sparsevit.ops.linear_kernels import ACTIVATIONS, apply_activation, standard_ops_wanted
+from sparsevit.ops.linear_kernels import ACTIVATIONS, CppBSR, apply_activation, eager_cpu_call_ok, standard_ops_wanted
 
 __all__ = ["DenseLinear"]
 
@@ -106,6 +106,10 @@ class DenseLinear(nn.Linear):
                                                    attr, [], algorithm)
             return y.reshape(*x.shape[:-1], self.out_features)
         if fast and self.kernel == "sparsevit_bsr_full" and x.dtype == self.weight.dtype:
+            if eager_cpu_call_ok(x, self.weight):
+                w = self._derived
+                return CppBSR.linear(x, w.values, w.col_indices, w.crow_indices, w.packed, self.out_features,
+                                     self.in_features, *w.block, self.bias, self.activation)
             return bsr_linear(x, self._derived, self.bias, self.activation)
         y = F.linear(x, self.weight, self.bias)
         if self.activation is not None and not torch.is_grad_enabled():

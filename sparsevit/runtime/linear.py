@@ -36,7 +36,8 @@ from sparsevit.formats import (FINE_TILES, BlockSparseWeight, FineSparseWeight, 
                                pack_values, parse_format, tiles)
 from sparsevit.formats.fine import chunk_columns, unit_width
 from sparsevit.ops.bsr import bsr_linear
-from sparsevit.ops.linear_kernels import KernelInput, get_kernel, registry, walk
+from sparsevit.ops.linear_kernels import (CppBSR, KernelInput, eager_cpu_call_ok, get_kernel, registry, resolve,
+                                          walk)
 from sparsevit.ops.nm import nm_linear
 from sparsevit.runtime.dense_linear import DenseLinear, _check_activation
 from sparsevit.runtime.report import LayerDecision, Report
@@ -98,6 +99,15 @@ class SparseLinear(nn.Module):
         self._meta = (tuple(weight.shape), _format_params(weight))
         self.activation = activation
         self.kernel = kernel
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        self._kernel = name
+        self._cpp_direct = None  # forward decides again whether to call the C++ kernel directly
 
     def _set_fine(self, weight: FineSparseWeight) -> None:
         """(Re)sets the fine-grained buffers from a validated weight."""
@@ -175,6 +185,13 @@ class SparseLinear(nn.Module):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
+        direct = self._cpp_direct
+        if direct is None:  # decided once per kernel / device / dtype: what the op would pick anyway
+            direct = self._cpp_direct = self.kind == "bsr" and resolve(self._kernel_input(), self.kernel) is CppBSR
+        if direct and eager_cpu_call_ok(x, self.values) and x.shape[-1] == self.in_features:
+            (out_f, in_f), (bh, bw) = self._meta
+            return CppBSR.linear(x, self.values, self.col_indices, self.crow_indices, self.packed,
+                                 out_f, in_f, bh, bw, self.bias, self.activation)
         if self.is_nm:
             return nm_linear(x, self.weight, self.bias, self.activation, self.kernel)
         if self.is_fine:
@@ -206,20 +223,22 @@ class SparseLinear(nn.Module):
 
     def __setstate__(self, state):
         # unpickled elsewhere (another machine, a build without the kernel it was built with)
+        if "kernel" in state:  # pickled before ``kernel`` became a property
+            state["_kernel"] = state.pop("kernel")
         super().__setstate__(state)
         self._keep_kernel_if_runnable()
 
     def _keep_kernel_if_runnable(self):
         """The kernel picked at build time was the choice for that device and dtype: where it cannot
         run (or is not registered here), the op chooses again."""
-        if self.kernel == "auto":
-            return
-        try:
-            cannot = get_kernel(self.kernel).not_supported_reasons(self._kernel_input())
-        except KernelError:
-            cannot = True
-        if cannot:
-            self.kernel = "auto"
+        if self.kernel != "auto":
+            try:
+                cannot = get_kernel(self.kernel).not_supported_reasons(self._kernel_input())
+            except KernelError:
+                cannot = True
+            if cannot:
+                self.kernel = "auto"
+        self._cpp_direct = None
 
     def _kernel_input(self) -> KernelInput:
         dev = self.values.device
