@@ -11,7 +11,16 @@
 // alternate between units, which gives 2*TV independent FMA chains (enough to cover FMA latency).
 // Measured and dropped (bench/cpu_kernels.py, DeiT-S shapes): groups of 4 rows stepping through
 // their units together (one loop exit per group; 2-34% slower, its zero padding costs more than
-// the exits), 4 accumulator sets per row (no change).
+// the exits), 4 accumulator sets per row (no change); token tiles of 64/96/112 and chunks of
+// 64/96/384/all columns (within +-5% of 128x128, which stays), writing each 16 finished rows of
+// the last chunk to y at once instead of one store pass per row range (no change), software
+// prefetch of the next units' activations (5-20% slower in a micro-benchmark: the loop is bound
+// by L1/L2 bandwidth, not latency).
+// Where the time goes (1 thread, fp32 384->1152, 1576 tokens, 90%): the unit loop itself runs at
+// ~65-75% of peak when its activations sit in L1 (micro-benchmark), but about a third of the call
+// is fixed cost that sparsity does not shrink (pack of x, the row x chunk loop, transposing store
+// of y: bench/cpu_kernels.py's `fixed ms`), and each row x chunk visit costs an accumulator
+// reload/store and one unpredictable loop exit.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
 #include <stdint.h>
