@@ -10,7 +10,9 @@ kernels have nothing to skip. Schema (the canonical fields plus the kernel's seg
   device without a kernel and on CPU when the compiled extension or the ISA is missing;
 * CPU: ``torch.ops.sparsevit_C.fine_linear`` (csrc/cpu/sparse_fine*.cpp: tokens in the vector lanes,
   AVX-512 / AVX512_BF16 / AVX2 chosen at run time, fused bias + GELU, OpenMP over token tiles x rows);
-* a fake (meta) implementation so it traces under ``torch.compile``; CPU autocast runs it in bf16.
+* a fake (meta) implementation so it traces under ``torch.compile``; CPU autocast runs it in bf16;
+* eager CPU inference (no grad, autocast, trace or dispatch mode) calls the compiled kernel directly
+  from :func:`fine_linear`, skipping the custom-op dispatcher's per-call cost (same kernel, same result).
 
 :func:`not_supported_reasons` says why the compiled kernel would not take an input (the chooser
 puts that in the per-layer report); the op itself then runs the reference, never something else.
