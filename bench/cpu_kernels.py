@@ -9,6 +9,9 @@ the dense candidates of ``ops.dense_cpu`` (``torch_linear`` = MKL fp32 / oneDNN 
 ``onednn_packed``, ``sparsevit_bsr_full``) on the masked weight, and the fine-grained kernel
 (``ops.fine_linear``). Reported: median ms, the fine kernel's speed-up vs the fastest dense
 candidate, and % of peak (dense: 2*out*in*T flops; fine: 2*stored weights*T, i.e. kept work).
+``fixed ms`` times the fine kernel on an all-zero weight of the same shape: the per-call cost that
+does not shrink with sparsity (packing x into token tiles, the row/chunk loop, the transposing
+store of y and the dispatch).
 
 Attention: ``F.scaled_dot_product_attention`` vs ``ops.cpu_attention`` at DeiT-S shapes (N=197,
 H=6 or 3 after head pruning, D=64 or 32).
@@ -101,10 +104,10 @@ def bench_dense(args, peaks):
 def bench_linear(args, peaks):
     g = torch.Generator().manual_seed(0)
     print(f"\n## Fine-grained linear ({cpp_kernel_name()}), ms median; x = speed-up vs the fastest dense "
-          f"candidate; % of peak: dense of all MACs, fine of kept MACs")
+          f"candidate; % of peak: dense of all MACs, fine of kept MACs; fixed ms: fine on an all-zero weight")
     print("| dtype | shape | tokens | pattern | sparsity | fastest dense | dense ms | fine ms | fine x | "
-          "dense % peak | fine kept % peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "dense % peak | fine kept % peak | fixed ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         dt = getattr(torch, dtype)
         for name in args.shapes:
@@ -119,14 +122,16 @@ def bench_linear(args, peaks):
                         fns = {n: (lambda m=m: m(x)) for n, m in dense_methods(wm, dt).items()}
                         fw = FineSparseWeight.from_dense(wm.to(dt), mask, tile=tile)
                         fns["fine"] = lambda fw=fw: fine_linear(x, fw)
+                        empty = FineSparseWeight.from_dense(torch.zeros_like(wm, dtype=dt), tile=tile)
+                        fns["fixed"] = lambda empty=empty: fine_linear(x, empty)
                         reasons = not_supported_reasons(x, fw)
                         t = time_interleaved(fns, args.rounds)
-                        best = min((n for n in t if n != "fine"), key=t.get)
+                        best = min((n for n in t if n not in ("fine", "fixed")), key=t.get)
                         note = f" (reference: {'; '.join(reasons)})" if reasons else ""
                         print(f"| {dtype} | {name} {in_f}->{out_f} | {T} | 1x{tile} | {sp:.2f} | {best} | "
                               f"{t[best] * 1e3:.3f} | {t['fine'] * 1e3:.3f} | {t[best] / t['fine']:.2f} | "
                               f"{_pct(2 * in_f * out_f * T, t[best], peaks[dtype])} | "
-                              f"{_pct(2 * fw.nnz * T, t['fine'], peaks[dtype])}{note} |")
+                              f"{_pct(2 * fw.nnz * T, t['fine'], peaks[dtype])}{note} | {t['fixed'] * 1e3:.3f} |")
 
 
 def bench_attention(args):

@@ -256,3 +256,31 @@ def test_token_tiles_and_row_ranges(dtype):
         with pytest.raises(RuntimeError, match="token_tile"):
             torch.ops.sparsevit_C.fine_linear(x, fw.values, fw.col_indices, fw.seg_ptr, b, 530, 300, fw.unit, 0,
                                               -1, bad)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_eager_call_matches_the_op(dtype, monkeypatch):
+    """Eager CPU inference calls the compiled kernel without the custom-op dispatcher and gets the
+    op's exact result; grad-tracking inputs and dispatch modes still go through the registered op."""
+    import sparsevit.ops.fine_linear as fl
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, fw, b = _case(45, 29, 70, 1, 0.8, dtype, True, seed=11)
+    via_op = torch.ops.sparsevit.fine_linear(x, fw.values, fw.col_indices, fw.row_ptr, fw.seg_ptr, 29, 70, b, "gelu")
+    calls = []
+    real_op = fl._fine_linear_op
+    monkeypatch.setattr(fl, "_fine_linear_op", lambda *a: calls.append(1) or real_op(*a))
+    with torch.no_grad():
+        assert torch.equal(fine_linear(x, fw, b, "gelu"), via_op)
+    assert calls == [], "eager inference should call the kernel directly"
+    assert torch.equal(fine_linear(x.clone().requires_grad_(True), fw, b, "gelu").detach(), via_op)
+    assert calls == [1], "a grad-tracking input must go through the registered op"
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Passthrough():
+        assert torch.equal(fine_linear(x, fw, b, "gelu"), via_op)
+    assert calls == [1, 1], "a dispatch mode must see the registered op"

@@ -11,7 +11,16 @@
 // alternate between units, which gives 2*TV independent FMA chains (enough to cover FMA latency).
 // Measured and dropped (bench/cpu_kernels.py, DeiT-S shapes): groups of 4 rows stepping through
 // their units together (one loop exit per group; 2-34% slower, its zero padding costs more than
-// the exits), 4 accumulator sets per row (no change).
+// the exits), 4 accumulator sets per row (no change); token tiles of 64/96/112 and chunks of
+// 64/96/384/all columns (within +-5% of 128x128, which stays), writing each 16 finished rows of
+// the last chunk to y at once instead of one store pass per row range (no change), software
+// prefetch of the next units' activations (5-20% slower in a micro-benchmark: the loop is bound
+// by L1/L2 bandwidth, not latency).
+// Where the time goes (1 thread, fp32 384->1152, 1576 tokens, 90%): the unit loop itself runs at
+// ~65-75% of peak when its activations sit in L1 (micro-benchmark), but about a third of the call
+// is fixed cost that sparsity does not shrink (pack of x, the row x chunk loop, transposing store
+// of y: bench/cpu_kernels.py's `fixed ms`), and each row x chunk visit costs an accumulator
+// reload/store and one unpredictable loop exit.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
 #include <stdint.h>
@@ -77,6 +86,9 @@ static inline void unit_fma(vf first[TV], vf second[TV], const FineParams* p, co
 // acc_mem[row][TT]. The last segment applies bias-free activation (bias seeds the first segment).
 template <int U, int TV, int BF16>
 static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, float* acc_mem) {
+  // fp32 units of one column with TV >= 4 need no second accumulator set (TV chains of 4-cycle
+  // FMAs keep both pipes busy). bf16 pairs keep two sets: one set measured 3-8% slower there.
+  enum { ONE_WORD = !BF16 && U == 1 && TV >= 4 };
   const int TT = p->TT;
   const int64_t nseg = p->nseg;
   const uint32_t* xt = (const uint32_t*)p->xp + tile * p->tile_words;
@@ -94,14 +106,19 @@ static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r
       const int32_t* sg = p->seg + o * (nseg + 1) + s;
       int32_t u = sg[0];
       const int32_t ue = sg[1];
-      for (; u + 1 < ue; u += 2) {
-        unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
-        unit_fma<U, TV, BF16>(a1, a0, p, xt, u + 1);
+      if (ONE_WORD) {
+        // One loop exit per visit instead of two (the odd-unit tail branch is unpredictable).
+        for (; u < ue; ++u) unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
+      } else {
+        for (; u + 1 < ue; u += 2) {
+          unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
+          unit_fma<U, TV, BF16>(a1, a0, p, xt, u + 1);
+        }
+        if (u < ue) unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
       }
-      if (u < ue) unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
 #pragma GCC unroll 8
       for (int v = 0; v < TV; ++v) {
-        vf r = vadd(a0[v], a1[v]);
+        vf r = ONE_WORD ? a0[v] : vadd(a0[v], a1[v]);
         vstore(am + v * W, last ? vact(r, p->act) : r);
       }
     }
@@ -216,26 +233,34 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
       const int64_t tok0 = tile * TT + g;
       const int nrow = (int)(p->T - tok0 <= 0 ? 0 : (p->T - tok0 < W ? p->T - tok0 : W));
 #if SPV_AVX512
-      uint32_t bad = 0;
-      const vi expo32 = vset1i(0x7f800000), expo16 = _mm512_set1_epi16(0x7f80);
+      // Non-finite check after the transpose (a lane = a token): the largest |word| per lane,
+      // compared once per 16 tokens, instead of a mask test and scalar bookkeeping per loaded row.
+      // bf16 words hold two values, so the maximum is taken per 16-bit half.
+      vi most = _mm512_setzero_si512();
+      const vi abs_bits = p->bf16 ? _mm512_set1_epi16(0x7fff) : vset1i(0x7fffffff);
       for (int64_t wb = 0; wb < p->words_pad; wb += 16) {
         const int64_t left = p->words_in - wb;
         const __mmask16 lm = (__mmask16)(left >= 16 ? 0xffffu : left <= 0 ? 0u : (1u << left) - 1u);
         vf r[16];
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) {
-          if (i >= nrow || lm == 0) { r[i] = vzero(); continue; }
-          const vi xv = _mm512_maskz_loadu_epi32(lm, x + (tok0 + i) * ldw + wb);
-          const bool nf = p->bf16 ? _mm512_cmpeq_epi16_mask(_mm512_and_si512(xv, expo16), expo16) != 0
-                                  : _mm512_cmpeq_epi32_mask(_mm512_and_si512(xv, expo32), expo32) != 0;
-          bad |= (uint32_t)nf << i;
-          r[i] = vcasti(xv);
-        }
+        for (int i = 0; i < 16; ++i)
+          r[i] = (i >= nrow || lm == 0) ? vzero() : vcasti(_mm512_maskz_loadu_epi32(lm, x + (tok0 + i) * ldw + wb));
         transpose16(r);
         const int nw = (int)(p->words_pad - wb < 16 ? p->words_pad - wb : 16);
 #pragma GCC unroll 16
-        for (int j = 0; j < 16; ++j)
-          if (j < nw) vstore((float*)(dst + (wb + j) * TT + g), r[j]);
+        for (int j = 0; j < 16; ++j) {
+          if (j >= nw) continue;
+          vstore((float*)(dst + (wb + j) * TT + g), r[j]);
+          const vi bits = vandi(vcastf(r[j]), abs_bits);
+          most = p->bf16 ? _mm512_max_epu16(most, bits) : _mm512_max_epu32(most, bits);
+        }
+      }
+      __mmask16 bad;
+      if (p->bf16) {
+        const vi hi = _mm512_srli_epi32(most, 16), lo = vandi(most, vset1i(0xffff));
+        bad = _mm512_cmpge_epu32_mask(_mm512_max_epu32(hi, lo), vset1i(0x7f80));
+      } else {
+        bad = _mm512_cmpge_epu32_mask(most, vset1i(0x7f800000));
       }
       for (int i = 0; i < W; ++i) p->bad_token[tile * TT + g + i] = (uint8_t)((bad >> i) & 1u);
 #else
