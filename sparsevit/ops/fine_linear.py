@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sparsevit import _ext
 from sparsevit.formats.fine import FineSparseWeight, unit_width
 from sparsevit.ops.bsr import apply_activation
-from sparsevit.ops.linear_kernels import ACT_CODE, ACTIVATIONS, check_linear_inputs, standard_ops_wanted  # noqa: F401
+from sparsevit.ops.linear_kernels import ACT_CODE, ACTIVATIONS, check_linear_inputs, eager_cpu_call_ok  # noqa: F401
 
 __all__ = ["fine_linear", "reference_fine_linear", "not_supported_reasons", "cpp_kernel_name", "ACTIVATIONS"]
 
@@ -98,18 +98,9 @@ torch.library.register_autocast("sparsevit::fine_linear", "cpu", torch.bfloat16)
 
 
 def _direct_call_ok(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Eager CPU inference may call the compiled op without the custom-op dispatcher, which costs
-    about 18 us a call (measured: 23 us through ``sparsevit::fine_linear`` vs 5 us direct on a 16x16
-    weight; 48 Linears make that ~0.9 ms of a 10 ms batch-1 DeiT-S forward). Anything traced,
-    autocast, grad-tracking, under a dispatch mode or subclassed keeps going through the registered op."""
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-        return False
-    if torch.jit.is_tracing():  # a TorchScript trace (e.g. torch.onnx.export(dynamo=False)) records the op
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    return not standard_ops_wanted() and _cpp_ready() and _kernel_takes(x, values)
+    """Eager CPU inference may call the compiled op without the custom-op dispatcher (measured: 23 us
+    a call through ``sparsevit::fine_linear`` vs 5 us direct on a 16x16 weight)."""
+    return eager_cpu_call_ok(x, values, bias) and _cpp_ready() and _kernel_takes(x, values)
 
 
 def cpp_kernel_name() -> Optional[str]:

@@ -44,14 +44,20 @@ def standard_ops_wanted() -> bool:
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
-def eager_cpu_call_ok(x: torch.Tensor, like: torch.Tensor) -> bool:
+def eager_cpu_call_ok(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """True when a layer may call its C++ CPU kernel directly instead of through its custom op: a
-    plain CPU tensor of the layer's dtype, in eager inference (no tracing, dispatch mode, autocast or
-    autograd). The custom op's Python dispatch, argument checks and kernel lookup cost ~20 us a call,
-    1-2 ms of a batch-1 ViT forward; whatever this refuses takes the op, which checks everything."""
-    return (type(x) is torch.Tensor and x.dtype == like.dtype and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.is_autocast_enabled("cpu")
-            and not standard_ops_wanted())
+    plain CPU tensor of the weight's dtype, in eager inference. The custom op's Python dispatch,
+    argument checks and kernel lookup cost ~20 us a call, 1-2 ms of a batch-1 ViT forward. Anything
+    traced (torch.compile/export, a TorchScript trace such as ``torch.onnx.export(dynamo=False)``),
+    autocast, grad-tracking or under a dispatch mode takes the op, which checks everything."""
+    if type(x) is not torch.Tensor or x.dtype != values.dtype or x.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return not standard_ops_wanted()
 
 
 def check_linear_inputs(x: torch.Tensor, w, bias: Optional[torch.Tensor], activation: Optional[str],

@@ -106,7 +106,7 @@ class DenseLinear(nn.Linear):
                                                    attr, [], algorithm)
             return y.reshape(*x.shape[:-1], self.out_features)
         if fast and self.kernel == "sparsevit_bsr_full" and x.dtype == self.weight.dtype:
-            if eager_cpu_call_ok(x, self.weight):
+            if eager_cpu_call_ok(x, self.weight, self.bias):
                 w = self._derived
                 return CppBSR.linear(x, w.values, w.col_indices, w.crow_indices, w.packed, self.out_features,
                                      self.in_features, *w.block, self.bias, self.activation)

@@ -188,7 +188,7 @@ class SparseLinear(nn.Module):
         direct = self._cpp_direct
         if direct is None:  # decided once per kernel / device / dtype: what the op would pick anyway
             direct = self._cpp_direct = self.kind == "bsr" and resolve(self._kernel_input(), self.kernel) is CppBSR
-        if direct and eager_cpu_call_ok(x, self.values) and x.shape[-1] == self.in_features:
+        if direct and eager_cpu_call_ok(x, self.values, self.bias) and x.shape[-1] == self.in_features:
             (out_f, in_f), (bh, bw) = self._meta
             return CppBSR.linear(x, self.values, self.col_indices, self.crow_indices, self.packed,
                                  out_f, in_f, bh, bw, self.bias, self.activation)
