@@ -26,7 +26,8 @@ def package(tmp_path_factory):
 
     model = make_model("vit_tiny")
     plan = random_plan(model, 0, kinds=("heads", "qk", "v", "mlp", "io", "masks"))
-    fast = sparsevit.accelerate(model, plan, backend="sparse")
+    # one fine-grained layer too, so the C++ fine kernel is compiled in as well
+    fast = sparsevit.accelerate(model, plan, backend="sparse", formats={"blocks.1.mlp.fc1": "fine:1x4"})
     x = torch.randn(2, 3, 32, 32)
     path = str(tmp_path_factory.mktemp("aoti") / "vit.pt2")
     assert export_aoti(fast, x, path) == path
@@ -55,7 +56,8 @@ def test_package_calls_cpp_ops_only(package):
     with zipfile.ZipFile(path) as z:
         calls = [n["node"]["target"] for name in z.namelist() if name.endswith("wrapper.json")
                  for n in json.loads(z.read(name))["nodes"]]
-    assert {"sparsevit_C::bsr_linear", "sparsevit_C::layernorm_gather", "sparsevit_C::residual_scatter_add"} <= set(calls)
+    assert {"sparsevit_C::bsr_linear", "sparsevit_C::fine_linear", "sparsevit_C::layernorm_gather",
+            "sparsevit_C::residual_scatter_add"} <= set(calls)
     assert not [c for c in calls if c.startswith("sparsevit::")], f"Python custom ops left in the package: {calls}"
 
 

@@ -47,8 +47,11 @@ def _register_cpp_fakes() -> None:
     def residual_scatter_add(x, index, y):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    def fine_linear(x, values, col_indices, seg_ptr, bias, out_features, in_features, unit, act, isa=-1):
+        return x.new_empty(x.shape[0], out_features)
+
     for name, fn in (("bsr_linear", bsr_linear), ("layernorm_gather", layernorm_gather),
-                     ("residual_scatter_add", residual_scatter_add)):
+                     ("residual_scatter_add", residual_scatter_add), ("fine_linear", fine_linear)):
         if not _ext.has_op(name):
             continue
         try:
@@ -65,6 +68,7 @@ def _val(node):
 def _cpp_target(node):
     """``(C++ op, its arguments)`` for a sparsevit node the C++ kernel can run, else ``None``."""
     from sparsevit.formats.bsr import packed_block_rows
+    from sparsevit.ops.fine_linear import cpp_kernel_takes
     from sparsevit.ops.linear_kernels import ACT_CODE
 
     ops, cpp = torch.ops.sparsevit, torch.ops.sparsevit_C
@@ -81,7 +85,12 @@ def _cpp_target(node):
         if kernel in ("auto", "cpp_bsr") and p.dim() == 4 and p.dtype == x.dtype and \
                 p.shape[2] == packed_block_rows(bh):
             return cpp.bsr_linear.default, (x_node, packed, col, crow, bias, out_f, in_f, bh, bw, ACT_CODE[act], -1)
+    if node.target == ops.fine_linear.default and cpp_kernel_takes(x, _val(node.args[1])):
+        x_node, values, col, _row_ptr, seg_ptr, out_f, in_f, bias, act = node.args
+        return cpp.fine_linear.default, (x_node, values, col, seg_ptr, bias, out_f, in_f, _val(values).shape[1],
+                                         ACT_CODE[act], -1)
     return None
+
 
 
 def _use_cpp_ops(program: torch.export.ExportedProgram) -> List[str]:
