@@ -59,6 +59,13 @@ struct Bf16Dot {
 };
 #endif
 
+// A loaded vector kept in a register: without this GCC folds the load into each of the MQ FMAs that
+// use it (MQ loads instead of one), which makes the tiles load-bound.
+static inline vf in_register(vf x) {
+  __asm__("" : "+v"(x));
+  return x;
+}
+
 // ---- loads, masks and exp2 ----------------------------------------------------------------------
 static inline float load_elem(const void* base, int64_t idx, int bf16) {
   return bf16 ? bf16_to_f32(((const uint16_t*)base)[idx]) : ((const float*)base)[idx];
@@ -211,7 +218,8 @@ struct Block {
   const AttnParams* p;
   const elem* kt;   // packed K^T: row dd (channel step) at kt + dd * kt_row, key j at + j * STEP
   int64_t kt_row;   // Np * STEP
-  const elem* qs;   // [QB][Dp] queries of the block (unscaled, zero past D and past nq rows)
+  const elem* qs;   // [nd][QB][STEP] queries of the block, channel-step major so that one pointer with
+                    // constant offsets reaches every row (unscaled, zero past D and past nq rows)
   int64_t Dp, nd;   // D rounded up to STEP; channel steps Dp / STEP
   const elem* vp;   // packed V: key step jj at vp + jj * vrow, channel c at + c * STEP
   int64_t vrow;     // Dvp * STEP
@@ -227,17 +235,17 @@ struct Block {
 // S[q0 .. q0+MQ)[keys jv0 .. jv0 + NJ*W) of the current key block (s already offset to jv0), with
 // the epilogue (scale, bias, tail mask) and the running row max mx[q0 ..].
 template <class Dot, int MQ, int NJ>
-static void score_tile(const Block<Dot>& c, int q0, int64_t jv0, float* s, vf* mx) {
+__attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, int64_t jv0, float* s, vf* mx) {
   vf acc[MQ][NJ];
   for (int qi = 0; qi < MQ; ++qi)
     for (int n = 0; n < NJ; ++n) acc[qi][n] = vzero();
   const typename Dot::elem* k = c.kt + jv0 * Dot::STEP;
-  const typename Dot::elem* q = c.qs + q0 * c.Dp;
-  for (int64_t dd = 0; dd < c.nd; ++dd) {
+  const typename Dot::elem* q = c.qs + q0 * Dot::STEP;
+  for (int64_t dd = 0; dd < c.nd; ++dd, q += QB * Dot::STEP) {
     vf kv[NJ];
-    for (int n = 0; n < NJ; ++n) kv[n] = Dot::load(k + dd * c.kt_row + n * W * Dot::STEP);
+    for (int n = 0; n < NJ; ++n) kv[n] = in_register(Dot::load(k + dd * c.kt_row + n * W * Dot::STEP));
     for (int qi = 0; qi < MQ; ++qi) {
-      const vf qb = Dot::bcast(q + qi * c.Dp + dd * Dot::STEP);
+      const vf qb = Dot::bcast(q + qi * Dot::STEP);
       for (int n = 0; n < NJ; ++n) acc[qi][n] = Dot::dot(acc[qi][n], kv[n], qb);
     }
   }
@@ -315,7 +323,7 @@ static float softmax_row(const Block<Dot>& c, int qi, int64_t nkp, vf mxv, RowSt
 
 // O[q0 .. q0+MQ)[channel vectors dvb ..] = O * corr + P[., keys) @ V[keys, .] over nsteps key steps.
 template <class Dot, int MQ, int NV>
-static void pv_tile(const Block<Dot>& c, int q0, int64_t dvb, const typename Dot::elem* pm,
+__attribute__((noinline)) static void pv_tile(const Block<Dot>& c, int q0, int64_t dvb, const typename Dot::elem* pm,
                     const typename Dot::elem* vb, int64_t nsteps, const float* corr) {
   vf acc[MQ][NV];
   float* o = c.o + q0 * c.p->Dvp + dvb;
@@ -327,7 +335,7 @@ static void pv_tile(const Block<Dot>& c, int q0, int64_t dvb, const typename Dot
   const typename Dot::elem* pq = pm + q0 * c.ss;
   for (int64_t jj = 0; jj < nsteps; ++jj) {
     vf vv[NV];
-    for (int n = 0; n < NV; ++n) vv[n] = Dot::load(v + jj * c.vrow + n * W * Dot::STEP);
+    for (int n = 0; n < NV; ++n) vv[n] = in_register(Dot::load(v + jj * c.vrow + n * W * Dot::STEP));
     for (int qi = 0; qi < MQ; ++qi) {
       const vf pb = Dot::bcast(pq + qi * c.ss + jj * Dot::STEP);
       for (int n = 0; n < NV; ++n) acc[qi][n] = Dot::dot(acc[qi][n], vv[n], pb);
@@ -375,17 +383,38 @@ static void store_rows(const AttnParams* p, const float* o, const RowState* st, 
   }
 }
 
-// Queries [i, i + nq) of head (b, h) into qs [QB][Dp] (zero-padded), in the Dot's element type.
+// Queries [i, i + nq) of head (b, h) into qs [Dp / STEP][QB][STEP] (zero past D and past nq rows):
+// fp32 (bf16 widened) for F32Dot, bf16 channel pairs (32-bit words) as is for Bf16Dot. On AVX-512 a
+// 16 x 16 word transpose per 16 channels (words); AVX2 copies element by element.
+#if SPV_AVX512
+static void load_queries_words(const AttnParams* p, int64_t qrow0, int nq, int64_t nwords, int pairs, float* qs) {
+  for (int64_t w0 = 0; w0 < nwords; w0 += 16) {
+    const int64_t ne = pairs ? p->Dqk - 2 * w0 : p->Dqk - w0;  // elements left in a row
+    vf r[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      if (i >= nq) { r[i] = vzero(); continue; }
+      if (!pairs) { r[i] = load_row(p->q, qrow0 + i * p->sq[2] + w0, (int)(ne < 16 ? ne : 16), p->bf16); continue; }
+      const __mmask32 m = ne >= 32 ? 0xffffffffu : (1u << ne) - 1u;
+      r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, (const uint16_t*)p->q + qrow0 + i * p->sq[2] + 2 * w0));
+    }
+    transpose16(r);
+    for (int w = 0; w < 16 && w0 + w < nwords; ++w) _mm512_mask_storeu_ps(qs + (w0 + w) * QB, (__mmask16)((1u << QB) - 1u), r[w]);
+  }
+}
+static void load_queries(const AttnParams* p, int64_t qrow0, int nq, int64_t Dp, float* qs) {
+  load_queries_words(p, qrow0, nq, Dp, 0, qs);
+}
+#else
 static void load_queries(const AttnParams* p, int64_t qrow0, int nq, int64_t Dp, float* qs) {
   for (int qi = 0; qi < QB; ++qi)
     for (int64_t d = 0; d < Dp; ++d)
-      qs[qi * Dp + d] = qi < nq && d < p->Dqk ? load_elem(p->q, qrow0 + qi * p->sq[2] + d, p->bf16) : 0.f;
+      qs[d * QB + qi] = qi < nq && d < p->Dqk ? load_elem(p->q, qrow0 + qi * p->sq[2] + d, p->bf16) : 0.f;
 }
+#endif
 #if SPV_NATIVE_BF16
 static void load_queries(const AttnParams* p, int64_t qrow0, int nq, int64_t Dp, uint16_t* qs) {
-  const uint16_t* q = (const uint16_t*)p->q;
-  for (int qi = 0; qi < QB; ++qi)
-    for (int64_t d = 0; d < Dp; ++d) qs[qi * Dp + d] = qi < nq && d < p->Dqk ? q[qrow0 + qi * p->sq[2] + d] : 0;
+  load_queries_words(p, qrow0, nq, Dp / 2, 1, (float*)qs);
 }
 #endif
 
