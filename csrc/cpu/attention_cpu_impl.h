@@ -40,7 +40,7 @@ static const float LOG2E = 1.44269504088896341f;
 // ---- element types of the packed operands -------------------------------------------------------
 struct F32Dot {
   typedef float elem;
-  enum { STEP = 1 };  // channels (scores) or keys (P @ V) per lane per instruction
+  static constexpr int STEP = 1;  // channels (scores) or keys (P @ V) per lane per instruction
   static inline vf load(const float* p) { return vload(p); }
   static inline vf bcast(const float* p) { return vset1(*p); }
   static inline vf dot(vf acc, vf a, vf b) { return vfma(a, b, acc); }
@@ -48,7 +48,7 @@ struct F32Dot {
 #if SPV_NATIVE_BF16
 struct Bf16Dot {
   typedef uint16_t elem;
-  enum { STEP = 2 };
+  static constexpr int STEP = 2;
   static inline vf load(const uint16_t* p) { return _mm512_loadu_ps(p); }
   static inline vf bcast(const uint16_t* p) {
     int32_t w;
@@ -101,29 +101,31 @@ static inline vf mask_tail(vf x, int n) {
 }
 
 // 2^t for t <= 0 (the softmax's shifted scores), NaN kept; exactly 0 for t = -inf (masked keys).
-// Round to the nearest integer n, a minimax polynomial of 2^f on [-1/2, 1/2] (degree 5: about
-// 1.5 ulp; degree 3: 1e-4, below bf16's rounding), then scale by 2^n.
+// 2^t = 2^floor(t) * 2^f with f = t - floor(t) in [0, 1): a minimax polynomial of 2^f (degree 5:
+// about 1.5 ulp; degree 3: 1e-4, below bf16's rounding). On AVX-512 vreduceps gives f and vscalefps
+// applies 2^floor(t) straight from t, one op each.
 template <int DEG>
 static inline vf vexp2(vf t) {
 #if SPV_AVX512
   t = vmax(vset1(-160.f), t);  // second operand: a NaN t stays NaN; scalef by 2^-160 underflows to 0
+  const vf f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
 #else
-  t = vmax(vset1(-127.f), t);  // n = -127 gives a zero exponent field below: 0
+  t = vmax(vset1(-127.f), t);  // floor(t) = -127 gives a zero exponent field below: 0
+  const vf n = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), f = vsub(t, n);
 #endif
-  const vf n = vround(t), f = vsub(t, n);
   vf p;
   if (DEG >= 5) {
-    p = vfma(vset1(1.326472731307149e-3f), f, vset1(9.671512991189957e-3f));
-    p = vfma(p, f, vset1(5.550733581185341e-2f));
-    p = vfma(p, f, vset1(2.4022242426872253e-1f));
-    p = vfma(p, f, vset1(6.931470036506653e-1f));
+    p = vfma(vset1(1.867130515165627e-3f), f, vset1(9.017028845846653e-3f));
+    p = vfma(p, f, vset1(5.579991266131401e-2f));
+    p = vfma(p, f, vset1(2.4016444385051727e-1f));
+    p = vfma(p, f, vset1(6.931512951850891e-1f));
   } else {
-    p = vfma(vset1(5.500892922282219e-2f), f, vset1(2.422109693288803e-1f));
-    p = vfma(p, f, vset1(6.932829022407532e-1f));
+    p = vfma(vset1(7.7067069709301e-2f), f, vset1(2.2764495015144348e-1f));
+    p = vfma(p, f, vset1(6.951168179512024e-1f));
   }
   p = vfma(p, f, vset1(1.0f));
 #if SPV_AVX512
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(p, t);  // p * 2^floor(t)
 #else
   return vmul(p, vcasti(vslli23(vaddi(vcvti(n), vset1i(127)))));
 #endif
@@ -480,8 +482,14 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
   c.scale2 = p->scale * LOG2E;
   const int64_t qbase = b * p->sq[0] + h * p->sq[1];
   const int64_t out_base = (b * p->H + h) * p->N;
+  const int64_t row_bytes = p->Dqk * (p->bf16 ? 2 : 4);
   for (int64_t i = i0; i < i1; i += QB) {
     c.nq = (int)(i1 - i < QB ? i1 - i : QB);
+    // The next block's query rows are strided (a view of the qkv output): fetch them ahead, the
+    // hardware prefetcher does not see a 12-row burst after each block's compute.
+    for (int64_t r = i + QB; r < i + 2 * QB && r < i1; ++r)
+      for (int64_t off = 0; off < row_bytes; off += 64)
+        _mm_prefetch((const char*)p->q + (qbase + r * p->sq[2]) * (p->bf16 ? 2 : 4) + off, _MM_HINT_T0);
     c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
     query_block<Dot>(c, qbase + i * p->sq[2], out_base + i);
   }
