@@ -15,6 +15,7 @@
 //   Bf16Dot native bf16 (SPV_NATIVE_BF16, vdpbf16ps): K^T packed as channel pairs, V as key pairs,
 //           P rounded to bf16 after the fp32 softmax; two products per lane per instruction.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
+#pragma GCC diagnostic ignored "-Wuninitialized"  // same false positive, through _mm512_max_ps
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
