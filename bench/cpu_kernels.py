@@ -10,7 +10,7 @@ the dense candidates of ``ops.dense_cpu`` (``torch_linear`` = MKL fp32 / oneDNN 
 (``ops.fine_linear``). Reported: median ms, the fine kernel's speed-up vs the fastest dense
 candidate, and % of peak (dense: 2*out*in*T flops; fine: 2*stored weights*T, i.e. kept work).
 
-Attention: ``F.scaled_dot_product_attention`` vs ``ops.cpu_attention`` at ViT shapes (N=197, 50, 577;
+Attention: ``F.scaled_dot_product_attention`` vs ``sparsevit_C::attention_cpu`` at ViT shapes (N=197, 50, 577;
 H=6 or 3 after head pruning; head dims 64/48/40/32/24/16), optionally with an older build of the
 kernel side by side (``--attn-baseline LIB.so:NS``).
 
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparsevit.formats.fine import FineSparseWeight  # noqa: E402
 from sparsevit.ops.dense_cpu import dense_candidates  # noqa: E402
-from sparsevit.ops.cpu_attention import cpp_kernel_name as attn_kernel_name, cpu_attention  # noqa: E402
+from sparsevit.ops.cpu_attention import cpp_kernel_name as attn_kernel_name  # noqa: E402
 from sparsevit.ops.fine_linear import cpp_kernel_name, fine_linear, not_supported_reasons  # noqa: E402
 
 SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}  # (in, out)
@@ -144,8 +144,9 @@ def _attention_baseline(spec):
 
 
 def bench_attention(args, peaks):
-    """SDPA vs the fused kernel (and an older build of it with --attn-baseline), interleaved rounds;
-    % of peak counts the 4*B*H*N*N*D flops of Q.K^T and P.V."""
+    """SDPA vs the fused kernel's op (and an older build of it with --attn-baseline), interleaved
+    rounds; both kernels are called as raw ops (the ``cpu_attention`` wrapper adds tens of us of Python
+    per call); % of peak counts the 4*B*H*N*N*D flops of Q.K^T and P.V."""
     base = _attention_baseline(args.attn_baseline)
     print(f"\n## Attention (fused kernel: {attn_kernel_name()}), ms median (% of peak)")
     print("| dtype | batch | heads | tokens | head dim | SDPA | baseline | sparsevit | vs SDPA | vs baseline |")
@@ -156,7 +157,7 @@ def bench_attention(args, peaks):
             for H, N, D in ATTN_SHAPES:
                 q, k, v = (torch.randn(B, H, N, D).to(dt) for _ in range(3))
                 fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125),
-                       "ours": lambda: cpu_attention(q, k, v, None, 0.125)}
+                       "ours": lambda: torch.ops.sparsevit_C.attention_cpu(q, k, v, None, 0.125, -1)}
                 if base is not None:
                     fns["base"] = lambda: base(q, k, v, None, 0.125, -1)
                 t = time_interleaved(fns, args.rounds)
