@@ -13,8 +13,9 @@ candidate, and % of peak (dense: 2*out*in*T flops; fine: 2*stored weights*T, i.e
 does not shrink with sparsity (packing x into token tiles, the row/chunk loop, the transposing
 store of y and the dispatch).
 
-Attention: ``F.scaled_dot_product_attention`` vs ``ops.cpu_attention`` at DeiT-S shapes (N=197,
-H=6 or 3 after head pruning, D=64 or 32).
+Attention: ``F.scaled_dot_product_attention`` vs ``sparsevit_C::attention_cpu`` at ViT shapes (N=197, 50, 577;
+H=6 or 3 after head pruning; head dims 64/48/40/32/24/16), optionally with an older build of the
+kernel side by side (``--attn-baseline LIB.so:NS``).
 
     python bench/cpu_kernels.py --threads 1            # short default run
     python bench/cpu_kernels.py --threads 1 --shapes qkv proj fc1 fc2 --tokens 197 1576 --tiles 1 4 8
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparsevit.formats.fine import FineSparseWeight  # noqa: E402
 from sparsevit.ops.dense_cpu import dense_candidates  # noqa: E402
-from sparsevit.ops.cpu_attention import cpp_kernel_name as attn_kernel_name, cpu_attention  # noqa: E402
+from sparsevit.ops.cpu_attention import cpp_kernel_name as attn_kernel_name  # noqa: E402
 from sparsevit.ops.fine_linear import cpp_kernel_name, fine_linear, not_supported_reasons  # noqa: E402
 
 SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}  # (in, out)
@@ -134,19 +135,41 @@ def bench_linear(args, peaks):
                               f"{_pct(2 * fw.nnz * T, t['fine'], peaks[dtype])}{note} | {t['fixed'] * 1e3:.3f} |")
 
 
-def bench_attention(args):
-    print(f"\n## Attention (fused kernel: {attn_kernel_name()}), N=197, ms median")
-    print("| dtype | batch | heads | head dim | SDPA | sparsevit | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+ATTN_SHAPES = [(6, 197, 64), (3, 197, 64), (6, 197, 32), (3, 197, 48), (3, 197, 40), (3, 197, 24), (3, 197, 16),
+               (6, 50, 64), (6, 577, 64), (3, 577, 64)]  # (heads, tokens, head dim)
+
+
+def _attention_baseline(spec):
+    """``LIB.so:NAMESPACE`` -> the ``attention_cpu`` op of an older build (same schema), or None."""
+    if not spec:
+        return None
+    lib, ns = spec.rsplit(":", 1)
+    torch.ops.load_library(lib)
+    return getattr(torch.ops, ns).attention_cpu
+
+
+def bench_attention(args, peaks):
+    """SDPA vs the fused kernel's op (and an older build of it with --attn-baseline), interleaved
+    rounds; both kernels are called as raw ops (the ``cpu_attention`` wrapper adds tens of us of Python
+    per call); % of peak counts the 4*B*H*N*N*D flops of Q.K^T and P.V."""
+    base = _attention_baseline(args.attn_baseline)
+    print(f"\n## Attention (fused kernel: {attn_kernel_name()}), ms median (% of peak)")
+    print("| dtype | batch | heads | tokens | head dim | SDPA | baseline | sparsevit | vs SDPA | vs baseline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         dt = getattr(torch, dtype)
         for B in args.batches:
-            for H, D in ((6, 64), (3, 64), (6, 32)):
-                q, k, v = (torch.randn(B, H, 197, D).to(dt) for _ in range(3))
-                t = time_interleaved({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125),
-                                      "ours": lambda: cpu_attention(q, k, v, None, 0.125)}, args.rounds)
-                print(f"| {dtype} | {B} | {H} | {D} | {t['sdpa'] * 1e3:.3f} | {t['ours'] * 1e3:.3f} | "
-                      f"{t['sdpa'] / t['ours']:.2f} |")
+            for H, N, D in ATTN_SHAPES:
+                q, k, v = (torch.randn(B, H, N, D).to(dt) for _ in range(3))
+                fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125),
+                       "ours": lambda: torch.ops.sparsevit_C.attention_cpu(q, k, v, None, 0.125, -1)}
+                if base is not None:
+                    fns["base"] = lambda: base(q, k, v, None, 0.125, -1)
+                t = time_interleaved(fns, args.rounds)
+                cell = {n: f"{t[n] * 1e3:.3f} ({_pct(4 * B * H * N * N * D, t[n], peaks[dtype])})" for n in t}
+                vs_base = f"{t['base'] / t['ours']:.2f}" if "base" in t else "-"
+                print(f"| {dtype} | {B} | {H} | {N} | {D} | {cell['sdpa']} | {cell.get('base', '-')} | {cell['ours']} | "
+                      f"{t['sdpa'] / t['ours']:.2f} | {vs_base} |")
 
 
 def main():
@@ -160,6 +183,8 @@ def main():
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--skip", nargs="*", default=[], choices=["dense", "linear", "attention"])
+    ap.add_argument("--attn-baseline", default=None, metavar="LIB.so:NS",
+                    help="an older build of the attention op (its TORCH_LIBRARY renamed to NS) timed alongside")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,7 +196,7 @@ def main():
     if "linear" not in args.skip:
         bench_linear(args, peaks)
     if "attention" not in args.skip:
-        bench_attention(args)
+        bench_attention(args, peaks)
 
 
 if __name__ == "__main__":

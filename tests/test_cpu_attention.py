@@ -1,6 +1,11 @@
 """sparsevit::cpu_attention (fused CPU attention for pruned heads) against a float64 reference: odd
 head counts and dims, Dqk != Dv, broadcast biases, fp32 and bf16 (error at most 2x that of torch's
-own SDPA in the same dtype, plus one ulp of the output), every ISA level, NaN propagation, opcheck."""
+own SDPA in the same dtype, plus one ulp of the output), every ISA level (AVX2, AVX-512, AVX-512 with
+native bf16 dot products), NaN propagation, the work split over threads, opcheck.
+
+Tiling edges the shapes cover: N below, at and past the 12-query block and the 64-key score tile
+(1, 5, 12, 13, 37, 49, 70, 197), odd Dqk (bf16 channel pairs with a zero half), Dv of 1 to 4 vectors
+with a partial last one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +16,9 @@ from sparsevit.ops.cpu_attention import cpu_attention, not_supported_reasons
 HAS_CPP = _ext.has_op("attention_cpu")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"C++ extension: {_ext.unavailable_reason('attention_cpu')}")
 DTYPES = [torch.float32, torch.bfloat16]
-SHAPES = [(1, 3, 5, 16, 24), (2, 6, 37, 64, 64), (1, 5, 49, 40, 48), (1, 1, 1, 8, 8), (1, 2, 70, 24, 16)]
+SHAPES = [(1, 3, 5, 16, 24), (2, 6, 37, 64, 64), (1, 5, 49, 40, 48), (1, 1, 1, 8, 8), (1, 2, 70, 24, 16),
+          (1, 2, 13, 17, 33), (1, 1, 12, 7, 5), (1, 2, 197, 64, 64), (1, 1, 65, 33, 56)]
+ISAS = [0, 1, 2]  # avx2, avx512 (bf16 widened to fp32), avx512 + AVX512_BF16 (vdpbf16ps)
 
 
 def _qkv(B, H, N, D, Dv, dtype, seed=0):
@@ -55,7 +62,7 @@ def test_matches_float64(dtype, shape):
 
 
 @needs_cpp
-@pytest.mark.parametrize("isa", [0, 1])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_isa_level(isa, dtype):
     if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
@@ -65,6 +72,25 @@ def test_every_isa_level(isa, dtype):
         bias = torch.randn(shape[2], shape[2])
         out = torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, 0.3, isa)
         _check(out, q, k, v, bias, 0.3, f"isa={isa} {dtype} {shape}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_thread_split_gives_the_same_rows(dtype):
+    """Batch 1 with 3 heads on 2 threads splits each head into query chunks (whole 12-query blocks):
+    every row is computed the same way whatever the split, so outputs match bit for bit."""
+    q, k, v = _qkv(1, 3, 50, 24, 40, dtype, seed=3)
+    bias = torch.randn(1, 3, 50, 50)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, 0.2, -1))
+    finally:
+        torch.set_num_threads(before)
+    _check(outs[0], q, k, v, bias, 0.2, f"{dtype} 1 thread")
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @needs_cpp
@@ -87,9 +113,11 @@ def test_nan_propagates_like_reference(dtype):
     q, k, v = _qkv(1, 2, 9, 16, 8, dtype)
     q[0, 0, 3, 5] = float("nan")   # one query row
     v[0, 1, 4, 2] = float("nan")   # one channel of every row of head 1
-    out = cpu_attention(q, k, v)
     ref = _ref64(q, k, v, None, 0.25)
-    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    for isa in ISAS:
+        if torch.ops.sparsevit_C.attention_cpu_isa(isa):
+            out = torch.ops.sparsevit_C.attention_cpu(q, k, v, None, 0.25, isa)
+            assert torch.equal(torch.isnan(out), torch.isnan(ref)), f"isa={isa}"
 
 
 def test_reasons_and_reference_fallback():
@@ -127,7 +155,7 @@ def test_long_sequences_use_several_key_blocks(dtype):
     bias = torch.randn(1, H, N, N, generator=g)
     bias[:, :, 5:9, :300] = float("-inf")
     bias[:, :, 11, :] = float("-inf")
-    for isa in (0, 1):
+    for isa in ISAS:
         if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
             continue
         out = torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, 0.2, isa)

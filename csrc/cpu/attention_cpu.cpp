@@ -6,7 +6,8 @@
 // region and splits work over (b, h, query chunks); the micro-kernels are in attention_cpu_impl.h.
 //
 // Ops registered here:
-//   attention_cpu(q, k, v, bias?, scale, isa=-1) -> out [B, H, N, Dv]   isa: -1 auto, 0 avx2, 1 avx512
+//   attention_cpu(q, k, v, bias?, scale, isa=-1) -> out [B, H, N, Dv]
+//       isa: -1 auto, 0 avx2, 1 avx512 (bf16 widened to fp32), 2 avx512 + AVX512_BF16 (vdpbf16ps for bf16)
 //   attention_cpu_isa(isa=-1) -> str     kernel name that `isa` resolves to ("" = none)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,11 +27,12 @@ const AttnKernels* select_attn_kernels(int64_t isa) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return 1;
+      return __builtin_cpu_supports("avx512bf16") ? 2 : 1;
     return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 0 : -2;
   }();
   if (isa < 0) isa = best;
   if (isa > best || isa < 0) return nullptr;
+  if (isa == 2) return attn_kernels_avx512bf16();
   return isa == 1 ? attn_kernels_avx512() : attn_kernels_avx2();
 }
 
@@ -95,16 +97,15 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   p.scale = (float)scale;
   p.bf16 = bf16 ? 1 : 0;
 
-  // Work items: (b, h, query chunk); heads are split into chunks only when there are too few heads
-  // to keep every thread busy (each chunk re-packs its head's K and V, O(N*D) next to O(N*N*D)).
+  // Work items: (b, h, query chunk of whole query blocks). Heads are split only as far as it takes
+  // to give every thread the same number of items (batch 1, 3 heads, 2 threads: 2 chunks per head);
+  // each chunk re-packs its head's K and V, O(N*D) next to O(N*N*D).
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t heads = B * H;
-  const int64_t want = nth == 1 ? 1 : 4 * nth;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((N + 15) / 16, (want + heads - 1) / heads));
+  const int64_t heads = B * H, qb = kern->query_block, n_qblocks = (N + qb - 1) / qb;
+  int64_t chunks = 1;
+  while ((heads * chunks) % nth != 0 && chunks < n_qblocks) ++chunks;
   const int64_t n_items = heads * chunks;
-  // packed K^T and V, a [4][min(Np, key_block)] score block, 4 scaled queries, a [4][Dvp] accumulator
-  const int64_t per_thread = D * p.Np + p.Np * p.Dvp + 4 * std::min<int64_t>(p.Np, kern->key_block) + 4 * D +
-                             4 * p.Dvp + 16;
+  const int64_t per_thread = (kern->scratch_floats(&p) + 15) / 16 * 16;
   at::Tensor scratch = at::empty({nth * per_thread + 16}, q.options().dtype(at::kFloat));
   float* base = scratch.data_ptr<float>();
   base += (16 - ((uintptr_t)base / 4) % 16) % 16;  // 64-byte align
@@ -114,7 +115,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     for (int64_t t = b0; t < e0; ++t) {
       for (int64_t it = next.fetch_add(1); it < n_items; it = next.fetch_add(1)) {
         const int64_t head = it / chunks, c = it % chunks;
-        const int64_t i0 = N * c / chunks, i1 = N * (c + 1) / chunks;
+        const int64_t i0 = std::min(N, n_qblocks * c / chunks * qb), i1 = std::min(N, n_qblocks * (c + 1) / chunks * qb);
         if (i0 < i1) kern->run(&p, head / H, head % H, i0, i1, mine);
       }
     }

@@ -5,5 +5,6 @@
 #define ATTN_ENTRY attn_kernels_avx2
 #define ATTN_NAME "cpp_attention_avx2"
 #define SPV_AVX512 0
+#define SPV_NATIVE_BF16 0
 #include "attention_cpu_impl.h"
 #pragma GCC pop_options

@@ -1,12 +1,21 @@
 // CPU attention micro-kernels for pruned heads, written once and compiled per ISA.
 //
-// Included only by attention_cpu_avx512.cpp / attention_cpu_avx2.cpp, each of which sets ATTN_NS,
-// ATTN_ENTRY, ATTN_NAME and SPV_AVX512 and wraps the include in `#pragma GCC target(...)`. See
-// attention_cpu_params.h for the work split. All arithmetic is fp32 (bf16 inputs are widened while
-// packing). Keys are walked in blocks of KB with an online (flash) softmax: per query a running max
-// and sum, the P @ V accumulator rescaled when the max grows. The score block [QB][KB] stays in L1
-// for any sequence length; for ViT/Swin lengths (49..577 keys) it is one or three blocks.
+// Included only by attention_cpu_avx512{,bf16}.cpp / attention_cpu_avx2.cpp, each of which sets
+// ATTN_NS, ATTN_ENTRY, ATTN_NAME, SPV_AVX512 and SPV_NATIVE_BF16 and wraps the include in
+// `#pragma GCC target(...)`. See attention_cpu_params.h for the work split.
+//
+// Per (batch, head) K^T and V are packed once; then per block of QB queries the keys are walked in
+// blocks of KB with an online (flash) softmax in fp32. Both products are register-tiled:
+//   scores  S[q][keys] : queries x key vectors (keys in the lanes), accumulated over head channels;
+//   P @ V   O[q][chan] : queries x channel vectors (channels in the lanes), accumulated over keys.
+// The score epilogue scales by scale*log2(e), adds the bias, masks keys past N to -inf and keeps a
+// running per-row max vector, so the softmax is one pass: exp2(s - max) stored in place and summed.
+// Two element types run the same tiles ("Dot" below):
+//   F32Dot  fp32 (bf16 inputs widened while packing): one FMA per channel / key;
+//   Bf16Dot native bf16 (SPV_NATIVE_BF16, vdpbf16ps): K^T packed as channel pairs, V as key pairs,
+//           P rounded to bf16 after the fp32 softmax; two products per lane per instruction.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
+#pragma GCC diagnostic ignored "-Wuninitialized"  // same false positive, through _mm512_max_ps
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -18,38 +27,124 @@ namespace sparsevit_cpu {
 namespace ATTN_NS {
 namespace {
 
-#define SPV_NATIVE_BF16 0
 #include "sparse_fine_simd.h"
-#undef SPV_NATIVE_BF16
 
-enum { QB = 4 };       // queries per register block
-enum { KB = 16 * W };  // keys per softmax block: the [QB][KB] score block is 16 KiB (AVX-512)
+enum { QB = 12 };      // queries per block: a multiple of every tile height below
+enum { KB = 16 * W };  // keys per online-softmax block: S is [QB][KB] fp32 (12 KiB on AVX-512)
+#if SPV_AVX512
+enum { MAX_ACC = 24, QK_MQ = 6, QK_NJ = 4 };  // 32 zmm: 24 accumulators + operands
+#else
+enum { MAX_ACC = 12, QK_MQ = 4, QK_NJ = 3 };  // 16 ymm
+#endif
+static const float LOG2E = 1.44269504088896341f;
 
+// ---- element types of the packed operands -------------------------------------------------------
+struct F32Dot {
+  typedef float elem;
+  static constexpr int STEP = 1;  // channels (scores) or keys (P @ V) per lane per instruction
+  static inline vf load(const float* p) { return vload(p); }
+  static inline vf bcast(const float* p) { return vset1(*p); }
+  static inline vf dot(vf acc, vf a, vf b) { return vfma(a, b, acc); }
+};
+#if SPV_NATIVE_BF16
+struct Bf16Dot {
+  typedef uint16_t elem;
+  static constexpr int STEP = 2;
+  static inline vf load(const uint16_t* p) { return _mm512_loadu_ps(p); }
+  static inline vf bcast(const uint16_t* p) {
+    int32_t w;
+    memcpy(&w, p, 4);
+    return _mm512_castsi512_ps(_mm512_set1_epi32(w));
+  }
+  static inline vf dot(vf acc, vf a, vf b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+};
+#endif
+
+// A loaded vector kept in a register: without this GCC folds the load into each of the MQ FMAs that
+// use it (MQ loads instead of one), which makes the tiles load-bound.
+static inline vf in_register(vf x) {
+  __asm__("" : "+v"(x));
+  return x;
+}
+
+// ---- loads, masks and exp2 ----------------------------------------------------------------------
 static inline float load_elem(const void* base, int64_t idx, int bf16) {
   return bf16 ? bf16_to_f32(((const uint16_t*)base)[idx]) : ((const float*)base)[idx];
 }
 
+// n (1..W) consecutive elements of an fp32 or bf16 row, widened to fp32, zero past n.
+static inline vf load_row(const void* base, int64_t idx, int n, int bf16) {
 #if SPV_AVX512
-// Up to 16 consecutive elements (n of them; the rest 0) of an fp32 or bf16 row, widened to fp32.
-static inline vf load_row16(const void* base, int64_t idx, int n, int bf16) {
   const __mmask16 m = (__mmask16)(n >= 16 ? 0xffffu : (1u << n) - 1u);
   if (!bf16) return _mm512_maskz_loadu_ps(m, (const float*)base + idx);
   const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)base + idx);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+  if (n >= W && !bf16) return vload((const float*)base + idx);
+  if (n >= W) {
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)base + idx));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  float t[W] = {0.f};
+  for (int l = 0; l < n; ++l) t[l] = load_elem(base, idx + l, bf16);
+  return vload(t);
+#endif
 }
 
-// K^T [Dqk][Np] and V [Np][Dvp] of head (b, h) in fp32, zero past N keys and past Dv channels.
-// K is transposed 16 keys x 16 channels at a time in registers; V rows are copied (widened).
-static void pack_kv(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
+// Lanes >= n (1 <= n < W) set to -inf: keys past N take no weight.
+static inline vf mask_tail(vf x, int n) {
+#if SPV_AVX512
+  return _mm512_mask_blend_ps((__mmask16)((1u << n) - 1u), vset1(-INFINITY), x);
+#else
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_blendv_ps(vset1(-INFINITY), x, _mm256_cmp_ps(lane, vset1((float)n), _CMP_LT_OQ));
+#endif
+}
+
+// 2^t for t <= 0 (the softmax's shifted scores), NaN kept; exactly 0 for t = -inf (masked keys).
+// 2^t = 2^floor(t) * 2^f with f = t - floor(t) in [0, 1): a minimax polynomial of 2^f (degree 5:
+// about 1.5 ulp; degree 3: 1e-4, below bf16's rounding). On AVX-512 vreduceps gives f and vscalefps
+// applies 2^floor(t) straight from t, one op each.
+template <int DEG>
+static inline vf vexp2(vf t) {
+#if SPV_AVX512
+  t = vmax(vset1(-160.f), t);  // second operand: a NaN t stays NaN; scalef by 2^-160 underflows to 0
+  const vf f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+  t = vmax(vset1(-127.f), t);  // floor(t) = -127 gives a zero exponent field below: 0
+  const vf n = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), f = vsub(t, n);
+#endif
+  vf p;
+  if (DEG >= 5) {
+    p = vfma(vset1(1.867130515165627e-3f), f, vset1(9.017028845846653e-3f));
+    p = vfma(p, f, vset1(5.579991266131401e-2f));
+    p = vfma(p, f, vset1(2.4016444385051727e-1f));
+    p = vfma(p, f, vset1(6.931512951850891e-1f));
+  } else {
+    p = vfma(vset1(7.7067069709301e-2f), f, vset1(2.2764495015144348e-1f));
+    p = vfma(p, f, vset1(6.951168179512024e-1f));
+  }
+  p = vfma(p, f, vset1(1.0f));
+#if SPV_AVX512
+  return _mm512_scalef_ps(p, t);  // p * 2^floor(t)
+#else
+  return vmul(p, vcasti(vslli23(vaddi(vcvti(n), vset1i(127)))));
+#endif
+}
+
+// ---- packing ------------------------------------------------------------------------------------
+// fp32 K^T [Dqk][Np] and V [Np][Dvp], zero past N keys and past Dv channels (bf16 widened).
+#if SPV_AVX512
+static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
   const int64_t kb = b * p->sk[0] + h * p->sk[1], vb = b * p->sv[0] + h * p->sv[1];
   for (int64_t j0 = 0; j0 < Np; j0 += 16) {
-    const int nk = (int)(N - j0 < 0 ? 0 : (N - j0 < 16 ? N - j0 : 16));
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const int nk = (int)(N - j0 < 16 ? N - j0 : 16);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {  // 16 keys x 16 channels transposed in registers
       const int nd = (int)(D - d0 < 16 ? D - d0 : 16);
       vf r[16];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) r[i] = i < nk ? load_row16(p->k, kb + (j0 + i) * p->sk[2] + d0, nd, p->bf16) : vzero();
+      for (int i = 0; i < 16; ++i) r[i] = i < nk ? load_row(p->k, kb + (j0 + i) * p->sk[2] + d0, nd, p->bf16) : vzero();
       transpose16(r);
 #pragma GCC unroll 16
       for (int d = 0; d < 16; ++d)
@@ -58,15 +153,14 @@ static void pack_kv(const AttnParams* p, int64_t b, int64_t h, float* kt, float*
     for (int i = 0; i < 16; ++i) {
       float* dst = vp + (j0 + i) * Dvp;
       for (int64_t c = 0; c < Dvp; c += 16) {
-        const int n = i < nk ? (int)(Dv - c < 0 ? 0 : (Dv - c < 16 ? Dv - c : 16)) : 0;
-        vstore(dst + c, n ? load_row16(p->v, vb + (j0 + i) * p->sv[2] + c, n, p->bf16) : vzero());
+        const int n = i < nk ? (int)(Dv - c < 16 ? Dv - c : 16) : 0;
+        vstore(dst + c, n > 0 ? load_row(p->v, vb + (j0 + i) * p->sv[2] + c, n, p->bf16) : vzero());
       }
     }
   }
 }
 #else
-// K^T [Dqk][Np] and V [Np][Dvp] of head (b, h) in fp32, zero past N keys and past Dv channels.
-static void pack_kv(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
+static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
   const int64_t kb = b * p->sk[0] + h * p->sk[1], vb = b * p->sv[0] + h * p->sv[1];
   for (int64_t j = 0; j < Np; ++j) {
@@ -82,97 +176,201 @@ static void pack_kv(const AttnParams* p, int64_t b, int64_t h, float* kt, float*
 }
 #endif
 
-// s[qi][jb .. jb + NJ*W) = sum_d qs[qi][d] * kt[d][...] for the QB queries of the block.
-template <int NJ>
-static void score_block(const float* kt, int64_t Np, const float* qs, int64_t D, float* s, int64_t ss) {
-  vf acc[QB][NJ];
-  for (int qi = 0; qi < QB; ++qi)
-    for (int n = 0; n < NJ; ++n) acc[qi][n] = vzero();
-  for (int64_t d = 0; d < D; ++d) {
-    vf kv[NJ];
-    for (int n = 0; n < NJ; ++n) kv[n] = vload(kt + d * Np + n * W);
-    for (int qi = 0; qi < QB; ++qi) {
-      const vf qb = vset1(qs[qi * D + d]);
-      for (int n = 0; n < NJ; ++n) acc[qi][n] = vfma(kv[n], qb, acc[qi][n]);
+#if SPV_NATIVE_BF16
+// bf16 K^T as channel pairs [ceil(Dqk/2)][Np][2] and V as key pairs [Np/2][Dvp][2], zero-padded.
+// A channel pair is one 32-bit word of a K row, so K^T is the 32-bit transpose of K's words.
+static void pack_kv_bf16(const AttnParams* p, int64_t b, int64_t h, uint16_t* kt, uint16_t* vp) {
+  const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp, Dw = (D + 1) / 2;
+  const uint16_t* K = (const uint16_t*)p->k + b * p->sk[0] + h * p->sk[1];
+  const uint16_t* V = (const uint16_t*)p->v + b * p->sv[0] + h * p->sv[1];
+  for (int64_t j0 = 0; j0 < Np; j0 += 16) {
+    const int nk = (int)(N - j0 < 16 ? N - j0 : 16);
+    for (int64_t w0 = 0; w0 < Dw; w0 += 16) {  // 16 keys x 16 channel pairs
+      const int ne = (int)(D - 2 * w0 < 32 ? D - 2 * w0 : 32);
+      const __mmask32 m = ne >= 32 ? 0xffffffffu : (1u << ne) - 1u;
+      vf r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nk ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, K + (j0 + i) * p->sk[2] + 2 * w0)) : vzero();
+      transpose16(r);
+      const int nw = (ne + 1) / 2;
+#pragma GCC unroll 16
+      for (int w = 0; w < 16; ++w)
+        if (w < nw) vstore((float*)(kt + ((w0 + w) * Np + j0) * 2), r[w]);
     }
   }
-  for (int qi = 0; qi < QB; ++qi)
-    for (int n = 0; n < NJ; ++n) vstore(s + qi * ss + n * W, acc[qi][n]);
-}
-
-// o[qi][dv block] = o[qi][dv block] * corr[qi] + sum_{j < nk} s[qi][j] * vp[j][dv block].
-template <int NV>
-static void pv_block(const float* s, int64_t ss, const float* vp, int64_t Dvp, int64_t nk, int64_t dvb,
-                     const float* corr, float* o) {
-  vf acc[QB][NV];
-  for (int qi = 0; qi < QB; ++qi) {
-    const vf c = vset1(corr[qi]);
-    for (int n = 0; n < NV; ++n) acc[qi][n] = vmul(vload(o + qi * Dvp + dvb + n * W), c);
-  }
-  for (int64_t j = 0; j < nk; ++j) {
-    vf vv[NV];
-    for (int n = 0; n < NV; ++n) vv[n] = vload(vp + j * Dvp + dvb + n * W);
-    for (int qi = 0; qi < QB; ++qi) {
-      const vf pb = vset1(s[qi * ss + j]);
-      for (int n = 0; n < NV; ++n) acc[qi][n] = vfma(vv[n], pb, acc[qi][n]);
+  for (int64_t j = 0; j < Np; j += 2) {  // interleave rows j and j+1 channel by channel
+    uint16_t* dst = vp + j * Dvp;
+    for (int64_t c = 0; c < Dvp; c += 16) {
+      const int n = (int)(Dv - c < 16 ? Dv - c : 16);
+      const __mmask16 m = n > 0 ? (__mmask16)(n >= 16 ? 0xffffu : (1u << n) - 1u) : 0;
+      const __m256i a = j < N ? _mm256_maskz_loadu_epi16(m, V + j * p->sv[2] + c) : _mm256_setzero_si256();
+      const __m256i z = j + 1 < N ? _mm256_maskz_loadu_epi16(m, V + (j + 1) * p->sv[2] + c) : _mm256_setzero_si256();
+      const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(z), 16));
+      _mm512_storeu_si512(dst + 2 * c, w);
     }
   }
-  for (int qi = 0; qi < QB; ++qi)
-    for (int n = 0; n < NV; ++n) vstore(o + qi * Dvp + dvb + n * W, acc[qi][n]);
 }
+#endif
 
-// Running softmax state of one query row.
-struct RowState {
-  float max;  // largest score so far (-inf before any; NaN once a score was NaN)
-  float sum;  // sum of exp(score - max) so far
+// ---- one query block ----------------------------------------------------------------------------
+// What the tiles of one query block share. Row strides are in elements of the Dot type.
+template <class Dot>
+struct Block {
+  typedef typename Dot::elem elem;
+  const AttnParams* p;
+  const elem* kt;   // packed K^T: row dd (channel step) at kt + dd * kt_row, key j at + j * STEP
+  int64_t kt_row;   // Np * STEP
+  const elem* qs;   // [nd][QB][STEP] queries of the block, channel-step major so that one pointer with
+                    // constant offsets reaches every row (unscaled, zero past D and past nq rows)
+  int64_t Dp, nd;   // D rounded up to STEP; channel steps Dp / STEP
+  const elem* vp;   // packed V: key step jj at vp + jj * vrow, channel c at + c * STEP
+  int64_t vrow;     // Dvp * STEP
+  float* s;         // [QB][ss] fp32 scores, then fp32 probabilities (F32Dot)
+  elem* pm;         // probabilities P @ V reads: s itself (F32Dot) or a bf16 copy [QB][ss]
+  int64_t ss;       // row stride of s and pm
+  float* o;         // [QB][Dvp] fp32 accumulator
+  float scale2;     // scale * log2(e): scores are kept in base-2 units
+  int64_t bias_row0;  // bias offset of (b, h, first query of the block)
+  int nq;             // valid queries in the block
 };
 
-// Key block [j0, j0 + nk) of one score row (nkp = nk rounded up to W, s holds nkp scores): adds the
-// bias, exponentiates in place against the updated running max and returns the factor that
-// rescales what was accumulated before. Keys past N are left at exactly 0.
-static float softmax_block(const AttnParams* p, float* s, int64_t b, int64_t h, int64_t i, int64_t j0,
-                           int64_t nk, int64_t nkp, RowState* st) {
-  if (p->bias) {
-    const int64_t off = b * p->sb[0] + h * p->sb[1] + i * p->sb[2] + j0;
-    for (int64_t j = 0; j < nk; ++j) s[j] += load_elem(p->bias, off + j, p->bias_bf16);
+// S[q0 .. q0+MQ)[keys jv0 .. jv0 + NJ*W) of the current key block (s already offset to jv0), with
+// the epilogue (scale, bias, tail mask) and the running row max mx[q0 ..].
+template <class Dot, int MQ, int NJ>
+__attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, int64_t jv0, float* s, vf* mx) {
+  vf acc[MQ][NJ];
+  for (int qi = 0; qi < MQ; ++qi)
+    for (int n = 0; n < NJ; ++n) acc[qi][n] = vzero();
+  const typename Dot::elem* k = c.kt + jv0 * Dot::STEP;
+  const typename Dot::elem* q = c.qs + q0 * Dot::STEP;
+  for (int64_t dd = 0; dd < c.nd; ++dd, q += QB * Dot::STEP) {
+    vf kv[NJ];
+    for (int n = 0; n < NJ; ++n) kv[n] = in_register(Dot::load(k + dd * c.kt_row + n * W * Dot::STEP));
+    for (int qi = 0; qi < MQ; ++qi) {
+      const vf qb = Dot::bcast(q + qi * Dot::STEP);
+      for (int n = 0; n < NJ; ++n) acc[qi][n] = Dot::dot(acc[qi][n], kv[n], qb);
+    }
   }
-  for (int64_t j = nk; j < nkp; ++j) s[j] = -INFINITY;
-  vf m = vset1(-INFINITY);
-  for (int64_t j = 0; j < nkp; j += W) m = vmax(m, vload(s + j));
-  float mx = vhmax(m);
-  for (int64_t j = 0; j < nk; ++j) mx = s[j] != s[j] ? s[j] : mx;  // a NaN score makes the row NaN
-  const float new_max = (st->max != st->max || mx != mx) ? NAN : (mx > st->max ? mx : st->max);
+  const AttnParams* p = c.p;
+  const vf sc = vset1(c.scale2);
+  for (int qi = 0; qi < MQ; ++qi) {
+    const bool bias = p->bias && q0 + qi < c.nq;
+    vf m = mx[q0 + qi];
+    for (int n = 0; n < NJ; ++n) {
+      const int64_t jv = jv0 + n * W;
+      const int valid = (int)(p->N - jv < W ? p->N - jv : W);
+      vf x = vmul(acc[qi][n], sc);
+      if (bias) x = vfma(load_row(p->bias, c.bias_row0 + (q0 + qi) * p->sb[2] + jv, valid, p->bias_bf16), vset1(LOG2E), x);
+      if (valid < W) x = mask_tail(x, valid);
+      vstore(s + qi * c.ss + n * W, x);
+      m = vmax(m, x);
+    }
+    mx[q0 + qi] = m;
+  }
+}
+
+// Scores of the whole block against keys [j0, j0 + nkp) (nkp a multiple of W) into s[QB][ss].
+template <class Dot>
+static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
+  const int64_t nvec = nkp / W;
+  int64_t v = 0;
+  for (; v + QK_NJ <= nvec; v += QK_NJ)
+    for (int q0 = 0; q0 < QB; q0 += QK_MQ) score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, c.s + q0 * c.ss + v * W, mx);
+  const int rem = (int)(nvec - v);
+  float* s = c.s + v * W;
+  const int64_t jv = j0 + v * W;
+  if (rem == 1) {
+    score_tile<Dot, QB, 1>(c, 0, jv, s, mx);
+  } else if (rem == 2) {
+    if (QB * 2 <= MAX_ACC) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, s, mx);
+    else for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, s + q0 * c.ss, mx);
+  } else if (rem == 3) {
+    for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, s + q0 * c.ss, mx);
+  }
+}
+
+// Running softmax state of one query row, in base-2 units.
+struct RowState {
+  float max;  // largest score so far (-inf before any)
+  float sum;  // sum of 2^(score - max) so far (NaN once a score was NaN: the row comes out NaN)
+};
+
+// Row qi of the key block: s <- 2^(s - new max) (and the bf16 copy for P @ V), updates st and
+// returns the factor that rescales what was accumulated before. Masked keys (-inf) give exactly 0.
+template <class Dot, int DEG>
+static float softmax_row(const Block<Dot>& c, int qi, int64_t nkp, vf mxv, RowState* st) {
+  const float m = vhmax(mxv);
+  const float new_max = m > st->max ? m : st->max;
   // While every score so far is -inf the reference is exp(-inf - -inf) = NaN; keep the state at
   // -inf instead (a later finite key rescues the row) and apply the reference's NaN at the end.
   const float ref = new_max == -INFINITY ? 0.f : new_max;
-  const float corr = st->max == -INFINITY ? 0.f : expf(st->max - ref);
-  const vf mv = vset1(ref);
+  const float corr = st->max == -INFINITY ? 0.f : exp2f(st->max - ref);
+  float* s = c.s + qi * c.ss;
+  const vf r = vset1(ref);
   vf sum = vzero();
   for (int64_t j = 0; j < nkp; j += W) {
-    const vf e = vexp(vsub(vload(s + j), mv));
+    const vf e = vexp2<DEG>(vsub(vload(s + j), r));
+#if SPV_NATIVE_BF16
+    if (Dot::STEP == 2) _mm256_storeu_si256((__m256i*)((uint16_t*)c.pm + qi * c.ss + j), (__m256i)_mm512_cvtneps_pbh(e));
+    else vstore(s + j, e);
+#else
     vstore(s + j, e);
+#endif
     sum = vadd(sum, e);
   }
-  float total = vhsum(sum);
-  for (int64_t j = nk; j < nkp; ++j) {  // vexp clamps -inf to a denormal-sized value: take it back out
-    total -= s[j];
-    s[j] = 0.f;
-  }
-  st->sum = st->sum * corr + total;
+  st->sum = st->sum * corr + vhsum(sum);
   st->max = new_max;
   return corr;
 }
 
-// Scores of the QB queries in qs against keys [j0, j0 + nkp) (a multiple of W) into s[QB][ss].
-static void scores(const float* kt, int64_t Np, const float* qs, int64_t D, int64_t j0, int64_t nkp, float* s,
-                   int64_t ss) {
-  for (int64_t jb = 0; jb < nkp; jb += 4 * W) {
-    const int nj = (int)((nkp - jb) / W < 4 ? (nkp - jb) / W : 4);
-    const float* k = kt + j0 + jb;
-    if (nj == 4) score_block<4>(k, Np, qs, D, s + jb, ss);
-    else if (nj == 3) score_block<3>(k, Np, qs, D, s + jb, ss);
-    else if (nj == 2) score_block<2>(k, Np, qs, D, s + jb, ss);
-    else score_block<1>(k, Np, qs, D, s + jb, ss);
+// O[q0 .. q0+MQ)[channel vectors dvb ..] = O * corr + P[., keys) @ V[keys, .] over nsteps key steps.
+template <class Dot, int MQ, int NV>
+__attribute__((noinline)) static void pv_tile(const Block<Dot>& c, int q0, int64_t dvb, const typename Dot::elem* pm,
+                    const typename Dot::elem* vb, int64_t nsteps, const float* corr) {
+  vf acc[MQ][NV];
+  float* o = c.o + q0 * c.p->Dvp + dvb;
+  for (int qi = 0; qi < MQ; ++qi) {
+    const vf cr = vset1(corr[q0 + qi]);
+    for (int n = 0; n < NV; ++n) acc[qi][n] = vmul(vload(o + qi * c.p->Dvp + n * W), cr);
+  }
+  const typename Dot::elem* v = vb + dvb * Dot::STEP;
+  const typename Dot::elem* pq = pm + q0 * c.ss;
+  for (int64_t jj = 0; jj < nsteps; ++jj) {
+    vf vv[NV];
+    for (int n = 0; n < NV; ++n) vv[n] = in_register(Dot::load(v + jj * c.vrow + n * W * Dot::STEP));
+    for (int qi = 0; qi < MQ; ++qi) {
+      const vf pb = Dot::bcast(pq + qi * c.ss + jj * Dot::STEP);
+      for (int n = 0; n < NV; ++n) acc[qi][n] = Dot::dot(acc[qi][n], vv[n], pb);
+    }
+  }
+  for (int qi = 0; qi < MQ; ++qi)
+    for (int n = 0; n < NV; ++n) vstore(o + qi * c.p->Dvp + n * W, acc[qi][n]);
+}
+
+// P @ V of the block for one key block: channel vectors in groups of up to 4 (2 on AVX2).
+template <class Dot>
+static void pv(const Block<Dot>& c, const typename Dot::elem* vb, int64_t nsteps, const float* corr) {
+  const int64_t nvec = c.p->Dvp / W;
+  for (int64_t v0 = 0; v0 < nvec;) {
+    const int64_t left = nvec - v0;
+#if SPV_AVX512
+    if (left >= 4) {
+      for (int q0 = 0; q0 < QB; q0 += 6) pv_tile<Dot, 6, 4>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
+      v0 += 4;
+    } else if (left == 3) {
+      for (int q0 = 0; q0 < QB; q0 += 6) pv_tile<Dot, 6, 3>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
+      v0 += 3;
+    } else
+#endif
+    if (left >= 2) {
+      if (QB * 2 <= MAX_ACC) pv_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, v0 * W, c.pm, vb, nsteps, corr);
+      else for (int q0 = 0; q0 < QB; q0 += 6) pv_tile<Dot, 6, 2>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
+      v0 += 2;
+    } else {
+      pv_tile<Dot, QB, 1>(c, 0, v0 * W, c.pm, vb, nsteps, corr);
+      v0 += 1;
+    }
   }
 }
 
@@ -188,50 +386,129 @@ static void store_rows(const AttnParams* p, const float* o, const RowState* st, 
   }
 }
 
-static void run(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int64_t i1, float* scratch) {
-  const int64_t Np = p->Np, D = p->Dqk, Dvp = p->Dvp, N = p->N;
-  const int64_t ss = Np < KB ? Np : KB;  // score row stride
+// Queries [i, i + nq) of head (b, h) into qs [Dp / STEP][QB][STEP] (zero past D and past nq rows):
+// fp32 (bf16 widened) for F32Dot, bf16 channel pairs (32-bit words) as is for Bf16Dot. On AVX-512 a
+// 16 x 16 word transpose per 16 channels (words); AVX2 copies element by element.
+#if SPV_AVX512
+static void load_queries_words(const AttnParams* p, int64_t qrow0, int nq, int64_t nwords, int pairs, float* qs) {
+  for (int64_t w0 = 0; w0 < nwords; w0 += 16) {
+    const int64_t ne = pairs ? p->Dqk - 2 * w0 : p->Dqk - w0;  // elements left in a row
+    vf r[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      if (i >= nq) { r[i] = vzero(); continue; }
+      if (!pairs) { r[i] = load_row(p->q, qrow0 + i * p->sq[2] + w0, (int)(ne < 16 ? ne : 16), p->bf16); continue; }
+      const __mmask32 m = ne >= 32 ? 0xffffffffu : (1u << ne) - 1u;
+      r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, (const uint16_t*)p->q + qrow0 + i * p->sq[2] + 2 * w0));
+    }
+    transpose16(r);
+    for (int w = 0; w < 16 && w0 + w < nwords; ++w) _mm512_mask_storeu_ps(qs + (w0 + w) * QB, (__mmask16)((1u << QB) - 1u), r[w]);
+  }
+}
+static void load_queries(const AttnParams* p, int64_t qrow0, int nq, int64_t Dp, float* qs) {
+  load_queries_words(p, qrow0, nq, Dp, 0, qs);
+}
+#else
+static void load_queries(const AttnParams* p, int64_t qrow0, int nq, int64_t Dp, float* qs) {
+  for (int qi = 0; qi < QB; ++qi)
+    for (int64_t d = 0; d < Dp; ++d)
+      qs[d * QB + qi] = qi < nq && d < p->Dqk ? load_elem(p->q, qrow0 + qi * p->sq[2] + d, p->bf16) : 0.f;
+}
+#endif
+#if SPV_NATIVE_BF16
+static void load_queries(const AttnParams* p, int64_t qrow0, int nq, int64_t Dp, uint16_t* qs) {
+  load_queries_words(p, qrow0, nq, Dp / 2, 1, (float*)qs);
+}
+#endif
+
+template <class Dot>
+static void query_block(Block<Dot>& c, int64_t qrow0, int64_t out_row0) {
+  const AttnParams* p = c.p;
+  load_queries(p, qrow0, c.nq, c.Dp, (typename Dot::elem*)c.qs);
+  memset(c.o, 0, sizeof(float) * QB * p->Dvp);
+  RowState st[QB];
+  for (int qi = 0; qi < QB; ++qi) st[qi] = RowState{-INFINITY, 0.f};
+  for (int64_t j0 = 0; j0 < p->Np; j0 += KB) {
+    const int64_t nkp = p->Np - j0 < KB ? p->Np - j0 : KB;
+    vf mx[QB];
+    for (int qi = 0; qi < QB; ++qi) mx[qi] = vset1(-INFINITY);
+    scores<Dot>(c, j0, nkp, mx);
+    float corr[QB];
+    for (int qi = 0; qi < QB; ++qi)
+      corr[qi] = softmax_row<Dot, Dot::STEP == 2 ? 3 : 5>(c, qi, nkp, mx[qi], &st[qi]);
+    const int64_t nk = p->N - j0 < nkp ? p->N - j0 : nkp;
+    pv<Dot>(c, c.vp + j0 / Dot::STEP * c.vrow, (nk + Dot::STEP - 1) / Dot::STEP, corr);
+  }
+  store_rows(p, c.o, st, out_row0, c.nq);
+}
+
+// Floats of scratch one work item needs (64-byte aligned pieces).
+static int64_t scratch_floats(const AttnParams* p) {
+  const int64_t ss = p->Np < KB ? p->Np : KB, Dp = (p->Dqk + 1) / 2 * 2;
+  const int64_t pieces[] = {Dp * p->Np, p->Np * p->Dvp, QB * ss, QB * ss, QB * Dp, QB * p->Dvp};
+  int64_t total = 0;
+  for (int64_t n : pieces) total += (n + 15) / 16 * 16;
+  return total;
+}
+
+template <class Dot>
+static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int64_t i1, float* scratch) {
+  typedef typename Dot::elem elem;
+  const int64_t ss = p->Np < KB ? p->Np : KB, Dp = (p->Dqk + 1) / 2 * 2;
   float* kt = scratch;
-  float* vp = kt + D * Np;
-  float* s = vp + Np * Dvp;
-  float* qs = s + QB * ss;
-  float* o = qs + QB * D;
-  pack_kv(p, b, h, kt, vp);
+  float* vp = kt + (Dp * p->Np + 15) / 16 * 16;
+  float* s = vp + (p->Np * p->Dvp + 15) / 16 * 16;
+  float* pm = s + (QB * ss + 15) / 16 * 16;
+  float* qs = pm + (QB * ss + 15) / 16 * 16;
+  float* o = qs + (QB * Dp + 15) / 16 * 16;
+  Block<Dot> c;
+  c.p = p;
+#if SPV_NATIVE_BF16
+  if (Dot::STEP == 2) pack_kv_bf16(p, b, h, (uint16_t*)kt, (uint16_t*)vp);
+  else pack_kv_f32(p, b, h, kt, vp);
+#else
+  pack_kv_f32(p, b, h, kt, vp);
+#endif
+  c.kt = (const elem*)kt;
+  c.kt_row = p->Np * Dot::STEP;
+  c.Dp = Dot::STEP == 2 ? Dp : p->Dqk;
+  c.nd = c.Dp / Dot::STEP;
+  c.qs = (const elem*)qs;
+  c.vp = (const elem*)vp;
+  c.vrow = p->Dvp * Dot::STEP;
+  c.s = s;
+  c.pm = Dot::STEP == 2 ? (elem*)pm : (elem*)s;
+  c.ss = ss;
+  c.o = o;
+  c.scale2 = p->scale * LOG2E;
   const int64_t qbase = b * p->sq[0] + h * p->sq[1];
   const int64_t out_base = (b * p->H + h) * p->N;
+  const int64_t row_bytes = p->Dqk * (p->bf16 ? 2 : 4);
   for (int64_t i = i0; i < i1; i += QB) {
-    const int nq = (int)(i1 - i < QB ? i1 - i : QB);
-    for (int qi = 0; qi < QB; ++qi)
-      for (int64_t d = 0; d < D; ++d)
-        qs[qi * D + d] = qi < nq ? p->scale * load_elem(p->q, qbase + (i + qi) * p->sq[2] + d, p->bf16) : 0.f;
-    memset(o, 0, sizeof(float) * QB * Dvp);
-    RowState st[QB];
-    for (int qi = 0; qi < QB; ++qi) st[qi] = RowState{-INFINITY, 0.f};
-    for (int64_t j0 = 0; j0 < Np; j0 += KB) {
-      const int64_t nkp = Np - j0 < KB ? Np - j0 : KB;
-      const int64_t nk = N - j0 < nkp ? N - j0 : nkp;
-      scores(kt, Np, qs, D, j0, nkp, s, ss);
-      float corr[QB] = {0.f, 0.f, 0.f, 0.f};
-      for (int qi = 0; qi < nq; ++qi) corr[qi] = softmax_block(p, s + qi * ss, b, h, i + qi, j0, nk, nkp, &st[qi]);
-      for (int qi = nq; qi < QB; ++qi) memset(s + qi * ss, 0, sizeof(float) * nkp);
-      const float* vb = vp + j0 * Dvp;
-      for (int64_t dvb = 0; dvb < Dvp; dvb += 4 * W) {
-        const int nv = (int)((Dvp - dvb) / W < 4 ? (Dvp - dvb) / W : 4);
-        if (nv == 4) pv_block<4>(s, ss, vb, Dvp, nk, dvb, corr, o);
-        else if (nv == 3) pv_block<3>(s, ss, vb, Dvp, nk, dvb, corr, o);
-        else if (nv == 2) pv_block<2>(s, ss, vb, Dvp, nk, dvb, corr, o);
-        else pv_block<1>(s, ss, vb, Dvp, nk, dvb, corr, o);
-      }
-    }
-    store_rows(p, o, st, out_base + i, nq);
+    c.nq = (int)(i1 - i < QB ? i1 - i : QB);
+    // The next block's query rows are strided (a view of the qkv output): fetch them ahead, the
+    // hardware prefetcher does not see a 12-row burst after each block's compute.
+    for (int64_t r = i + QB; r < i + 2 * QB && r < i1; ++r)
+      for (int64_t off = 0; off < row_bytes; off += 64)
+        _mm_prefetch((const char*)p->q + (qbase + r * p->sq[2]) * (p->bf16 ? 2 : 4) + off, _MM_HINT_T0);
+    c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
+    query_block<Dot>(c, qbase + i * p->sq[2], out_base + i);
   }
+}
+
+static void run(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int64_t i1, float* scratch) {
+#if SPV_NATIVE_BF16
+  if (p->bf16) return run_head<Bf16Dot>(p, b, h, i0, i1, scratch);
+#endif
+  run_head<F32Dot>(p, b, h, i0, i1, scratch);
 }
 
 }  // namespace
 }  // namespace ATTN_NS
 
 const AttnKernels* ATTN_ENTRY() {
-  static const AttnKernels k = {ATTN_NAME, ATTN_NS::W, ATTN_NS::KB, ATTN_NS::run};
+  static const AttnKernels k = {ATTN_NAME, ATTN_NS::W, ATTN_NS::KB, ATTN_NS::QB, ATTN_NS::scratch_floats,
+                                ATTN_NS::run};
   return &k;
 }
 

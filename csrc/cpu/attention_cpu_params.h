@@ -6,11 +6,11 @@
 
 namespace sparsevit_cpu {
 
-// out[b,h,i,:] = softmax_j(scale * q[b,h,i,:] . k[b,h,j,:] + bias[b,h,i,j]) @ v[b,h,:,:], in fp32.
-// One work item is (b, h, query rows [i0, i1)): it packs K^T [Dqk][Np] and V [Np][Dvp] of its head in
-// fp32 (zero-padded to vector multiples), then per 4 queries walks the keys in blocks of key_block:
-// scores with keys in the vector lanes, an online softmax (running max and sum per query), and
-// P @ V with head channels in the lanes into an fp32 accumulator rescaled as the max grows.
+// out[b,h,i,:] = softmax_j(scale * q[b,h,i,:] . k[b,h,j,:] + bias[b,h,i,j]) @ v[b,h,:,:], fp32 softmax.
+// One work item is (b, h, query rows [i0, i1)): it packs K^T and V of its head once (fp32, or bf16
+// pairs for vdpbf16ps), then per query_block queries walks the keys in blocks of key_block: scores
+// with keys in the vector lanes, an online softmax (running max and sum per query), and P @ V with
+// head channels in the lanes into an fp32 accumulator rescaled as the max grows.
 struct AttnParams {
   const void* q;            // [B, H, N, Dqk], last dim contiguous, strides below in elements
   const void* k;            // [B, H, N, Dqk]
@@ -29,11 +29,14 @@ struct AttnParams {
 struct AttnKernels {
   const char* name;
   int width;      // fp32 lanes per vector (scratch rounding)
-  int key_block;  // keys per online-softmax block (a multiple of width)
-  // Rows [i0, i1) of head (b, h); scratch: attn_scratch_floats(p) floats, 64-byte aligned.
+  int key_block;    // keys per online-softmax block (a multiple of width)
+  int query_block;  // queries per register block: work items should start at multiples of it
+  int64_t (*scratch_floats)(const AttnParams* p);  // scratch one work item needs, in floats
+  // Rows [i0, i1) of head (b, h); scratch: scratch_floats(p) floats, 64-byte aligned.
   void (*run)(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int64_t i1, float* scratch);
 };
 
+const AttnKernels* attn_kernels_avx512bf16();
 const AttnKernels* attn_kernels_avx512();
 const AttnKernels* attn_kernels_avx2();
 

@@ -6,9 +6,11 @@ head dims such as 16/24/40/48/64), with an additive float bias broadcastable to 
 (rel-pos bias, Swin masks). ``scale`` defaults to ``Dqk ** -0.5``; after head-dim pruning pass the
 original head dim's scale.
 
-* CPU, float32/bfloat16: ``torch.ops.sparsevit_C.attention_cpu`` (csrc/cpu/attention_cpu*.cpp: one
-  pass per (batch, head, query chunk), scores with keys in the vector lanes, exact fp32 softmax over
-  the row, P @ V with channels in the lanes; AVX-512 or AVX2 chosen at run time);
+* CPU, float32/bfloat16: ``torch.ops.sparsevit_C.attention_cpu`` (csrc/cpu/attention_cpu*.cpp: K^T
+  and V packed once per (batch, head), then per 12 queries register-tiled Q.K^T with keys in the
+  vector lanes, an online fp32 softmax, and P @ V with channels in the lanes; bfloat16 runs both
+  products on ``vdpbf16ps`` where the CPU has AVX512_BF16, else widens to fp32; AVX-512+BF16,
+  AVX-512 or AVX2 chosen at run time, ``cpp_kernel_name()`` says which);
 * everywhere else (and when :func:`not_supported_reasons` is non-empty): the reference, an fp32
   math implementation cast back to the input dtype;
 * a fake implementation so it traces under ``torch.compile``. Inference only (no autograd formula:
