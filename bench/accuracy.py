@@ -339,7 +339,9 @@ def machine():
 
 NOTES = """Budgets: every pruned row trains the same number of epochs over the labelled images after the
 transfer. One-shot methods (grouped, magnitude_unstructured, dimap, sls) fine-tune under their plan
-for all of it; P3B prunes while training for all of it (`epochs=budget`); ART spends it as {warm} dense
+for all of it; P3B spends all of it inside `sparsevit.prune` (`epochs=budget`): the first half prunes (warm-up,
+keep-ratio ramp, sharpening to hard masks), the second half fine-tunes the hard-masked model with a fresh
+lr schedule (`finetune_fraction=0.5`, the authors' separate fine-tune run scaled into the budget); ART spends it as {warm} dense
 warm-up epoch(s), at most budget - {warm} - {ft} ART epochs (alpha0 {alpha0}, growth {growth}: the short-run
 scaling its docstring gives), {ft} masked fine-tune epochs, and any epochs its stop rule leaves unused as more
 masked fine-tuning (`art_epochs` in the JSON). SLS is one row: the cut its silhouette rule finds,

@@ -86,6 +86,10 @@ class P3BPruner:
         return [k for k in range(len(self.branches)) if self._count(k) == 0]
 
     def reset_accumulators(self) -> None:
+        """Start a new interval; the one just closed is kept for the final, hard update."""
+        if hasattr(self, "scores"):
+            self.previous = {"scores": self.scores, "score_steps": self.score_steps, "benefit_cls": self.benefit_cls,
+                             "benefit_patch": self.benefit_patch, "benefit_steps": self.benefit_steps}
         n = len(self.branches)
         self.scores = [torch.zeros(m.numel(), dtype=torch.float64) for k in range(n) for m in self.masks(k)]
         self.score_steps = 0
@@ -114,12 +118,20 @@ class P3BPruner:
         self.benefit_steps += 1
 
     # ------------------------------------------------------------------ the update
-    def update(self, ramp_progress: float, tau: float) -> Dict:
+    def update(self, ramp_progress: float, tau: float, final: bool = False) -> Dict:
         """Recompute keep ratios from the mean benefits, then every block's masks; reset the sums.
 
         ``ramp_progress`` in [0, 1] moves the ratios from 1 to their goal; ``tau`` is the mask
         temperature (0: hard masks; a block with an empty gate is then switched off entirely).
+        ``final``: the decision that stays; like the authors, it pools the last two intervals' sums
+        (half the noise of one interval, which matters when an interval is a handful of batches).
         """
+        if final and getattr(self, "previous", None):
+            prev = self.previous
+            self.scores = [a + b for a, b in zip(self.scores, prev["scores"])]
+            self.score_steps += prev["score_steps"]
+            self.benefit_cls, self.benefit_patch = self.benefit_cls + prev["benefit_cls"], self.benefit_patch + prev["benefit_patch"]
+            self.benefit_steps += prev["benefit_steps"]
         steps = max(self.benefit_steps, 1)
         goal = self.alloc.update(self.benefit_cls / steps, self.benefit_patch / steps, self.remaining())
         self.keep_ratio = ramped_keep_ratio(goal, ramp_progress)
@@ -154,13 +166,16 @@ class P3BPruner:
     def state_dict(self) -> Dict:
         return {"scores": list(self.scores), "score_steps": self.score_steps, "benefit_cls": self.benefit_cls,
                 "benefit_patch": self.benefit_patch, "benefit_steps": self.benefit_steps,
-                "keep_ratio": self.keep_ratio, "alloc": self.alloc.state_dict()}
+                "keep_ratio": self.keep_ratio, "alloc": self.alloc.state_dict(),
+                "previous": getattr(self, "previous", None) or {}}
 
     def load_state_dict(self, state: Dict) -> None:
         self.scores = list(state["scores"])
         self.score_steps, self.benefit_steps = state["score_steps"], state["benefit_steps"]
         self.benefit_cls, self.benefit_patch = state["benefit_cls"], state["benefit_patch"]
         self.keep_ratio = state["keep_ratio"]
+        prev = state.get("previous") or None
+        self.previous = None if prev is None else dict(prev, scores=list(prev["scores"]))
         self.alloc.load_state_dict(state["alloc"])
 
 
@@ -331,7 +346,7 @@ def p3b_prune(model: nn.Module, sparsity: float, data: Iterable, *, epochs: int 
     try:
         trainer.run(data, start_epoch, epochs, resume, config, progress)
         if not pruner.is_hard():
-            trainer.history.append(pruner.update(1.0, 0.0))
+            trainer.history.append(pruner.update(1.0, 0.0, final=True))
         plan = build_plan(model, pruner)
     finally:
         gates.remove()
@@ -393,13 +408,17 @@ class _Trainer:
         if self.sched.is_update(self.step):
             s = self.sched
             tau = tau_at(ramp(self.step, s.ramp_end, s.final), self.tau["tau_max"], self.tau["tau_min"])
-            entry = self.pruner.update(ramp(self.step, s.start, s.ramp_end), 0.0 if self.step >= s.final else tau)
+            final = self.step >= s.final
+            entry = self.pruner.update(ramp(self.step, s.start, s.ramp_end), 0.0 if final else tau, final=final)
             entry["step"] = self.step
             self.history.append(entry)
         return float(loss.detach())
 
     def finetune_step(self, x, y) -> float:
-        """The fine-tune phase: masks are hard and fixed; no auxiliary heads, no scores."""
+        """The fine-tune phase: masks are hard and fixed; no auxiliary heads, no scores. Its first step
+        starts from fresh AdamW moments, as the authors build a new optimiser for the pruned model."""
+        if self.step == self.sched.prune:
+            self.opt.state.clear()
         self.gates.capture = False
         self.gates.states.clear()
         dev = next(self.work.parameters()).device
