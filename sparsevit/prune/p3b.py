@@ -10,6 +10,14 @@ masked by the plan) into ``model`` itself; :func:`p3b_prune` returns a :class:`P
 ``plan``, ``model`` (a trained, masked copy; the input is untouched) and the update ``history``.
 Either way ``sparsevit.accelerate(trained, plan)`` gives the fast model, equal to
 ``sparsevit.masked_model(trained, plan)``. ``plan.meta`` holds only plain numbers, never tensors.
+
+Schedule, scaled to short runs (METHODS.md section 2 gives the authors' in epochs): the authors prune
+for 50 epochs (benefits from epoch 10, keep ratios ramp to their goal by 25, tau 0.1 -> 0 so masks
+are hard by 50, about 3 mask updates per epoch, AdamW 5e-4 cosine), then fine-tune the shrunk model
+with a new optimiser. ``epochs`` here is the whole budget: the first ``1 - finetune_fraction`` (0.5)
+of its steps is the pruning run in the authors' proportions (0.2 / 0.5 / 1.0 of it), the rest the
+fine-tune (fresh AdamW moments, fresh cosine with a 10% warm-up). The final hard decision pools the
+last two update intervals, as the authors' finalize step does.
 """
 from __future__ import annotations
 
