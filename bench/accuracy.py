@@ -327,6 +327,15 @@ def torch_pruning_rows(dense, ctx, args, seed, sp):
 ART = METHOD_OPTIONS["art"][0]["options"]
 
 
+def _default_of(function: str, arg: str):
+    """A P3B default as the code has it (the notes quote it; the code is the one place it lives)."""
+    import inspect
+
+    from sparsevit.prune import p3b
+
+    return inspect.signature(getattr(p3b, function)).parameters[arg].default
+
+
 def machine():
     """Where and when a seed ran: the table's device line."""
     import timm
@@ -339,7 +348,10 @@ def machine():
 
 NOTES = """Budgets: every pruned row trains the same number of epochs over the labelled images after the
 transfer. One-shot methods (grouped, magnitude_unstructured, dimap, sls) fine-tune under their plan
-for all of it; P3B prunes while training for all of it (`epochs=budget`); ART spends it as {warm} dense
+for all of it; P3B spends all of it inside `sparsevit.prune` (`epochs=budget`): a pruning phase (warm-up,
+keep-ratio ramp, sharpening to hard masks), then the hard-masked model fine-tuned with a fresh lr schedule
+for the last `finetune_fraction={p3b_ft}` of the steps (the authors' separate fine-tune run, scaled into the
+budget); ART spends it as {warm} dense
 warm-up epoch(s), at most budget - {warm} - {ft} ART epochs (alpha0 {alpha0}, growth {growth}: the short-run
 scaling its docstring gives), {ft} masked fine-tune epochs, and any epochs its stop rule leaves unused as more
 masked fine-tuning (`art_epochs` in the JSON). SLS is one row: the cut its silhouette rule finds,
@@ -499,7 +511,8 @@ def table(agg, infos, args, commands, latency=(), seeds=()) -> str:
              f"of runs, summed over the processes; "
              f"one source model unless --source-per-seed: seeds vary the labelled split, transfer, pruning and "
              f"fine-tune)." + "".join("  \n" + e for e in extra),
-             "", NOTES.format(warm=ART["warmup"], ft=ART["finetune_epochs"], alpha0=ART["alpha0"], growth=ART["growth"]),
+             "", NOTES.format(warm=ART["warmup"], ft=ART["finetune_epochs"], alpha0=ART["alpha0"], growth=ART["growth"],
+                                 p3b_ft=_default_of("p3b_prune", "finetune_fraction")),
              "| method | variant | criterion | target | prunable removed | params | MACs (M) | top-1 one-shot | "
              "top-1 final (mean ± std) | vs dense + same budget | DeiT-S speed-up |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -713,12 +726,13 @@ def parse_args(argv=None):
 
 
 def merged(rows, infos, path):
-    """This run's rows plus those of ``path`` whose (family, seed) this run did not re-measure."""
+    """This run's rows plus those of ``path`` whose (family, seed) this run did not re-measure; a
+    re-measured row takes its old row's place, so the table keeps its order."""
     with open(path) as f:
         old = json.load(f)
-    mine = {(family(r), r["seed"]) for r in rows}
-    keep = [r for r in old["rows"] if (family(r), r["seed"]) not in mine]
-    return (keep + rows, old["info"] + infos, old.get("latency", []), old.get("commands", [old.get("command", "")]),
+    mine = {(family(r), r["seed"]): r for r in rows}
+    out = [mine.pop((family(r), r["seed"]), r) for r in old["rows"]]
+    return (out + list(mine.values()), old["info"] + infos, old.get("latency", []), old.get("commands", [old.get("command", "")]),
             old["args"])
 
 

@@ -9,6 +9,12 @@ timm's benchmark.py (``infer_samples_per_sec``, ``infer_step_time``, ``param_cou
     python bench/latency.py                               # issue-2 scenarios on deit_small, batch 8
     python bench/latency.py --scenarios heads_mlp_50 --batch 1 --threads 2
     python bench/latency.py --quick                       # tiny model smoke run
+    python bench/latency.py --scenarios p3b_50 p3b_75 --batch 1   # P3B plans (see p3b_plan)
+
+``p3b_50`` / ``p3b_75``: P3B (a training-time method) needs data, so :func:`p3b_plan` runs its pruning
+phase for a few steps on random images and labels to get a plan of that shape (per-block keep ratios,
+residual read/write subsets, head-dim and hidden subsets, dropped branches). The weights and the
+plan's choice of units are meaningless; only the latency of a P3B-shaped model is.
 """
 from __future__ import annotations
 
@@ -24,7 +30,23 @@ import sparsevit
 from sparsevit.benchmark import PRESETS, plan_residual_io_no_gather, time_models
 
 
-SCENARIOS: Dict[str, Callable] = PRESETS
+def p3b_plan(dense, sparsity: float, steps: int = 6, batch: int = 2, seed: int = 0):
+    """A P3B plan for ``dense`` from ``steps`` pruning steps on random data (latency only, see above).
+
+    The run is the pruning phase alone (``finetune_fraction=0``), 3 mask updates, the last one hard;
+    the patch heads are 32 channels wide so the few steps stay cheap on a CPU."""
+    from sparsevit.prune.p3b import p3b_prune
+
+    g = torch.Generator().manual_seed(seed)
+    size = dense.patch_embed.img_size
+    data = [(torch.randn(batch, 3, *size, generator=g), torch.randint(0, dense.num_classes, (batch,), generator=g))
+            for _ in range(steps)]
+    res = p3b_prune(dense, sparsity, data, epochs=1, finetune_fraction=0.0, updates_per_epoch=3,
+                    patch_head_width=32, progress=False, seed=seed)
+    return res.plan
+
+
+SCENARIOS: Dict[str, Callable] = dict(PRESETS, p3b_50=lambda m: p3b_plan(m, 0.5), p3b_75=lambda m: p3b_plan(m, 0.75))
 
 
 def run(args) -> List[Dict]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparsevit
-from sparsevit.prune.p3b import P3BPruner, build_plan, p3b_prune
+from sparsevit.prune.p3b import P3BPruner, _Schedule, build_plan, p3b_prune
 from sparsevit.prune.p3b_alloc import (KeepRatioAllocator, soft_mask, solve_keep_ratios, transform_benefit,
                                        unit_ranks)
 from sparsevit.prune.p3b_gates import Gates, read_sites
@@ -112,6 +112,33 @@ def test_allocator_ema():
     a.update(torch.tensor([0.5, 1.0]), torch.tensor([0.5, 1.0]), W)
     new = transform_benefit(torch.tensor([0.5, 1.0]), W)
     assert torch.allclose(a.last_cls, 0.2 * new + 0.8 * first)
+
+
+def test_schedule_pruning_then_finetune_phase():
+    s = _Schedule.make(10, 15, warmup=0.2, ramp_end=0.5, sharpen_end=1.0, updates_per_epoch=3, finetune_fraction=0.5)
+    assert (s.total, s.prune, s.start, s.final, s.interval) == (150, 75, 15, 75, 5)
+    updates = [t for t in range(1, s.total + 1) if s.is_update(t)]
+    assert updates[0] == 20 and updates[-1] == 75 and len(updates) == 12  # none in the fine-tune phase
+    lr = [s.lr_factor(t, 0.002, 0.1) for t in range(s.total)]
+    assert lr[0] == 1.0 and lr[74] < 0.01  # the pruning run's cosine ends near the floor ...
+    assert lr[75] < 0.2 and max(lr[75:]) == 1.0 and abs(lr[-1] - 0.002) < 0.01  # ... then a fresh one
+    assert all(b >= a for a, b in zip(lr[75:82], lr[76:83]))  # linear warm-up of 8 steps
+    whole = _Schedule.make(10, 15, 0.2, 0.5, 0.8, 3)  # finetune_fraction=0: one run, one cosine
+    assert whole.prune == whole.total == 150 and whole.final == 120
+    with pytest.raises(ValueError, match="finetune_fraction"):
+        _Schedule.make(10, 15, 0.2, 0.5, 1.0, 3, finetune_fraction=1.0)
+
+
+def test_finetune_phase_keeps_masks_fixed():
+    model = make_model("vit_tiny", num_classes=5)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(4)]
+    res = p3b_prune(model, 0.5, data, epochs=2, finetune_fraction=0.5, progress=False)
+    assert res.plan.meta["pruning_steps"] == 4 and res.plan.meta["finetune_steps"] == 4
+    assert res.history[-1]["step"] == 4 and res.history[-1]["tau"] == 0.0  # hard at the end of pruning
+    assert all(h["step"] <= 4 for h in res.history)
+    changed = [k for k, v in res.model.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert changed  # the weights were trained (the input model is untouched)
 
 
 @pytest.mark.parametrize("key", ["vit_tiny", "swin_tiny"])

@@ -10,6 +10,14 @@ masked by the plan) into ``model`` itself; :func:`p3b_prune` returns a :class:`P
 ``plan``, ``model`` (a trained, masked copy; the input is untouched) and the update ``history``.
 Either way ``sparsevit.accelerate(trained, plan)`` gives the fast model, equal to
 ``sparsevit.masked_model(trained, plan)``. ``plan.meta`` holds only plain numbers, never tensors.
+
+Schedule, scaled to short runs (METHODS.md section 2 gives the authors' in epochs): the authors prune
+for 50 epochs (benefits from epoch 10, keep ratios ramp to their goal by 25, tau 0.1 -> 0 so masks
+are hard by 50, about 3 mask updates per epoch, AdamW 5e-4 cosine), then fine-tune the shrunk model
+with a new optimiser. ``epochs`` here is the whole budget: the first ``1 - finetune_fraction`` (0.5)
+of its steps is the pruning run in the authors' proportions (0.2 / 0.5 / 1.0 of it), the rest the
+fine-tune (fresh AdamW moments, fresh cosine with a 10% warm-up). The final hard decision pools the
+last two update intervals, as the authors' finalize step does.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from sparsevit.prune.p3b_alloc import (ATTN_GATES, DEFAULT_GATE_FACTORS, MLP_GAT
 from sparsevit.prune.p3b_gates import AuxHeads, BlockSites, Gates, branch_states, read_sites
 from sparsevit.prune.registry import register_method
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: pruning phase + fine-tune phase
 
 
 def _branch_params(coef, kept) -> float:
@@ -86,6 +94,10 @@ class P3BPruner:
         return [k for k in range(len(self.branches)) if self._count(k) == 0]
 
     def reset_accumulators(self) -> None:
+        """Start a new interval; the one just closed is kept for the final, hard update."""
+        if hasattr(self, "scores"):
+            self.previous = {"scores": self.scores, "score_steps": self.score_steps, "benefit_cls": self.benefit_cls,
+                             "benefit_patch": self.benefit_patch, "benefit_steps": self.benefit_steps}
         n = len(self.branches)
         self.scores = [torch.zeros(m.numel(), dtype=torch.float64) for k in range(n) for m in self.masks(k)]
         self.score_steps = 0
@@ -114,12 +126,20 @@ class P3BPruner:
         self.benefit_steps += 1
 
     # ------------------------------------------------------------------ the update
-    def update(self, ramp_progress: float, tau: float) -> Dict:
+    def update(self, ramp_progress: float, tau: float, final: bool = False) -> Dict:
         """Recompute keep ratios from the mean benefits, then every block's masks; reset the sums.
 
         ``ramp_progress`` in [0, 1] moves the ratios from 1 to their goal; ``tau`` is the mask
         temperature (0: hard masks; a block with an empty gate is then switched off entirely).
+        ``final``: the decision that stays; like the authors, it pools the last two intervals' sums
+        (half the noise of one interval, which matters when an interval is a handful of batches).
         """
+        if final and getattr(self, "previous", None):
+            prev = self.previous
+            self.scores = [a + b for a, b in zip(self.scores, prev["scores"])]
+            self.score_steps += prev["score_steps"]
+            self.benefit_cls, self.benefit_patch = self.benefit_cls + prev["benefit_cls"], self.benefit_patch + prev["benefit_patch"]
+            self.benefit_steps += prev["benefit_steps"]
         steps = max(self.benefit_steps, 1)
         goal = self.alloc.update(self.benefit_cls / steps, self.benefit_patch / steps, self.remaining())
         self.keep_ratio = ramped_keep_ratio(goal, ramp_progress)
@@ -154,13 +174,16 @@ class P3BPruner:
     def state_dict(self) -> Dict:
         return {"scores": list(self.scores), "score_steps": self.score_steps, "benefit_cls": self.benefit_cls,
                 "benefit_patch": self.benefit_patch, "benefit_steps": self.benefit_steps,
-                "keep_ratio": self.keep_ratio, "alloc": self.alloc.state_dict()}
+                "keep_ratio": self.keep_ratio, "alloc": self.alloc.state_dict(),
+                "previous": getattr(self, "previous", None) or {}}
 
     def load_state_dict(self, state: Dict) -> None:
         self.scores = list(state["scores"])
         self.score_steps, self.benefit_steps = state["score_steps"], state["benefit_steps"]
         self.benefit_cls, self.benefit_patch = state["benefit_cls"], state["benefit_patch"]
         self.keep_ratio = state["keep_ratio"]
+        prev = state.get("previous") or None
+        self.previous = None if prev is None else dict(prev, scores=list(prev["scores"]))
         self.alloc.load_state_dict(state["alloc"])
 
 
@@ -200,7 +223,12 @@ class P3BResult:
 
 @dataclass
 class _Schedule:
+    """Step counts of one P3B run: a pruning phase of ``prune`` steps, then ``total - prune`` steps of
+    hard-mask fine-tuning. Inside the pruning phase: benefits from ``start``, keep ratios ramp to their
+    goal by ``ramp_end``, masks are hard from ``final`` on; masks update every ``interval`` steps."""
+
     total: int
+    prune: int
     start: int
     ramp_end: int
     final: int
@@ -208,20 +236,39 @@ class _Schedule:
 
     @classmethod
     def make(cls, epochs: int, steps_per_epoch: int, warmup: float, ramp_end: float, sharpen_end: float,
-             updates_per_epoch: float) -> "_Schedule":
+             updates_per_epoch: float, finetune_fraction: float = 0.0) -> "_Schedule":
         if not 0 <= warmup <= ramp_end <= sharpen_end <= 1:
             raise ValueError(f"need 0 <= warmup ({warmup}) <= ramp_end ({ramp_end}) <= sharpen_end ({sharpen_end}) "
-                             "<= 1 (fractions of the run)")
+                             "<= 1 (fractions of the pruning phase)")
+        if not 0 <= finetune_fraction < 1:
+            raise ValueError(f"finetune_fraction={finetune_fraction} must be in [0, 1) (the share of the run spent "
+                             "fine-tuning the hard-masked model)")
         total = epochs * steps_per_epoch
+        prune = min(max(int(round((1 - finetune_fraction) * total)), 1), total)
         interval = max(1, int(round(steps_per_epoch / max(updates_per_epoch, 1e-9))))
-        start = min(int(round(warmup * total)), total - 1)
-        final = max(min(int(round(sharpen_end * total)), total), start + 1)
-        ramp_at = min(max(int(round(ramp_end * total)), start), final)
-        return cls(total, start, ramp_at, final, interval)
+        start = min(int(round(warmup * prune)), prune - 1)
+        final = max(min(int(round(sharpen_end * prune)), prune), start + 1)
+        ramp_at = min(max(int(round(ramp_end * prune)), start), final)
+        return cls(total, prune, start, ramp_at, final, interval)
 
     def is_update(self, step: int) -> bool:
         """After optimiser step ``step`` (1-based count): a few times per epoch, and at ``final``."""
         return self.start < step <= self.final and ((step - self.start) % self.interval == 0 or step == self.final)
+
+    def lr_factor(self, step: int, floor: float, finetune_warmup: float) -> float:
+        """Cosine from 1 to ``floor`` over the pruning phase, then a fresh schedule for the fine-tune
+        phase (linear warm-up over ``finetune_warmup`` of it, cosine to ``floor``): the authors run the
+        fine-tune of the pruned model as a separate training run."""
+        def cosine(s: int, n: int) -> float:
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s / max(n, 1), 1.0)))
+
+        if step < self.prune:
+            return cosine(step, self.prune)
+        s, n = step - self.prune, self.total - self.prune
+        warm = int(round(finetune_warmup * n))
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        return cosine(s - warm, n - warm)
 
 
 def _batches(data: Iterable):
@@ -239,25 +286,33 @@ def _default_loss(out, y):
 
 
 def p3b_prune(model: nn.Module, sparsity: float, data: Iterable, *, epochs: int = 10, lr: float = 5e-4,
-              weight_decay: float = 0.05, min_lr: float = 1e-6, warmup: float = 0.2, ramp_end: float = 0.5,
-              sharpen_end: float = 0.8, updates_per_epoch: float = 3, gamma: float = 0.2, alpha: float = 0.5,
+              weight_decay: float = 0.05, min_lr: float = 1e-6, finetune_fraction: float = 0.5,
+              finetune_warmup: float = 0.1, warmup: float = 0.2, ramp_end: float = 0.5, sharpen_end: float = 1.0,
+              updates_per_epoch: float = 3, gamma: float = 0.2, alpha: float = 0.5,
               tau_max: float = 0.1, tau_min: float = 0.0, benefit_scale: float = 10.0,
               softplus_slope: float = 1.4, gate_factors: Optional[Dict[str, float]] = None,
               max_solve_iter: int = 20, patch_head_width: Optional[int] = None, grad_clip: Optional[float] = 1.0,
               loss_fn: Optional[Callable] = None, device=None, resume: Optional[str] = None,
               progress: bool = True, seed: int = 0) -> P3BResult:
-    """Run P3B's pruning fine-tune on a copy of ``model``; return plan, trained masked model, history.
+    """Run P3B on a copy of ``model`` (pruning phase, then hard-mask fine-tune); return plan, trained
+    masked model, history.
 
-    Args (authors' defaults; the schedule is given as fractions of the run so it scales to short runs):
+    The authors prune in one run (50 epochs: warm-up to epoch 10, keep ratios at their goal by 25,
+    hard masks by 50, cosine lr over the run) and then fine-tune the shrunk model in a separate run with
+    a fresh schedule. Here ``epochs`` is the whole budget and keeps that shape: ``finetune_fraction``
+    of its steps is the fine-tune (a fresh cosine, ``finetune_warmup`` of it a linear warm-up), the rest
+    is the pruning phase, and ``warmup`` / ``ramp_end`` / ``sharpen_end`` are fractions of the pruning
+    phase (the authors' 10/50, 25/50, 50/50). Why 0.5: with 10 epochs, masks that turn hard at 80% of
+    one cosine run (the earlier scaling) left 2 epochs at a near-zero lr to recover from the soft ->
+    hard step, and at 75% sparsity that cost several points; one-shot methods get the whole budget as
+    hard-mask fine-tuning. ``finetune_fraction=0, sharpen_end=1`` is the authors' pruning run alone.
+
+    Args (authors' defaults, schedule scaled as above):
         sparsity: fraction of the block (prunable) parameters to remove, in [0, 1).
         data: (images, labels) batches with ``len()``, re-iterated every epoch.
-        epochs: length of the run. The authors' transfer runs prune for 50 epochs (warm-up to 10,
-            keep ratios at target by 25, hard masks by 50) and fine-tune the shrunk model afterwards;
-            here ``warmup=0.2`` and ``ramp_end=0.5`` keep their proportions, and ``sharpen_end=0.8``
-            leaves the last 20% of the run with hard masks so the weights recover from the soft -> hard
-            step inside the same run (set 1.0 for the authors' exact proportions).
+        epochs: length of the whole run (pruning phase + fine-tune).
         updates_per_epoch: mask updates per epoch (authors: about 3).
-        lr, weight_decay, min_lr: AdamW with a cosine schedule over the whole run (authors: 5e-4, 0.05).
+        lr, weight_decay, min_lr: AdamW, cosine per phase (authors: 5e-4, 0.05).
         gamma: EMA weight of new block importances (0.2); alpha: class vs patch blend (0.5);
         benefit_scale, softplus_slope: the soft clip f(x) = softplus(1.4x) - softplus(1.4x - 10), x = 10 b / max b.
         tau_max -> tau_min: mask temperature annealed from 0.1 to 0 (hard) between ``ramp_end`` and
@@ -265,7 +320,7 @@ def p3b_prune(model: nn.Module, sparsity: float, data: Iterable, *, epochs: int 
             mlp_out 1.5); max_solve_iter: clamped re-solves of the keep ratios (20).
         patch_head_width: channels of the patch-token heads' convolutions (default: the block width).
         resume: checkpoint file; loaded when it exists (state dicts only, ``weights_only=True``) and
-            rewritten atomically after every epoch.
+            rewritten atomically after every epoch (both phases).
     """
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
@@ -286,19 +341,20 @@ def p3b_prune(model: nn.Module, sparsity: float, data: Iterable, *, epochs: int 
     heads = AuxHeads(sites, int(model.num_classes), patch_head_width).to(dev)
     pruner = P3BPruner(sites, gates, float(sparsity), gamma=gamma, alpha=alpha, benefit_scale=benefit_scale,
                        softplus_slope=softplus_slope, gate_factors=gate_factors, max_solve_iter=max_solve_iter)
-    sched = _Schedule.make(epochs, steps_per_epoch, warmup, ramp_end, sharpen_end, updates_per_epoch)
+    sched = _Schedule.make(epochs, steps_per_epoch, warmup, ramp_end, sharpen_end, updates_per_epoch,
+                           finetune_fraction)
     opt = torch.optim.AdamW(list(work.parameters()) + list(heads.parameters()), lr=lr, weight_decay=weight_decay)
     floor = min_lr / lr if lr > 0 else 0.0
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s / sched.total, 1.0))))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sched.lr_factor(s, floor, finetune_warmup))
     trainer = _Trainer(work, heads, gates, pruner, sched, opt, lr_sched, loss_fn or _default_loss, grad_clip,
                        dict(tau_max=tau_max, tau_min=tau_min))
-    config = {"sparsity": float(sparsity), "epochs": int(epochs), "steps_per_epoch": int(steps_per_epoch)}
+    config = {"sparsity": float(sparsity), "epochs": int(epochs), "steps_per_epoch": int(steps_per_epoch),
+              "pruning_steps": sched.prune}
     start_epoch = trainer.load(resume, config) if resume and os.path.exists(resume) else 0
     try:
         trainer.run(data, start_epoch, epochs, resume, config, progress)
         if not pruner.is_hard():
-            trainer.history.append(pruner.update(1.0, 0.0))
+            trainer.history.append(pruner.update(1.0, 0.0, final=True))
         plan = build_plan(model, pruner)
     finally:
         gates.remove()
@@ -306,6 +362,7 @@ def p3b_prune(model: nn.Module, sparsity: float, data: Iterable, *, epochs: int 
 
     trained = masked_model(work, plan, inplace=True).eval()
     plan.meta = {"method": "p3b", "criterion": "taylor", "sparsity": float(sparsity), "epochs": int(epochs),
+                 "pruning_steps": sched.prune, "finetune_steps": sched.total - sched.prune,
                  "keep_ratio": [float(v) for v in pruner.keep_ratio], "disabled_blocks": pruner.disabled(),
                  "updates": len(trainer.history), "stats": get_adapter(model).count(plan)}
     return P3BResult(plan, trained, trainer.history)
@@ -328,7 +385,6 @@ class _Trainer:
                    leave=False)
         self.work.train()
         self.heads.train()
-        self.gates.capture = True
         for epoch in range(start_epoch, epochs):
             for x, y in _batches(data):
                 loss = self.train_step(x, y)
@@ -341,6 +397,9 @@ class _Trainer:
         bar.close()
 
     def train_step(self, x, y) -> float:
+        if self.step >= self.sched.prune:
+            return self.finetune_step(x, y)
+        self.gates.capture = True
         dev = next(self.work.parameters()).device
         x, y = x.to(dev), y.to(dev)
         loss = self.loss_fn(self.work(x), y)
@@ -353,18 +412,38 @@ class _Trainer:
             cls = torch.stack([aux[i][0] - aux[o][0] for i, o in self.states])
             patch = torch.stack([aux[i][1] - aux[o][1] for i, o in self.states])
             self.pruner.accumulate_benefits(cls, patch)
+        self._optimiser_step()
+        if self.sched.is_update(self.step):
+            s = self.sched
+            tau = tau_at(ramp(self.step, s.ramp_end, s.final), self.tau["tau_max"], self.tau["tau_min"])
+            final = self.step >= s.final
+            entry = self.pruner.update(ramp(self.step, s.start, s.ramp_end), 0.0 if final else tau, final=final)
+            entry["step"] = self.step
+            self.history.append(entry)
+        return float(loss.detach())
+
+    def finetune_step(self, x, y) -> float:
+        """The fine-tune phase: masks are hard and fixed; no auxiliary heads, no scores. Its first step
+        starts from fresh AdamW moments, as the authors build a new optimiser for the pruned model."""
+        if self.step == self.sched.prune:
+            self.opt.state.clear()
+        self.gates.capture = False
+        self.gates.states.clear()
+        dev = next(self.work.parameters()).device
+        loss = self.loss_fn(self.work(x.to(dev)), y.to(dev))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for m in self.gates.all_masks():
+            m.grad = None
+        self._optimiser_step()
+        return float(loss.detach())
+
+    def _optimiser_step(self) -> None:
         if self.grad_clip:
             nn.utils.clip_grad_norm_(self.work.parameters(), self.grad_clip)
         self.opt.step()
         self.lr_sched.step()
         self.step += 1
-        if self.sched.is_update(self.step):
-            s = self.sched
-            tau = tau_at(ramp(self.step, s.ramp_end, s.final), self.tau["tau_max"], self.tau["tau_min"])
-            entry = self.pruner.update(ramp(self.step, s.start, s.ramp_end), 0.0 if self.step >= s.final else tau)
-            entry["step"] = self.step
-            self.history.append(entry)
-        return float(loss.detach())
 
     def save(self, path: str, epoch: int, config: Dict) -> None:
         from sparsevit._io import atomic_write
