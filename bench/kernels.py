@@ -4,7 +4,10 @@ Shapes are the Linear layers of ViT-B/16 and DeiT-S (MLP fc1/fc2, attention qkv/
 197 x batch; weights are random non-zero data under random block masks at the benchmarked block
 shape (exactly round((1 - sparsity) * n_blocks) blocks kept). Every method of one configuration is
 timed in interleaved rounds (so background load hits all of them alike); reported is the median
-after warm-up, and the speed-up vs dense torch in the same dtype.
+after warm-up, the speed-up vs dense torch in the same dtype, and sparsevit's kept work (2 x kept
+block area x tokens) as % of the machine's peak: ``torch.ops.sparsevit_C.peak_gflops`` (16
+independent register-only ``vfmadd231ps``/``vdpbf16ps`` zmm chains per thread, see
+bench/cpu_kernels.py), measured once per dtype at the benchmark's thread count.
 
     python bench/kernels.py --quick                 # ViT-B fc1/fc2, 197x8 tokens, the target grid
     python bench/kernels.py --threads 2 --out bench/out/kernels
@@ -34,6 +37,10 @@ from sparsevit.ops.linear_kernels import get_kernel  # noqa: E402
 SHAPES = {  # name: (in_features, out_features)
     "vit_b.fc1": (768, 3072), "vit_b.fc2": (3072, 768), "vit_b.qkv": (768, 2304), "vit_b.proj": (768, 768),
     "deit_s.fc1": (384, 1536), "deit_s.fc2": (1536, 384), "deit_s.qkv": (384, 1152), "deit_s.proj": (384, 384),
+    # DeiT-S after 50% head / MLP slicing: 3 of 6 heads (qkv 576, proj in 192), MLP 768 (or ~770)
+    "deit_s50.qkv": (384, 576), "deit_s50.qkv4": (384, 768), "deit_s50.proj2": (128, 384),
+    "deit_s50.proj": (192, 384), "deit_s50.proj4": (256, 384), "deit_s50.fc1": (384, 770),
+    "deit_s50.fc2": (770, 384),
 }
 METHODS = ("dense", "torch_bsr", "torch_csr", "sparsevit")
 
@@ -88,7 +95,14 @@ def time_interleaved(fns, warmup, reps, max_s, stat="median"):
     return {k: agg(v) for k, v in times.items()}
 
 
-def run(args):
+def measure_peaks(threads):
+    """dtype name -> register-loop peak GF/s at `threads` threads (None without the extension)."""
+    if not _ext.has_op("peak_gflops"):
+        return {}
+    return {d: torch.ops.sparsevit_C.peak_gflops(d, threads, 0.2) for d in ("float32", "bfloat16")}
+
+
+def run(args, peaks):
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     records = []
@@ -118,6 +132,9 @@ def run(args):
                                            infer_samples_per_sec=round(tokens / ms[m] * 1e3, 1),
                                            speedup=round(dense_ms / ms[m], 3),
                                            effective_gflops=round(flops / ms[m] / 1e6, 1))
+                                if m == "sparsevit" and peaks.get(dtype_name):
+                                    kept = flops * density
+                                    rec["kept_pct_peak"] = round(100 * kept / ms[m] / 1e6 / peaks[dtype_name], 1)
                             else:
                                 rec.update(infer_step_time=None,
                                            note=methods[m] if isinstance(methods[m], str) else "not run")
@@ -125,8 +142,8 @@ def run(args):
                         r = {rr["method"]: rr for rr in records[-len(METHODS):]}
                         print(f"{dtype_name:8s} {shape_name:10s} T={tokens:5d} {block[0]}x{block[1]:<3d} "
                               f"sp={sp:.2f} " + "  ".join(
-                                  f"{m}={r[m]['infer_step_time']}ms({r[m].get('speedup', '-')}x)" for m in METHODS),
-                              flush=True)
+                                  f"{m}={r[m]['infer_step_time']}ms({r[m].get('speedup', '-')}x)" for m in METHODS)
+                              + f" kept%peak={r['sparsevit'].get('kept_pct_peak', '-')}", flush=True)
     return records
 
 
@@ -139,7 +156,7 @@ def fmt(rec):
 def to_markdown(records, meta):
     lines = [f"CPU: {meta['cpu']}; torch {meta['torch']}; threads {meta['threads']}; kernel "
              f"`{meta['kernel']}`; {meta['stat']} of interleaved runs; ms (speed-up vs dense torch, same dtype); "
-             f"load average at start {meta['loadavg']}.", ""]
+             f"load average at start {meta['loadavg']}; peak GF/s {meta['peaks']}.", ""]
     groups = {}
     for r in records:
         groups.setdefault((r["dtype"], r["shape"], r["tokens"]), {}).setdefault(
@@ -148,11 +165,11 @@ def to_markdown(records, meta):
         lines.append(f"**{shape}** ({rows[next(iter(rows))]['dense']['in_features']}->"
                      f"{rows[next(iter(rows))]['dense']['out_features']}), {dt}, {tokens} tokens")
         lines.append("")
-        lines.append("| block | sparsity | dense ms | torch BSR | torch CSR | sparsevit |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| block | sparsity | dense ms | torch BSR | torch CSR | sparsevit | kept % of peak |")
+        lines.append("|---|---|---|---|---|---|---|")
         for (block, sp), ms in rows.items():
             lines.append(f"| {block} | {sp:.0%} | {ms['dense']['infer_step_time']:.2f} | {fmt(ms['torch_bsr'])} | "
-                         f"{fmt(ms['torch_csr'])} | {fmt(ms['sparsevit'])} |")
+                         f"{fmt(ms['torch_csr'])} | {fmt(ms['sparsevit'])} | {ms['sparsevit'].get('kept_pct_peak', '-')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -193,7 +210,9 @@ def main(argv=None):
             meta["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    records = run(args)
+    torch.set_num_threads(args.threads)
+    meta["peaks"] = {k: round(v) for k, v in measure_peaks(args.threads).items()}
+    records = run(args, meta["peaks"])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "args": {k: v for k, v in vars(args).items()}, "results": records}, f, indent=1)

@@ -132,3 +132,77 @@ def test_under_torch_compile():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), f(x))
+
+
+def _full_rows_case(T, out_f, in_f, block, dtype, seed):
+    """Every block kept except block column 1 in odd block rows: rows of ~in_f/bw blocks, so the
+    kernel's register accumulators spill to the L1 tile several times (every 128 columns)."""
+    g = _gen(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    mask = torch.ones(out_f, in_f, dtype=torch.bool)
+    for r in range(1, -(-out_f // block[0]), 2):
+        mask[r * block[0]:(r + 1) * block[0], block[1]:2 * block[1]] = False
+    x = torch.randn(T, in_f, generator=g).to(dtype)
+    b = torch.randn(out_f, generator=g).to(dtype)
+    return x, BlockSparseWeight.from_dense(w.to(dtype), block=block, mask=mask), b
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_f", [128, 160, 300, 1000])
+def test_cpp_long_rows_spill_to_tile(dtype, in_f):
+    """Rows of exactly 4 blocks (128 columns: no spill), 5, ~10 and ~32 blocks (K not a multiple of
+    the 128-column interval, padded last block), with bias and both GELUs, a partial token tile."""
+    for block in [(32, 32), (16, 16), (64, 64)]:
+        x, ws, b = _full_rows_case(29, 70, in_f, block, dtype, seed=in_f)
+        for act in ACTS:
+            assert_close_to_ref(bsr_linear(x, ws, b, act), x, ws, b, act, f"{dtype} K={in_f} {block} {act}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_nonfinite_read_and_unread_columns(isa, dtype):
+    """The kernels flag tokens whose outputs are not finite; block columns no kept block reads are
+    scanned apart. Both kinds of column, in full and partial token tiles, match dense float64."""
+    if not torch.ops.sparsevit_C.bsr_linear_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    for block in [(32, 32), (16, 16), (1, 8)]:
+        g = _gen(7)
+        out_f, in_f = 70, 4 * block[1] + 5
+        w = torch.randn(out_f, in_f, generator=g)
+        keep = torch.rand(-(-out_f // block[0]), -(-in_f // block[1]), generator=g) < 0.5
+        keep[:, 2] = False  # block column 2 is read by no kept block
+        keep[0, 0] = True
+        mask = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:out_f, :in_f]
+        ws = BlockSparseWeight.from_dense(w.to(dtype), block=block, mask=mask)
+        x = torch.randn(50, in_f, generator=g).to(dtype)
+        x[3, 1] = float("nan")                    # read column
+        x[17, 2 * block[1] + 1] = float("inf")    # unread column
+        x[49, 0] = -float("inf")                  # read column, last (partial) tile
+        x[30, :] = float("nan")
+        y = torch.ops.sparsevit_C.bsr_linear(x, ws.packed, ws.col_indices, ws.crow_indices, None, out_f, in_f,
+                                             block[0], block[1], 0, isa).double()
+        ref = F.linear(x.double(), ws.to_dense().double())
+        what = f"isa={isa} {dtype} {block}"
+        assert torch.equal(y.isnan(), ref.isnan()), f"{what}: NaN pattern differs"
+        assert torch.equal(y.isinf(), ref.isinf()), f"{what}: Inf pattern differs"
+        fin = ref.isfinite()
+        torch.testing.assert_close(y[fin], ref[fin], rtol=2e-2, atol=2e-2)
+
+
+@needs_cpp
+def test_cpp_overflow_is_not_mistaken_for_nonfinite_input():
+    """Finite inputs whose sums overflow raise the kernel's non-finite flag: the output must stay
+    what dense gives (+inf where blocks are kept, the bias elsewhere), not NaN."""
+    g = _gen(5)
+    w = torch.rand(64, 96, generator=g) + 0.5
+    mask = torch.zeros(64, 96, dtype=torch.bool)
+    mask[:32, :32] = True
+    ws = BlockSparseWeight.from_dense(w, block=(32, 32), mask=mask)
+    x = torch.full((13, 96), 3e37)
+    b = torch.randn(64, generator=g)
+    y = bsr_linear(x, ws, b)
+    ref = F.linear(x.double(), ws.to_dense().double(), b.double()).float()
+    torch.testing.assert_close(y, ref)
+    assert torch.isinf(y[:, :32]).all() and torch.isfinite(y[:, 32:]).all()

@@ -27,24 +27,106 @@ namespace {
 // kernel (NaN propagates through vexp there).
 #include "sparse_fine_simd.h"
 
-// ---- kernel A: rows in vectors, tokens broadcast -----------------------------------------------
-template <int NV, int TT, int BF16>
-static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xtile, int64_t ld) {
-  // Two-level summation: registers hold the partial sums of ~32 input columns (one block or a few
-  // narrow ones), which are then added into an L1-resident [TT x BHP] tile. Rounding error then
-  // grows with 32 + K/32 terms instead of K (more accurate than dense BLAS) for ~3% extra uops.
+// Input columns summed in registers before the partial sums go to the L1 tile (see kernel_a).
+enum { FLUSH_COLS = 128 };
+
+// Threads working on different block rows may flag the same token: a relaxed atomic store.
+static inline void mark_bad(const BsrParams* p, int64_t tok) { __atomic_store_n(p->bad_tok + tok, (char)1, __ATOMIC_RELAXED); }
+
+// tacc (+)= acc, acc = 0.
+template <int NV, int TT>
+static inline __attribute__((always_inline)) void flush_a(vf (&acc)[TT][NV], float* tacc, bool add) {
   const int BHP = NV * W;
-  alignas(64) float tacc[TT * BHP];
-  for (int v = 0; v < NV; ++v) {
-    vf b = p->bias_pad ? vload(p->bias_pad + r * BHP + v * W) : vzero();
-    for (int t = 0; t < TT; ++t) vstore(tacc + t * BHP + v * W, b);
-  }
-  vf acc[TT][NV];
 #pragma GCC unroll 16
   for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[t][v] = vzero();
+    for (int v = 0; v < NV; ++v) {
+      vf s = add ? vadd(vload(tacc + t * BHP + v * W), acc[t][v]) : acc[t][v];
+      vstore(tacc + t * BHP + v * W, s);
+      acc[t][v] = vzero();
+    }
+}
+
+// True when some value is NaN or +-Inf (or their sum overflows, a harmless false alarm): one
+// reduction per tile instead of a scan of all of x per call.
+template <int NV, int TT>
+static inline __attribute__((always_inline)) bool any_nonfinite(const vf (&acc)[TT][NV]) {
+  vf s[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    vf a = acc[0][v], c = TT > 1 ? acc[1][v] : vzero();
+#pragma GCC unroll 16
+    for (int t = 2; t + 1 < TT; t += 2) {
+      a = vadd(a, acc[t][v]);
+      c = vadd(c, acc[t + 1][v]);
+    }
+    if (TT > 2 && (TT & 1)) a = vadd(a, acc[TT - 1][v]);
+    s[v] = vadd(a, c);
+  }
+#pragma GCC unroll 4
+  for (int v = 1; v < NV; ++v) s[0] = vadd(s[0], s[v]);
+  const float h = vhsum(s[0]);
+  return !(h - h == 0.0f);
+}
+
+// Writes act(acc) into y (masked for padded rows / tokens) and marks tokens whose pre-activation
+// output is not finite in p->bad_tok: bsr_linear.cpp then redoes those tokens' NaN propagation.
+template <int NV, int TT, int BF16>
+static inline __attribute__((always_inline)) void epilogue_a(const BsrParams* p, int64_t r, int64_t tile,
+                                                             vf (&acc)[TT][NV], float* tacc) {
+  const int BHP = NV * W;
+  const int64_t row0 = r * p->bh;
+  int64_t nrow = p->out - row0;
+  if (nrow > p->bh) nrow = p->bh;
+  const int64_t tok0 = tile * TT;
+  const bool bad = any_nonfinite<NV, TT>(acc);
+  if (!bad && nrow == BHP && tok0 + TT <= p->T) {  // full tile: straight from registers
+#pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) store_lanes(p->y, (tok0 + t) * p->ldy + row0 + v * W, vact(acc[t][v], p->act), W, BF16);
+    return;
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(tacc + t * BHP + v * W, acc[t][v]);
+  for (int t = 0; t < TT; ++t) {
+    if (tok0 + t >= p->T) break;
+    if (bad) {
+      for (int i = 0; i < BHP; ++i)
+        if (!(tacc[t * BHP + i] - tacc[t * BHP + i] == 0.0f)) mark_bad(p, tok0 + t);
+    }
+    for (int v = 0; v < NV; ++v) {
+      int n = (int)(nrow - v * W);
+      if (n <= 0) break;
+      if (n > W) n = W;
+      store_lanes(p->y, (tok0 + t) * p->ldy + row0 + v * W, vact(vload(tacc + t * BHP + v * W), p->act), n, BF16);
+    }
+  }
+}
+
+// ---- kernel A: rows in vectors, tokens broadcast -----------------------------------------------
+template <int NV, int TT, int BF16>
+static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xtile, int64_t ld) {
+  // Accumulators start at the bias and stay in registers for up to FLUSH_COLS input columns; longer
+  // rows add each such partial sum into an L1-resident [TT x BHP] tile (two-level summation: the
+  // rounding error grows with FLUSH_COLS + K/FLUSH_COLS terms instead of K). DeiT-S rows at 30-50%
+  // density hold 2-8 blocks of 32 columns, so most of them never touch the tile at all.
+  const int BHP = NV * W;
+  alignas(64) float tacc[TT * BHP];
+  vf acc[TT][NV];
+  {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = p->bias_pad ? vload(p->bias_pad + r * BHP + v * W) : vzero();
+#pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[t][v] = b[v];
+  }
   int kin = 0;
+  bool spilled = false;  // tacc holds earlier partial sums
   // Activations are read in place, row-major: token t of the tile, column k is xt[t * ld + k].
   // Four tokens share one base pointer (offsets 0, ld, 2ld, 3ld fit x86 addressing), so the
   // broadcasts stay memory operands and no general register is spilled.
@@ -76,15 +158,10 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xt
         }
       }
       kin += bw;
-      if (kin >= 32 || b + 1 == b1) {
+      if (kin >= FLUSH_COLS && b + 1 < b1) {
         kin = 0;
-#pragma GCC unroll 16
-        for (int t = 0; t < TT; ++t)
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) {
-            vstore(tacc + t * BHP + v * W, vadd(vload(tacc + t * BHP + v * W), acc[t][v]));
-            acc[t][v] = vzero();
-          }
+        flush_a<NV, TT>(acc, tacc, spilled);
+        spilled = true;
       }
     }
   } else {
@@ -133,32 +210,20 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xt
 #endif
       }
       kin += bw;
-      if (kin >= 32 || b + 1 == b1) {
+      if (kin >= FLUSH_COLS && b + 1 < b1) {
         kin = 0;
-#pragma GCC unroll 16
-        for (int t = 0; t < TT; ++t)
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) {
-            vstore(tacc + t * BHP + v * W, vadd(vload(tacc + t * BHP + v * W), acc[t][v]));
-            acc[t][v] = vzero();
-          }
+        flush_a<NV, TT>(acc, tacc, spilled);
+        spilled = true;
       }
     }
   }
-  // epilogue: activation in fp32, masked stores for padded rows / tokens
-  const int64_t row0 = r * p->bh;
-  int64_t nrow = p->out - row0;
-  if (nrow > p->bh) nrow = p->bh;
-  const int64_t tok0 = tile * TT;
-  for (int t = 0; t < TT; ++t) {
-    if (tok0 + t >= p->T) break;
-    for (int v = 0; v < NV; ++v) {
-      int n = (int)(nrow - v * W);
-      if (n <= 0) break;
-      if (n > W) n = W;
-      store_lanes(p->y, (tok0 + t) * p->ldy + row0 + v * W, vact(vload(tacc + t * BHP + v * W), p->act), n, BF16);
-    }
+  if (spilled) {
+#pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[t][v] = vadd(acc[t][v], vload(tacc + t * BHP + v * W));
   }
+  epilogue_a<NV, TT, BF16>(p, r, tile, acc, tacc);
 }
 
 // ---- kernel B: tokens in vectors, weights broadcast (short blocks such as 1x8) -----------------
@@ -262,7 +327,11 @@ static void kernel_b(const BsrParams* p, int64_t r, int64_t tile, const void* xt
   for (int i = 0; i < BH; ++i) {
     if (i >= p->bh || row0 + i >= p->out) break;
     for (int u = 0; u < TV; ++u) {
-      vstore(tmp, vact(vload(tacc + i * TT + u * W), p->act));
+      const vf pre = vload(tacc + i * TT + u * W);
+      vstore(tmp, pre);
+      for (int l = 0; l < W; ++l)  // non-finite pre-activation outputs: see epilogue_a
+        if (tok0 + u * W + l < p->T && !(tmp[l] - tmp[l] == 0.0f)) mark_bad(p, tok0 + u * W + l);
+      vstore(tmp, vact(pre, p->act));
       for (int l = 0; l < W; ++l) {
         const int64_t tok = tok0 + u * W + l;
         if (tok >= p->T) break;

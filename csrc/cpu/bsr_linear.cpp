@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bsr_params.h"
@@ -108,18 +109,37 @@ bool row_nonfinite(const Bits* u, int64_t n, Bits exp_mask) {
 
 // Dense x @ W^T is NaN at output o whenever x[t, i] is NaN/Inf and W[o, i] == 0 (0 * Inf = NaN).
 // Kept blocks multiply their zeros and do that by themselves; dropped blocks are never read, so
-// their output rows are marked here. Only rows holding a non-finite value pay more than one scan.
+// their output rows are marked here. A non-finite x[t, i] in a block column that some kept block
+// reads makes that block row's outputs non-finite, and the kernels flag token t in p.bad_tok; so
+// only block columns no kept block reads are scanned here, and only flagged tokens pay more.
 void propagate_nonfinite(const at::Tensor& xc, at::Tensor& y, const BsrParams& p) {
   const bool bf16 = p.bf16 != 0;
-  std::vector<char> bad_row(p.T, 0);
-  at::parallel_for(0, p.T, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const char* row = (const char*)xc.data_ptr() + t * p.ldx * xc.element_size();
-      bad_row[t] = bf16 ? row_nonfinite((const uint16_t*)row, p.in, (uint16_t)0x7f80)
-                        : row_nonfinite((const uint32_t*)row, p.in, (uint32_t)0x7f800000u);
-    }
-  });
-  if (std::find(bad_row.begin(), bad_row.end(), 1) == bad_row.end()) return;
+  std::vector<char> read_col(p.nbc, 0);
+  for (int32_t k = 0; k < p.crow[p.nbr]; ++k) read_col[p.col[k]] = 1;
+  std::vector<std::pair<int64_t, int64_t>> unread;  // [begin, end) input columns, merged
+  for (int64_t c = 0; c < p.nbc; ++c) {
+    if (read_col[c]) continue;
+    const int64_t lo = c * p.bw, hi = std::min<int64_t>(p.in, lo + p.bw);
+    if (!unread.empty() && unread.back().second == lo) unread.back().second = hi;
+    else unread.emplace_back(lo, hi);
+  }
+  char* bad_row = p.bad_tok;
+  if (!unread.empty()) {
+    const int64_t esz = xc.element_size();
+    at::parallel_for(0, p.T, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const char* row = (const char*)xc.data_ptr() + t * p.ldx * esz;
+        for (size_t i = 0; i < unread.size() && !bad_row[t]; ++i) {
+          const char* s = row + unread[i].first * esz;
+          const int64_t n = unread[i].second - unread[i].first;
+          if (bf16 ? row_nonfinite((const uint16_t*)s, n, (uint16_t)0x7f80)
+                   : row_nonfinite((const uint32_t*)s, n, (uint32_t)0x7f800000u))
+            bad_row[t] = 1;
+        }
+      }
+    });
+  }
+  if (std::find(bad_row, bad_row + p.T, 1) == bad_row + p.T) return;
   at::Tensor xf = xc.to(at::kFloat).contiguous();
   std::vector<char> bad_col(p.nbc), kept(p.nbc);
   for (int64_t t = 0; t < p.T; ++t) {
@@ -332,6 +352,8 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   p.act = (int)act;
   p.tile_stride = nbc * KP * TT;
   p.n_tiles = (T + TT - 1) / TT;
+  std::vector<char> bad_tok(T, 0);
+  p.bad_tok = bad_tok.data();
   stage_activations(p, kern, xc);
   run_parallel(p, kern);
   propagate_nonfinite(xc, y, p);

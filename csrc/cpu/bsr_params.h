@@ -36,6 +36,7 @@ struct BsrParams {
   int act;              // 0: none, 1: gelu (erf), 2: gelu (tanh)
   int64_t tile_stride;  // elements per packed token tile = nbc * KP * TT
   int64_t n_tiles;
+  char* bad_tok;        // [T], zeroed by the caller; kernels set 1 where a token's output is not finite
 };
 
 struct BsrKernels {
