@@ -27,7 +27,7 @@ from sparsevit.formats import format_string
 from sparsevit.formats.bsr import BlockSparseWeight
 from sparsevit.ops._autocast import register_autocast
 from sparsevit.ops.linear_kernels import (ACTIVATIONS, KernelInput, Reference, apply_activation,  # noqa: F401
-                                          check_linear_inputs, resolve, standard_ops_wanted)
+                                          check_linear_inputs, eager_cpu_call_ok, resolve)
 
 __all__ = ["bsr_linear", "reference_bsr_linear", "apply_activation", "ACTIVATIONS"]
 
@@ -87,19 +87,6 @@ def _(x, values, col_indices, crow_indices, packed, out_features, in_features, b
 register_autocast("sparsevit::bsr_linear", "lower")
 
 
-def _plain_cpu_call(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tensor]) -> bool:
-    """True when the custom op would only forward to the CPU implementation: eager, plain CPU
-    tensors of the weight's dtype, no autocast, no autograd, no dispatch mode, no tracing (TorchScript,
-    ``torch.compile``/``torch.export``, whose graphs must show the op). The op's Python
-    dispatch then costs ~7 us a call (a third of a small layer's time at batch 1), so it is skipped."""
-    if x.device.type != "cpu" or type(x) is not torch.Tensor or x.dtype != w.dtype:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.values.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    return not (torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or standard_ops_wanted())
-
-
 def bsr_linear(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tensor] = None,
                activation: Optional[str] = None, kernel: str = "auto") -> torch.Tensor:
     """``act(x @ W^T + bias)`` with a block-sparse weight, fused in one kernel where available.
@@ -125,5 +112,5 @@ def bsr_linear(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tenso
         x2d = x2d.contiguous()
     args = (x2d, w.values, w.col_indices, w.crow_indices, w.packed, w.shape[0], w.shape[1], w.block[0],
             w.block[1], bias, act, kernel)
-    y = _dispatch(*args) if _plain_cpu_call(x2d, w, bias) else _bsr_linear_op(*args)
+    y = _dispatch(*args) if eager_cpu_call_ok(x2d, w.values, bias) else _bsr_linear_op(*args)
     return y.reshape(*lead, w.shape[0])

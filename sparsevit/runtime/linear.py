@@ -2,9 +2,10 @@
 
 * :class:`SparseLinear` -- a :class:`~sparsevit.formats.BlockSparseWeight` (or an
   :class:`~sparsevit.formats.NMSparseWeight`, or a :class:`~sparsevit.formats.FineSparseWeight`)
-  + bias + fused activation, always run by the custom op ``sparsevit::bsr_linear``
-  (``sparsevit::nm_linear``, ``sparsevit::fine_linear``). Which implementation runs is the op's
-  business (:mod:`sparsevit.ops.linear_kernels`), so the module works on any device and dtype it is
+  + bias + fused activation, run by the custom op ``sparsevit::bsr_linear``
+  (``sparsevit::nm_linear``, ``sparsevit::fine_linear``); plain eager CPU calls go straight to the
+  C++ kernel the op would pick (:func:`~sparsevit.ops.linear_kernels.eager_cpu_call_ok`), traced
+  graphs always show the op. Which implementation runs is the op's business (:mod:`sparsevit.ops.linear_kernels`), so the module works on any device and dtype it is
   moved to; its indices and values are buffers (``state_dict`` round-trips, ``.to(...)`` just works).
 * :class:`~sparsevit.runtime.dense_linear.DenseLinear` -- an ``nn.Linear`` holding ``W * mask``
   with the same fused activation, run by the dense implementation measured fastest for it.
