@@ -247,19 +247,52 @@ void add_norm_row_f32(const float* xr, const float* yr, float* orow, float* lrow
   norm_row(orow, D, sum, a.ridx, a.w, a.b, a.Kr, a.eps, lrow);
 }
 
+// bf16 full-width add in one loop: o = round_bf16(x + y) stored as bf16 (orow) and as its exact fp32
+// value (obuf, what the norm reads); returns the row's sum. Rounding as in `narrow`.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float add_round_bf16_row(const c10::BFloat16* xr, const c10::BFloat16* yr, float* obuf, c10::BFloat16* orow,
+                         int64_t D) {
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xr);
+  const uint16_t* ys = reinterpret_cast<const uint16_t*>(yr);
+  uint16_t* os = reinterpret_cast<uint16_t*>(orow);
+  uint32_t* ob = reinterpret_cast<uint32_t*>(obuf);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) {
+    const uint32_t xu = static_cast<uint32_t>(xs[d]) << 16, yu = static_cast<uint32_t>(ys[d]) << 16;
+    float xf, yf;
+    std::memcpy(&xf, &xu, 4);
+    std::memcpy(&yf, &yu, 4);
+    const float v = xf + yf;
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t h = (u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u) : rounded;
+    os[d] = static_cast<uint16_t>(h);
+    const uint32_t back = (h & 0xFFFFu) << 16;
+    ob[d] = back;
+    float bf;
+    std::memcpy(&bf, &back, 4);
+    sum += bf;
+  }
+  return sum;
+}
+
 // bf16 row: widened to fp32, added, rounded to bf16 (the residual stream's values), normed from those.
 void add_norm_row_bf16(const c10::BFloat16* xr, const c10::BFloat16* yr, c10::BFloat16* orow, c10::BFloat16* lrow,
                        int64_t D, const AddNormArgs& a, float* obuf, float* ybuf, float* lbuf) {
-  widen(xr, D, obuf);
-  widen(yr, a.Kw, ybuf);
+  float sum;
   if (a.widx == nullptr) {
-    add_row_sum(obuf, obuf, ybuf, D);
+    sum = add_round_bf16_row(xr, yr, obuf, orow, D);
   } else {
+    widen(xr, D, obuf);
+    widen(yr, a.Kw, ybuf);
     scatter_add_row(obuf, a.widx, ybuf, a.Kw);
+    narrow(obuf, D, orow);
+    widen(orow, D, obuf);  // the norm sees the rounded residual, as the unfused add-then-norm does
+    sum = row_sum(obuf, D);
   }
-  narrow(obuf, D, orow);
-  widen(orow, D, obuf);  // the norm sees the rounded residual, as the unfused add-then-norm does
-  norm_row(obuf, D, row_sum(obuf, D), a.ridx, a.w, a.b, a.Kr, a.eps, lbuf);
+  norm_row(obuf, D, sum, a.ridx, a.w, a.b, a.Kr, a.eps, lbuf);
   narrow(lbuf, a.Kr, lrow);
 }
 

@@ -10,6 +10,7 @@ of the ops above.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -104,12 +105,30 @@ def residual_scatter_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, 
     return _residual_scatter_add(x, index, y)
 
 
+# dtypes the fused kernel runs for inside models: it beats add + layer_norm in float32 (1.2x at DeiT-S
+# width, batch 8, bench/profile_forward.py --compare-unfused); its bfloat16 path is correct (tested)
+# but measured 0.9-1.0x of ATen's bf16 add + layer_norm, so bf16 keeps the separate ops.
+FUSED_ADD_NORM_DTYPES = (torch.float32,)
+_fusion = {"enabled": True}
+
+
+@contextlib.contextmanager
+def add_norm_fusion(enabled: bool):
+    """Turn the fused add+norm kernel on/off inside the ``with`` (for side-by-side timing)."""
+    before = _fusion["enabled"]
+    _fusion["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _fusion["enabled"] = before
+
+
 def _fused_add_norm_ok(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether the C++ add+norm kernel takes these inputs (eager CPU inference, same dtype)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # traced graphs keep the separate ops, which the compilers and exporters know
-    return (x.device.type == "cpu" and y.device.type == "cpu" and x.dtype == y.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_autocast_enabled("cpu")
+    return (_fusion["enabled"] and x.device.type == "cpu" and y.device.type == "cpu" and x.dtype == y.dtype
+            and x.dtype in FUSED_ADD_NORM_DTYPES and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
             and _ext.has_op("residual_add_layernorm"))
 
@@ -120,9 +139,10 @@ def residual_add_layernorm(x: torch.Tensor, y: torch.Tensor, write: Optional[tor
     """``(x2, layer_norm(x2)[..., read])`` with ``x2 = x`` plus ``y`` added into channels ``write``.
 
     The write-back of a branch into the residual stream and the next branch's norm in one pass over
-    each row (C++ kernel, CPU float32/bfloat16, statistics in float32 over the full row). ``write`` /
+    each row (C++ kernel, CPU, dtypes :data:`FUSED_ADD_NORM_DTYPES`, statistics in float32 over the
+    full row; the kernel itself also takes bfloat16: ``torch.ops.sparsevit_C.residual_add_layernorm``). ``write`` /
     ``read`` are ``None`` for all channels; ``weight``/``bias`` have one entry per read channel.
-    ``inplace=True`` updates and returns ``x`` itself. Elsewhere (autograd, autocast, mixed dtypes,
+    ``inplace=True`` updates and returns ``x`` itself. Elsewhere (other dtypes, autograd, autocast, mixed dtypes,
     other devices, and under torch.compile/export/tracing, whose graphs keep the separate ops) it is
     the composition of the separate ops, so the result is the same.
     """
