@@ -131,3 +131,26 @@ def choose_patch_embed(model: nn.Module, batch_hint: int, report: Report) -> Non
     report.append(LayerDecision("patch_embed.proj", "kept", "dense",
                                 "torch.conv2d" if best == "conv2d" else f"patch_gemm:{best}", reason,
                                 tuple(conv.weight.shape), tuple(conv.weight.shape), est_ms=ms))
+
+
+def restore_patch_embed(model: nn.Module, decisions) -> None:
+    """Run ``patch_embed.proj`` the way a saved report says it ran (``sparsevit.load``: the file's
+    model computes bit for bit what was saved, whatever a new timing would choose)."""
+    pe = getattr(model, "patch_embed", None)
+    conv = getattr(pe, "proj", None)
+    saved = [d for d in decisions if d.get("name") == "patch_embed.proj"]
+    if not isinstance(conv, nn.Conv2d):
+        return
+    kernel = str(saved[-1].get("kernel", "")) if saved else ""  # files from before the choice ran the conv
+    plain = conv if type(conv) is nn.Conv2d else nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                                            conv.stride, bias=conv.bias is not None,
+                                                            device=conv.weight.device, dtype=conv.weight.dtype)
+    if plain is not conv:
+        with torch.no_grad():
+            plain.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                plain.bias.copy_(conv.bias)
+    if kernel.startswith("patch_gemm:") and not _unsupported(plain):
+        pe.proj = PatchLinearConv(plain, kernel.split(":", 1)[1]).eval()
+    else:
+        pe.proj = plain.eval()
