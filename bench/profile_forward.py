@@ -9,6 +9,8 @@ the end-to-end median, and the kernels the report chose for the Linears and the 
     python bench/profile_forward.py --dtype bfloat16 --scenario heads_mlp_50+block_sparse_70
     python bench/profile_forward.py --scenario none                  # the unpruned model through accelerate
     python bench/profile_forward.py --baseline-backend dense         # also F.linear + SDPA, timed interleaved
+    python bench/profile_forward.py --plan heads_mlp50+blocks70      # a plan of bench/peers.py (its model init)
+    python bench/profile_forward.py --compare-unfused                # fused residual add+norm on vs off, interleaved
 
 ``--baseline-backend dense`` builds the same plan with ``backend="dense"`` (every Linear on
 ``F.linear``, attention on SDPA: what ``accelerate`` did for structured plans before the dense
@@ -20,7 +22,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -33,8 +37,15 @@ def build(args, backend=None):
     import timm
 
     torch.manual_seed(0)
-    dense = timm.create_model(args.model, pretrained=False).eval()
-    plan = None if args.scenario == "none" else PRESETS[args.scenario](dense)
+    if args.plan:  # the model and plan exactly as bench/peers.py builds them
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import peers
+
+        dense = peers.build_model(args.model, None, {})
+        plan = peers.PLANS[args.plan][0](dense)
+    else:
+        dense = timm.create_model(args.model, pretrained=False).eval()
+        plan = None if args.scenario == "none" else PRESETS[args.scenario](dense)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     fast = sparsevit.accelerate(dense, plan, dtype=dtype, batch_hint=args.batch, backend=backend or args.backend)
@@ -73,6 +84,29 @@ def kernels_used(fast):
     return dict(sorted(counts.items()))
 
 
+def compare_unfused(fast, x, runs: int):
+    """Median ms of the same model with the fused residual add+norm on and off, alternating calls."""
+    from sparsevit.ops.residual import add_norm_fusion
+
+    times = {"fused": [], "unfused": []}
+    with torch.inference_mode():
+        for i in range(runs + 2):
+            for name in ("fused", "unfused"):
+                with add_norm_fusion(name == "fused"):
+                    t0 = time.perf_counter()
+                    fast(x)
+                    if i >= 2:
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    pairs = statistics.median(u / f for u, f in zip(times["unfused"], times["fused"]))
+    print(f"\ninterleaved ({runs} runs each): fused add+norm median {med['fused']:.1f} ms (min {best['fused']:.1f}), "
+          f"unfused {med['unfused']:.1f} ms (min {best['unfused']:.1f}); unfused / fused: medians "
+          f"{med['unfused'] / med['fused']:.3f}x, mins {best['unfused'] / best['fused']:.3f}x, median of pair ratios "
+          f"{pairs:.3f}x; load average {os.getloadavg()[0]:.2f}")
+    return {"median": med, "min": best, "pair_ratio": pairs}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deit_small_patch16_224")
@@ -84,6 +118,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--baseline-backend", default="", help="also build with this backend; time both interleaved")
+    p.add_argument("--plan", default="", help="a plan name of bench/peers.py (overrides --scenario)")
+    p.add_argument("--compare-unfused", action="store_true",
+                   help="also time the model with the fused residual add+norm off, interleaved")
     p.add_argument("--json", default="", help="also write the result to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,8 +130,9 @@ def main(argv=None):
     result = {"args": vars(args), "models": {}}
     for backend, (fast, x, build_s) in models.items():
         median, table = profile(fast, x, args.iters, args.top)
-        print(f"\n# backend={backend}: {args.model} {args.scenario} batch {args.batch} {args.dtype} {args.threads} "
-              f"threads: median {median:.1f} ms/forward ({args.iters} runs), accelerate took {build_s:.1f} s")
+        print(f"\n# backend={backend}: {args.model} {args.plan or args.scenario} batch {args.batch} {args.dtype} {args.threads} "
+              f"threads: median {median:.1f} ms/forward ({args.iters} runs), accelerate took {build_s:.1f} s, "
+              f"load average {os.getloadavg()[0]:.2f}")
         print("| op | calls/forward | self CPU ms/forward | share |\n|---|---|---|---|")
         for key, calls, ms, share in table:
             print(f"| {key} | {calls} | {ms:.2f} | {100 * share:.1f}% |")
@@ -109,6 +147,8 @@ def main(argv=None):
         print("\ninterleaved: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()) +
               f"; {args.baseline_backend} / {args.backend} = {med[args.baseline_backend] / med[args.backend]:.2f}x")
         result["interleaved_ms"] = med
+    if args.compare_unfused:
+        result["fusion_ms"] = compare_unfused(models[args.backend][0], models[args.backend][1], args.iters * 4)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -227,6 +227,9 @@ def _rebuild(doc: dict, tensors: Dict[str, torch.Tensor], path: str) -> nn.Modul
         fast = sparsevit.accelerate(model, plan, dtype=dtype, formats=formats, verify=False)  # checksummed
         for r in records:
             fast.get_submodule(r["module"]).kernel = str(r.get("kernel", "auto"))
+        from sparsevit.runtime.patch_embed import restore_patch_embed
+
+        restore_patch_embed(fast, doc.get("report", []))  # the saved choice, not a new timing
     except (KeyError, TypeError, AttributeError, SparseVitError, ValueError) as exc:
         raise CheckpointError(f"{path}: its packed layers cannot be rebuilt ({type(exc).__name__}: {exc}); "
                               "the file is corrupt, re-save it.") from None

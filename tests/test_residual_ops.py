@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from sparsevit import _ext
 from sparsevit.ops import layernorm_gather, residual_scatter_add
+from sparsevit.ops.residual import FUSED_ADD_NORM_DTYPES, add_norm_fusion, residual_add_layernorm
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -61,3 +62,117 @@ def test_compiled_kernels_are_registered():
     assert _ext.has_op("residual_scatter_add")
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.sparsevit_C.residual_scatter_add(torch.randn(2, 4), torch.tensor([9]), torch.randn(2, 1))
+
+
+def _add_norm_reference(x, y, write, w, b, read, eps):
+    """float64: the residual after the add, and the LayerNorm of that residual (gathered)."""
+    x2 = x.double() + y.double() if write is None else x.double().index_add(-1, write, y.double())
+    D = x.shape[-1]
+    ln = F.layer_norm(x2, (D,), None, None, eps)
+    ln = ln if read is None else ln[..., read]
+    if w is not None:
+        ln = ln * w.double()
+    if b is not None:
+        ln = ln + b.double()
+    return x2, ln
+
+
+def _kernel_add_norm(x, y, write, w, b, read, eps, inplace):
+    C = torch.ops.sparsevit_C
+    if inplace:
+        return x, C.residual_add_layernorm_(x, y, write, w, b, read, eps)
+    return C.residual_add_layernorm(x, y, write, w, b, read, eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, Kw, Kr", [((3, 197, 384), None, None), ((4, 37), None, 20), ((2, 5, 100), 33, None),
+                                          ((7, 100), 99, 41), ((1, 1, 37), 1, 37), ((2, 3, 16), 16, 16)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_residual_add_layernorm(dtype, shape, Kw, Kr, inplace):
+    torch.manual_seed(0)
+    D = shape[-1]
+    write = None if Kw is None else _index(D, Kw, 3)
+    read = None if Kr is None else _index(D, Kr, 4)
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype)
+    y = torch.randn(*shape[:-1], D if Kw is None else Kw).to(dtype)
+    w, b = torch.randn(D if Kr is None else Kr).to(dtype), torch.randn(D if Kr is None else Kr).to(dtype)
+    x_before = x.clone()
+    with torch.inference_mode():
+        if dtype in FUSED_ADD_NORM_DTYPES or not _ext.has_op("residual_add_layernorm"):
+            out, ln = residual_add_layernorm(x, y, write, w, b, read, 1e-6, inplace=inplace)
+        else:  # the kernel's own bf16 path (models keep the separate ops for bf16: it does not pay)
+            out, ln = _kernel_add_norm(x, y, write, w, b, read, 1e-6, inplace)
+    assert out.dtype == ln.dtype == dtype and out.shape == x.shape and ln.shape == (*shape[:-1], w.shape[0])
+    assert (out is x) == inplace and torch.equal(x, out if inplace else x_before)
+    x2_ref, _ = _add_norm_reference(x_before, y, write, None, None, None, 1e-6)
+    assert (out.double() - x2_ref).abs().max() <= TOL[dtype] * x2_ref.abs().max()
+    # the norm sees the residual as stored (rounded to bf16 for bf16), as the unfused add-then-norm does
+    _, ln_ref = _add_norm_reference(out, torch.zeros_like(out), None, w, b, read, 1e-6)
+    if dtype == torch.float32:  # same rounding as the unfused ops: compare against their error too
+        sep = F.layer_norm(x_before + y if write is None else x_before.index_add(-1, write, y), (D,), None, None, 1e-6)
+        sep = (sep if read is None else sep[..., read]) * w + b
+        assert (ln.double() - ln_ref).abs().max() <= max(2 * (sep.double() - ln_ref).abs().max(), 1e-5 * ln_ref.abs().max())
+    else:
+        assert (ln.double() - ln_ref).abs().max() <= TOL[dtype] * ln_ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_add_layernorm_nan_and_fallback(dtype):
+    """A NaN in a row makes that row's norm NaN (and only that row's); the fallback path agrees."""
+    x, y = torch.randn(4, 37).to(dtype), torch.randn(4, 5).to(dtype)
+    write, read = torch.tensor([0, 3, 9, 20, 36]), torch.tensor([1, 2, 30])
+    x[2, 7] = float("nan")
+    w, b = torch.randn(3).to(dtype), torch.randn(3).to(dtype)
+    with torch.inference_mode():
+        if _ext.has_op("residual_add_layernorm"):
+            out, ln = _kernel_add_norm(x, y, write, w, b, read, 1e-5, False)
+        else:
+            out, ln = residual_add_layernorm(x, y, write, w, b, read, 1e-5)
+    assert torch.isnan(out[2, 7]) and torch.isnan(ln[2]).all() and not torch.isnan(ln[[0, 1, 3]]).any()
+    ref_out, ref_ln = residual_add_layernorm(x, y.requires_grad_(), write, w, b, read, 1e-5)  # autograd: unfused
+    assert torch.equal(out.isnan(), ref_out.isnan()) and torch.equal(ln.isnan(), ref_ln.isnan())
+    torch.testing.assert_close(ln[[0, 1, 3]], ref_ln.detach()[[0, 1, 3]], rtol=TOL[dtype], atol=TOL[dtype])
+    with pytest.raises(ValueError, match="does not fit"):
+        residual_add_layernorm(x, torch.randn(4, 6).to(dtype), write, w, b, read)
+    with pytest.raises(TypeError, match="int64"):
+        residual_add_layernorm(x, y, write.int(), w, b, read)
+
+
+@pytest.mark.skipif(not _ext.has_op("residual_add_layernorm"), reason="compiled extension not built")
+def test_residual_add_layernorm_kernel_checks():
+    C = torch.ops.sparsevit_C
+    with pytest.raises(RuntimeError, match="out of range"):
+        C.residual_add_layernorm(torch.randn(2, 4), torch.randn(2, 1), torch.tensor([4]), None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        C.residual_add_layernorm(torch.randn(2, 4), torch.randn(2, 4).bfloat16(), None, None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="one entry per read channel"):
+        C.residual_add_layernorm(torch.randn(2, 4), torch.randn(2, 4), None, torch.ones(3), None, None, 1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_chained_block_norms_match_masked_model_and_unfused(seed):
+    """vit_tiny with residual subsets ("io"): the chained/fused forward equals the masked dense model
+    and the same model with the fusion off; a hook that replaces a block's output is honoured."""
+    import sparsevit
+    from helpers import IMG, make_model, random_plan, rel_err
+    from sparsevit.runtime.modules import SparseBlockSequence
+
+    model = make_model("vit_tiny")
+    plan = random_plan(model, seed, kinds=("heads", "mlp", "io", "residual"))
+    fast = sparsevit.accelerate(model, plan, verify=False)
+    assert isinstance(fast.blocks, SparseBlockSequence)
+    x = torch.randn(2, 3, IMG["vit_tiny"], IMG["vit_tiny"])
+    with torch.inference_mode():
+        ref = sparsevit.masked_model(model, plan)(x)
+        out = fast(x)
+        with add_norm_fusion(False):
+            unfused = fast(x)
+        assert rel_err(out, ref) < 1e-4 and rel_err(out, unfused) < 1e-5
+        handle = fast.blocks[0].register_forward_hook(lambda m, i, o: o * 0.5)
+        try:
+            hooked = fast(x)
+            with add_norm_fusion(False):
+                hooked_unfused = fast(x)
+        finally:
+            handle.remove()
+        assert rel_err(hooked, hooked_unfused) < 1e-5 and rel_err(hooked, out) > 1e-3

@@ -3,6 +3,8 @@
 // layernorm_gather: LayerNorm statistics over the full row, output only the gathered channels,
 //   in one pass over the row (no full-width normalised tensor is materialised).
 // residual_scatter_add: out = x; out[:, index] += y, row by row (copy and scatter fused).
+// residual_add_layernorm: the residual add (full or scattered) and the next LayerNorm (full or
+//   gathered) in one pass over each row.
 //
 // Both are memory-bound; each token row is handled by one thread, rows split across torch's pool.
 #include <ATen/Parallel.h>
@@ -46,8 +48,7 @@ void scatter_add_row(float* orow, const int64_t* idx, const float* yr, int64_t K
 }
 
 // bf16 <-> fp32 on the raw bits (bf16 is the top half of an fp32), so the loops vectorise;
-// narrowing rounds to nearest even like c10::BFloat16 (NaN inputs do not occur in a residual stream
-// that the masked dense model could compute).
+// narrowing rounds to nearest even like c10::BFloat16 and keeps NaNs NaN.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void widen(const c10::BFloat16* src, int64_t n, float* dst) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
@@ -63,7 +64,9 @@ void narrow(const float* src, int64_t n, c10::BFloat16* dst) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t u = s[i];
-    d[i] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    // NaN stays a (quiet) NaN: rounding could carry a NaN's payload into the exponent or sign
+    d[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>((u >> 16) | 0x40u) : rounded;
   }
 }
 
@@ -172,16 +175,222 @@ void residual_scatter_add_(at::Tensor& x, const at::Tensor& index, const at::Ten
   scatter_add_rows(x, index.data_ptr<int64_t>(), yc, x, rows, D, K);
 }
 
+
+// ---- residual add + LayerNorm in one pass over each row -------------------------------------------
+// out = x; out[:, write] += y (all channels when write is absent); ln = LayerNorm(out)[:, read]
+// (all channels when read is absent), statistics over the full row in fp32. What a block does when
+// its branch output goes back into the residual stream and the next op is the next branch's norm:
+// the row is read once from memory instead of twice (add, then norm).
+
+// o = x + y over the row, returning the row's sum (o may be x: in place).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float add_row_sum(float* o, const float* x, const float* y, int64_t D) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = x[d] + y[d];
+    o[d] = v;
+    sum += v;
+  }
+  return sum;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float row_sum(const float* r, int64_t D) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) sum += r[d];
+  return sum;
+}
+
+// ln[d] = (r[d] - mean) * rstd * w[d] + b[d] for the read channels; two-pass variance (no cancellation).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void norm_row(const float* r, int64_t D, float sum, const int64_t* idx, const float* w, const float* b, int64_t K,
+              float eps, float* out) {
+  const float mean = sum / static_cast<float>(D);
+  float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t d = 0; d < D; ++d) {
+    const float c = r[d] - mean;
+    sq += c * c;
+  }
+  const float rstd = 1.f / std::sqrt(sq / static_cast<float>(D) + eps);
+  if (idx == nullptr) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = (r[d] - mean) * rstd * w[d] + b[d];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) out[j] = (r[idx[j]] - mean) * rstd * w[j] + b[j];
+  }
+}
+
+struct AddNormArgs {
+  const int64_t* widx;  // channels the branch writes (nullptr: all D)
+  int64_t Kw;           // y's width
+  const int64_t* ridx;  // channels the next branch reads (nullptr: all D)
+  int64_t Kr;           // ln's width
+  const float* w;
+  const float* b;
+  float eps;
+};
+
+// fp32 row: out row = x row + y (scattered), then the norm of the updated row.
+void add_norm_row_f32(const float* xr, const float* yr, float* orow, float* lrow, int64_t D, const AddNormArgs& a) {
+  float sum;
+  if (a.widx == nullptr) {
+    sum = add_row_sum(orow, xr, yr, D);
+  } else {
+    if (orow != xr) std::memcpy(orow, xr, sizeof(float) * D);
+    scatter_add_row(orow, a.widx, yr, a.Kw);
+    sum = row_sum(orow, D);
+  }
+  norm_row(orow, D, sum, a.ridx, a.w, a.b, a.Kr, a.eps, lrow);
+}
+
+// bf16 full-width add in one loop: o = round_bf16(x + y) stored as bf16 (orow) and as its exact fp32
+// value (obuf, what the norm reads); returns the row's sum. Rounding as in `narrow`.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float add_round_bf16_row(const c10::BFloat16* xr, const c10::BFloat16* yr, float* obuf, c10::BFloat16* orow,
+                         int64_t D) {
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xr);
+  const uint16_t* ys = reinterpret_cast<const uint16_t*>(yr);
+  uint16_t* os = reinterpret_cast<uint16_t*>(orow);
+  uint32_t* ob = reinterpret_cast<uint32_t*>(obuf);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) {
+    const uint32_t xu = static_cast<uint32_t>(xs[d]) << 16, yu = static_cast<uint32_t>(ys[d]) << 16;
+    float xf, yf;
+    std::memcpy(&xf, &xu, 4);
+    std::memcpy(&yf, &yu, 4);
+    const float v = xf + yf;
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t h = (u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u) : rounded;
+    os[d] = static_cast<uint16_t>(h);
+    const uint32_t back = (h & 0xFFFFu) << 16;
+    ob[d] = back;
+    float bf;
+    std::memcpy(&bf, &back, 4);
+    sum += bf;
+  }
+  return sum;
+}
+
+// bf16 row: widened to fp32, added, rounded to bf16 (the residual stream's values), normed from those.
+void add_norm_row_bf16(const c10::BFloat16* xr, const c10::BFloat16* yr, c10::BFloat16* orow, c10::BFloat16* lrow,
+                       int64_t D, const AddNormArgs& a, float* obuf, float* ybuf, float* lbuf) {
+  float sum;
+  if (a.widx == nullptr) {
+    sum = add_round_bf16_row(xr, yr, obuf, orow, D);
+  } else {
+    widen(xr, D, obuf);
+    widen(yr, a.Kw, ybuf);
+    scatter_add_row(obuf, a.widx, ybuf, a.Kw);
+    narrow(obuf, D, orow);
+    widen(orow, D, obuf);  // the norm sees the rounded residual, as the unfused add-then-norm does
+    sum = row_sum(obuf, D);
+  }
+  norm_row(obuf, D, sum, a.ridx, a.w, a.b, a.Kr, a.eps, lbuf);
+  narrow(lbuf, a.Kr, lrow);
+}
+
+void add_norm_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out, at::Tensor& ln, int64_t rows,
+                   int64_t D, const AddNormArgs& a) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> obuf(bf16 ? D : 0), ybuf(bf16 ? a.Kw : 0), lbuf(bf16 ? a.Kr : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (bf16) {
+        add_norm_row_bf16(x.data_ptr<c10::BFloat16>() + r * D, y.data_ptr<c10::BFloat16>() + r * a.Kw,
+                          out.data_ptr<c10::BFloat16>() + r * D, ln.data_ptr<c10::BFloat16>() + r * a.Kr, D, a,
+                          obuf.data(), ybuf.data(), lbuf.data());
+      } else {
+        add_norm_row_f32(x.data_ptr<float>() + r * D, y.data_ptr<float>() + r * a.Kw, out.data_ptr<float>() + r * D,
+                         ln.data_ptr<float>() + r * a.Kr, D, a);
+      }
+    }
+  });
+}
+
+// Checks shared by both variants; returns ln (allocated) and fills `a` (w/b kept alive by the caller).
+at::Tensor add_norm_prepare(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& write,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& read, double eps, at::Tensor& w, at::Tensor& b,
+                            AddNormArgs& a) {
+  const char* op = "residual_add_layernorm";
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op, ": tensors must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": x and y dtypes differ (", x.scalar_type(), " vs ",
+              y.scalar_type(), ")");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": float32 or bfloat16 only, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), op, ": x and y must be contiguous");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(D > 0, op, ": empty last dim");
+  a.widx = nullptr, a.Kw = D, a.ridx = nullptr, a.Kr = D;
+  if (write.has_value()) {
+    check_index(*write, D, op);
+    a.widx = write->data_ptr<int64_t>(), a.Kw = write->numel();
+  }
+  if (read.has_value()) {
+    check_index(*read, D, op);
+    a.ridx = read->data_ptr<int64_t>(), a.Kr = read->numel();
+  }
+  TORCH_CHECK(y.size(-1) == a.Kw && y.numel() / std::max<int64_t>(a.Kw, 1) == x.numel() / D, op,
+              ": y ", y.sizes(), " does not match x ", x.sizes(), " and the write index");
+  auto f32 = x.options().dtype(at::kFloat);
+  w = weight.has_value() ? weight->to(at::kFloat).contiguous() : at::ones({a.Kr}, f32);
+  b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({a.Kr}, f32);
+  TORCH_CHECK(w.numel() == a.Kr && b.numel() == a.Kr, op, ": weight and bias must have one entry per read channel");
+  a.w = w.data_ptr<float>(), a.b = b.data_ptr<float>(), a.eps = static_cast<float>(eps);
+  auto sizes = x.sizes().vec();
+  sizes.back() = a.Kr;
+  return at::empty(sizes, x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_add_layernorm(const at::Tensor& x, const at::Tensor& y,
+                                                         const c10::optional<at::Tensor>& write,
+                                                         const c10::optional<at::Tensor>& weight,
+                                                         const c10::optional<at::Tensor>& bias,
+                                                         const c10::optional<at::Tensor>& read, double eps) {
+  auto xc = x.contiguous(), yc = y.contiguous();
+  at::Tensor w, b;
+  AddNormArgs a;
+  auto ln = add_norm_prepare(xc, yc, write, weight, bias, read, eps, w, b, a);
+  auto out = at::empty_like(xc);
+  add_norm_rows(xc, yc, out, ln, xc.numel() / xc.size(-1), xc.size(-1), a);
+  return {out, ln};
+}
+
+at::Tensor residual_add_layernorm_(at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& write,
+                                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                   const c10::optional<at::Tensor>& read, double eps) {
+  TORCH_CHECK(x.is_contiguous(), "residual_add_layernorm_: x must be contiguous to be updated in place");
+  auto yc = y.contiguous();
+  at::Tensor w, b;
+  AddNormArgs a;
+  auto ln = add_norm_prepare(x, yc, write, weight, bias, read, eps, w, b, a);
+  add_norm_rows(x, yc, x, ln, x.numel() / x.size(-1), x.size(-1), a);
+  return ln;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparsevit_C, m) {
   m.def("layernorm_gather(Tensor x, Tensor? weight, Tensor? bias, Tensor index, float eps) -> Tensor");
   m.def("residual_scatter_add(Tensor x, Tensor index, Tensor y) -> Tensor");
   m.def("residual_scatter_add_(Tensor(a!) x, Tensor index, Tensor y) -> ()");
+  m.def("residual_add_layernorm(Tensor x, Tensor y, Tensor? write, Tensor? weight, Tensor? bias, Tensor? read, "
+        "float eps) -> (Tensor, Tensor)");
+  m.def("residual_add_layernorm_(Tensor(a!) x, Tensor y, Tensor? write, Tensor? weight, Tensor? bias, Tensor? read, "
+        "float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsevit_C, CPU, m) {
   m.impl("layernorm_gather", &layernorm_gather);
   m.impl("residual_scatter_add", &residual_scatter_add);
   m.impl("residual_scatter_add_", &residual_scatter_add_);
+  m.impl("residual_add_layernorm", &residual_add_layernorm);
+  m.impl("residual_add_layernorm_", &residual_add_layernorm_);
 }

@@ -14,6 +14,8 @@ from sparsevit.models.masking import MaskedLayerNorm
 from sparsevit.models.spec import architecture_spec
 from sparsevit.plan import SparsityPlan
 from sparsevit.runtime.build import LinearFactory, build_block, sliced_layernorm
+from sparsevit.runtime.modules import chain_block_norms
+from sparsevit.runtime.patch_embed import choose_patch_embed
 from sparsevit.runtime.report import LayerDecision, Report
 from sparsevit.runtime.verify import probe_reference, verify as run_verification
 
@@ -90,6 +92,9 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
             parent, attr = _parent_of(fast, b.fqn)
             parent[int(attr)] = nb
         _slice_outside_blocks(adapter, residual, report)
+        chain_block_norms(fast)
+        if backend not in ("dense", "reference"):
+            choose_patch_embed(fast, batch_hint, report)
     fast.eval()  # again: the swapped-in modules are created in training mode
     fast.sparsevit_report = report
     fast.sparsevit_plan = plan

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsevit.ops.residual import layernorm_gather, residual_scatter_add
+from sparsevit.ops.residual import layernorm_gather, residual_add_layernorm, residual_scatter_add
 
 
 class ZeroPaddedLayerNorm(nn.Module):
@@ -213,6 +213,19 @@ class BranchIO(nn.Module):
             return x.add_(y) if inplace else x + y
         return residual_scatter_add(x, self.write, y, inplace=inplace)
 
+    def norm_values(self):
+        """(weight, bias, read index or None, eps) of this branch's norm over the residual stream."""
+        if self.read is None:
+            n = self.full_norm
+            return n.weight, n.bias, None, n.eps
+        return self.norm_weight, self.norm_bias, self.read, self.eps
+
+    def add_then_norm(self, x: torch.Tensor, y: torch.Tensor, reader: "BranchIO",
+                      inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(x2, reader.norm(x2))`` with ``x2 = self.add(x, y, inplace)``, in one pass over each row."""
+        weight, bias, read, eps = reader.norm_values()
+        return residual_add_layernorm(x, y, self.write, weight, bias, read, eps, inplace=inplace)
+
 
 class ConstBranch(nn.Module):
     """A branch that kept no heads / hidden channels: it adds its output bias (times layer scale)."""
@@ -228,10 +241,36 @@ class ConstBranch(nn.Module):
         return x.index_add(-1, self.write, self.value.expand(*x.shape[:-1], -1))
 
 
+class NormCarry:
+    """The next block's normed input, computed by the block before it with its residual add.
+
+    :class:`SparseBlockSequence` sets ``next_io`` (the next block's attention :class:`BranchIO`);
+    the block that fuses its last add with that norm leaves ``(output, normed)`` here, and the next
+    block takes ``normed`` only if its input is that very output tensor (a forward hook that replaced
+    the output makes it recompute the norm).
+    """
+
+    __slots__ = ("next_io", "_source", "_normed")
+
+    def __init__(self):
+        self.next_io, self._source, self._normed = None, None, None
+
+    def put(self, source: torch.Tensor, normed: torch.Tensor) -> None:
+        self._source, self._normed = source, normed
+
+    def take(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        normed = self._normed if self._source is x else None
+        self._source, self._normed = None, None
+        return normed
+
+
 class SparseBlock(nn.Module):
     """A pre-norm ViT/DeiT/BeiT block with its branches sliced, replaced by constants, or removed.
 
     ``attn_const`` / ``mlp_const`` are :class:`ConstBranch` es for branches that kept only their bias.
+    The attention write-back and the MLP norm run as one fused pass; called with a
+    :class:`NormCarry` (by :class:`SparseBlockSequence`) the MLP write-back also computes the next
+    block's first norm.
     """
 
     def __init__(self, attn_io: Optional[BranchIO], attn: Optional[nn.Module], attn_const: Optional[nn.Module],
@@ -241,18 +280,53 @@ class SparseBlock(nn.Module):
         self.attn_const, self.mlp_const = attn_const, mlp_const
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                shared_rel_pos_bias: Optional[torch.Tensor] = None, carry: Optional[NormCarry] = None) -> torch.Tensor:
+        normed = carry.take(x) if carry is not None else None
+        h = None  # the MLP's normed input, when the attention write-back computed it
         owned = False  # the block input belongs to the caller: never update it in place
         if self.attn is not None:
-            y = self.attn(self.attn_io.norm(x), attn_mask=attn_mask, is_causal=is_causal,
-                          shared_rel_pos_bias=shared_rel_pos_bias)
-            x, owned = self.attn_io.add(x, y), True
+            y = self.attn(self.attn_io.norm(x) if normed is None else normed, attn_mask=attn_mask,
+                          is_causal=is_causal, shared_rel_pos_bias=shared_rel_pos_bias)
+            if self.mlp is not None:
+                x, h = self.attn_io.add_then_norm(x, y, self.mlp_io)
+            else:
+                x = self.attn_io.add(x, y)
+            owned = True
         elif self.attn_const is not None:
             x, owned = self.attn_const(x), True
         if self.mlp is not None:
-            x = self.mlp_io.add(x, self.mlp(self.mlp_io.norm(x)), inplace=owned and not torch.is_grad_enabled())
+            y = self.mlp(self.mlp_io.norm(x) if h is None else h)
+            inplace = owned and not torch.is_grad_enabled()
+            if carry is not None and carry.next_io is not None:
+                x, normed = self.mlp_io.add_then_norm(x, y, carry.next_io, inplace=inplace)
+                carry.put(x, normed)
+            else:
+                x = self.mlp_io.add(x, y, inplace=inplace)
         elif self.mlp_const is not None:
             x = self.mlp_const(x)
+        return x
+
+
+class SparseBlockSequence(nn.Sequential):
+    """timm's ``blocks`` Sequential of :class:`SparseBlock` s, passing each block's first norm along.
+
+    Each block's MLP write-back also computes the next block's attention norm (one pass over the
+    residual stream instead of two). Indexing, iteration and state-dict keys are those of the
+    ``nn.Sequential`` it replaces; a caller that loops over the blocks itself gets the unfused path.
+    Under torch.compile/export/tracing it is a plain loop (the compilers fuse on their own).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            for blk in blocks:
+                x = blk(x)
+            return x
+        carry = NormCarry()
+        for blk, nxt in zip(blocks, blocks[1:] + [None]):
+            fusable = isinstance(nxt, SparseBlock) and nxt.attn is not None
+            carry.next_io = nxt.attn_io if fusable else None
+            x = blk(x, carry=carry) if isinstance(blk, SparseBlock) else blk(x)
         return x
 
 
@@ -314,3 +388,14 @@ class SparseSwinBlock(nn.Module):
         elif self.mlp_const is not None:
             x = self.mlp_const(x)
         return x
+
+
+def chain_block_norms(model: nn.Module) -> bool:
+    """Make a ViT's ``blocks`` Sequential a :class:`SparseBlockSequence` (each block's last residual
+    add computes the next block's first norm). Only a plain ``nn.Sequential`` of :class:`SparseBlock` s
+    that timm calls as a whole qualifies; anything else is left as it is. Returns whether it did."""
+    blocks = getattr(model, "blocks", None)
+    if type(blocks) is not nn.Sequential or not all(isinstance(b, SparseBlock) for b in blocks):
+        return False
+    model.blocks = SparseBlockSequence(*blocks)
+    return True
