@@ -6,7 +6,7 @@
 // region and splits work over (b, h, query chunks); the micro-kernels are in attention_cpu_impl.h.
 //
 // Ops registered here:
-//   attention_cpu(q, k, v, bias?, scale, isa=-1) -> out [B, H, N, Dv]
+//   attention_cpu(q, k, v, bias?, scale, isa=-1) -> out [B, H, N, Dv] (a view of [B, N, H, Dv] memory)
 //       isa: -1 auto, 0 avx2, 1 avx512 (bf16 widened to fp32), 2 avx512 + AVX512_BF16 (vdpbf16ps for bf16)
 //   attention_cpu_isa(isa=-1) -> str     kernel name that `isa` resolves to ("" = none)
 #include <ATen/ATen.h>
@@ -62,7 +62,9 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const AttnKernels* kern = select_attn_kernels(isa);
   TORCH_CHECK(kern != nullptr, op, "this CPU lacks ISA level ", isa, " (AVX2+FMA is the minimum)");
   at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  at::Tensor out = at::empty({B, H, N, Dv}, q.options());
+  // Stored [B, N, H, Dv] and returned as its [B, H, N, Dv] view: the caller's next step,
+  // out.transpose(1, 2).reshape(B, N, H * Dv), is then a view instead of a copy of the output.
+  at::Tensor out = at::empty({B, N, H, Dv}, q.options()).permute({0, 2, 1, 3});
   if (out.numel() == 0) return out;
 
   AttnParams p;
@@ -90,6 +92,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     p.sv[d] = v.stride(d);
   }
   p.out = out.data_ptr();
+  for (int d = 0; d < 3; ++d) p.so[d] = out.stride(d);
   p.B = B; p.H = H; p.N = N; p.Dqk = D; p.Dv = Dv;
   const int64_t Wd = kern->width;
   p.Np = (N + Wd - 1) / Wd * Wd;

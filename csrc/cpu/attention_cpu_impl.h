@@ -375,13 +375,13 @@ static void pv(const Block<Dot>& c, const typename Dot::elem* vb, int64_t nsteps
 }
 
 // out rows = o / sum (NaN where every score was -inf, as softmax gives).
-static void store_rows(const AttnParams* p, const float* o, const RowState* st, int64_t out_row0, int nq) {
+static void store_rows(const AttnParams* p, const float* o, const RowState* st, int64_t out0, int nq) {
   for (int qi = 0; qi < nq; ++qi) {
     const float inv = st[qi].max == -INFINITY ? NAN : 1.0f / st[qi].sum;
     const vf sc = vset1(inv);
     for (int64_t c = 0; c < p->Dv; c += W) {
       const int lanes = (int)(p->Dv - c < W ? p->Dv - c : W);
-      store_lanes(p->out, (out_row0 + qi) * p->Dv + c, vmul(vload(o + qi * p->Dvp + c), sc), lanes, p->bf16);
+      store_lanes(p->out, out0 + qi * p->so[2] + c, vmul(vload(o + qi * p->Dvp + c), sc), lanes, p->bf16);
     }
   }
 }
@@ -422,7 +422,7 @@ static void load_queries(const AttnParams* p, int64_t qrow0, int nq, int64_t Dp,
 #endif
 
 template <class Dot>
-static void query_block(Block<Dot>& c, int64_t qrow0, int64_t out_row0) {
+static void query_block(Block<Dot>& c, int64_t qrow0, int64_t out0) {
   const AttnParams* p = c.p;
   load_queries(p, qrow0, c.nq, c.Dp, (typename Dot::elem*)c.qs);
   memset(c.o, 0, sizeof(float) * QB * p->Dvp);
@@ -439,7 +439,7 @@ static void query_block(Block<Dot>& c, int64_t qrow0, int64_t out_row0) {
     const int64_t nk = p->N - j0 < nkp ? p->N - j0 : nkp;
     pv<Dot>(c, c.vp + j0 / Dot::STEP * c.vrow, (nk + Dot::STEP - 1) / Dot::STEP, corr);
   }
-  store_rows(p, c.o, st, out_row0, c.nq);
+  store_rows(p, c.o, st, out0, c.nq);
 }
 
 // Floats of scratch one work item needs (64-byte aligned pieces).
@@ -482,7 +482,7 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
   c.o = o;
   c.scale2 = p->scale * LOG2E;
   const int64_t qbase = b * p->sq[0] + h * p->sq[1];
-  const int64_t out_base = (b * p->H + h) * p->N;
+  const int64_t out_base = b * p->so[0] + h * p->so[1];
   const int64_t row_bytes = p->Dqk * (p->bf16 ? 2 : 4);
   for (int64_t i = i0; i < i1; i += QB) {
     c.nq = (int)(i1 - i < QB ? i1 - i : QB);
@@ -492,7 +492,7 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
       for (int64_t off = 0; off < row_bytes; off += 64)
         _mm_prefetch((const char*)p->q + (qbase + r * p->sq[2]) * (p->bf16 ? 2 : 4) + off, _MM_HINT_T0);
     c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
-    query_block<Dot>(c, qbase + i * p->sq[2], out_base + i);
+    query_block<Dot>(c, qbase + i * p->sq[2], out_base + i * p->so[2]);
   }
 }
 

@@ -19,7 +19,8 @@ struct AttnParams {
   const void* bias;         // broadcast view of [B, H, N, N] with unit stride along j, or nullptr
   int64_t sb[3];            // strides of dims b, h, i (0 where broadcast)
   int bias_bf16;            // bias dtype: 0 fp32, 1 bf16
-  void* out;                // [B, H, N, Dv] contiguous, dtype of q
+  void* out;                // [B, H, N, Dv], dtype of q, unit stride along Dv
+  int64_t so[3];            // its strides of dims b, h, n (memory order [B, N, H, Dv]: see attention_cpu.cpp)
   int64_t B, H, N, Dqk, Dv;
   int64_t Np, Dvp;          // N and Dv rounded up to the vector width
   float scale;

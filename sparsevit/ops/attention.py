@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsevit.ops._autocast import register_autocast
-from sparsevit.ops.linear_kernels import standard_ops_wanted
+from sparsevit.ops.linear_kernels import eager_cpu_call_ok, standard_ops_wanted
 
 try:
     from sparsevit import kernels as _kernels
@@ -138,4 +138,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = Non
     if attn_bias is not None and attn_bias.dtype == torch.bool:
         attn_bias = torch.zeros(attn_bias.shape, device=q.device, dtype=q.dtype).masked_fill(
             ~attn_bias, float("-inf"))
+    no_grad_kv = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
+    if eager_cpu_call_ok(q, q, attn_bias) and no_grad_kv and not attention_unsupported_reasons(q, k, v, attn_bias):
+        # what the op runs on CPU, without its Python dispatch (see eager_cpu_call_ok)
+        return torch.ops.sparsevit_C.attention_cpu(q, k, v, attn_bias, float(scale), -1)
     return _attention_op(q, k, v, attn_bias, float(scale))

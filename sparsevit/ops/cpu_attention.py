@@ -69,7 +69,9 @@ def _cpu_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tenso
 
 @_cpu_attention_op.register_fake
 def _(q, k, v, attn_bias, scale):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    # the C++ kernel's layout: [B, H, N, Dv] viewed on [B, N, H, Dv] memory (see attention_cpu.cpp)
+    B, H, N = q.shape[:3]
+    return q.new_empty((B, N, H, v.shape[-1])).permute(0, 2, 1, 3)
 
 
 def _cpu_attention_cpu(q, k, v, attn_bias, scale):
