@@ -9,13 +9,14 @@ state dict), so saving, loading and exporting are unchanged.
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
+from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 from sparsevit.runtime.dense_linear import DenseLinear
+from sparsevit.runtime.linear import interleaved_median_ms
 from sparsevit.runtime.report import LayerDecision, Report
 
 # dense Linear kernels tried against the convolution (names of sparsevit.ops.dense_cpu)
@@ -45,7 +46,9 @@ class PatchLinearConv(nn.Conv2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel={self.kernel}"
 
-    def _linear(self) -> DenseLinear:
+    def _linear(self) -> Optional[DenseLinear]:
+        """The GEMM for the weight as it is now, or None where ``kernel`` cannot run its device/dtype
+        (after ``.to(torch.float64)``, say: the convolution then runs)."""
         if self._linear_cache is None:
             w = self.weight.detach()
             lin = DenseLinear(w[0].numel(), w.shape[0], bias=self.bias is not None, device=w.device, dtype=w.dtype)
@@ -53,6 +56,8 @@ class PatchLinearConv(nn.Conv2d):
                 lin.weight.copy_(w.reshape(w.shape[0], -1))
                 if self.bias is not None:
                     lin.bias.copy_(self.bias)
+            if lin.kernel_reasons(self.kernel):
+                return None
             lin.set_kernel(self.kernel)
             # a plain attribute, not a submodule: the state dict stays the convolution's
             object.__setattr__(self, "_linear_cache", lin.eval())
@@ -68,26 +73,17 @@ class PatchLinearConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.kernel_size
-        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or x.dim() != 4 or x.dtype != self.weight.dtype
-                or x.shape[-2] % ph or x.shape[-1] % pw or torch.is_autocast_enabled(x.device.type)
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        # eager CPU inference only: traced graphs, exporters and counters see the convolution
+        if not eager_cpu_call_ok(x, self.weight, self.bias) or x.dim() != 4 or x.shape[-2] % ph or x.shape[-1] % pw:
+            return super().forward(x)
+        linear = self._linear()
+        if linear is None:
             return super().forward(x)
         B, C, H, W = x.shape
         gh, gw = H // ph, W // pw
         patches = x.view(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * ph * pw)
         # [B, E, gh, gw] as a view of [B, gh, gw, E]: timm's flatten(2).transpose(1, 2) is then free
-        return self._linear()(patches).view(B, gh, gw, -1).permute(0, 3, 1, 2)
-
-
-def _best_ms(fn, x: torch.Tensor, runs: int = 5) -> float:
-    with torch.inference_mode():
-        fn(x)
-        best = float("inf")
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn(x)
-            best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+        return linear(patches).view(B, gh, gw, -1).permute(0, 3, 1, 2)
 
 
 def _unsupported(conv) -> str:
@@ -115,14 +111,15 @@ def choose_patch_embed(model: nn.Module, batch_hint: int, report: Report) -> Non
         report.append(LayerDecision("patch_embed.proj", "kept", "dense", "torch.conv2d", f"convolution kept: {why}"))
         return
     x = torch.randn(batch_hint, conv.in_channels, *size, dtype=conv.weight.dtype)
-    ms: Dict[str, float] = {"conv2d": _best_ms(conv, x)}
+    options: Dict[str, nn.Module] = {"conv2d": conv}
     failed = []
     for kernel in CANDIDATES:
         try:
-            cand = PatchLinearConv(conv, kernel).eval()
-            ms[kernel] = _best_ms(cand, x)
+            options[kernel] = PatchLinearConv(conv, kernel).eval()
         except Exception as e:  # a kernel that cannot run here is reported, not used
             failed.append(f"{kernel}: {e}")
+    with torch.inference_mode():
+        ms = interleaved_median_ms({k: (lambda m=m: m(x)) for k, m in options.items()})
     best = min(ms, key=ms.get)
     listing = ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
     reason = f"fastest at batch {batch_hint}: {best} (ms: {listing})" + (f"; not run: {'; '.join(failed)}" if failed else "")
