@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsevit.ops._autocast import register_autocast
+from sparsevit.ops.cpu_attention import cpu_output_layout
 from sparsevit.ops.linear_kernels import eager_cpu_call_ok, standard_ops_wanted
 
 try:
@@ -78,12 +79,14 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], 
             return _kernels.attention_triton(q, k, v, attn_bias, scale)
     if q.device.type == "cpu" and not attention_unsupported_reasons(q, k, v, attn_bias):
         return torch.ops.sparsevit_C.attention_cpu(q, k, v, attn_bias, scale, -1)
-    return _sdpa(q, k, v, attn_bias, scale)
+    out = _sdpa(q, k, v, attn_bias, scale)
+    return cpu_output_layout(out) if q.device.type == "cpu" else out
 
 
 @_attention_op.register_fake
 def _(q, k, v, attn_bias, scale):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return cpu_output_layout(out) if q.device.type == "cpu" else out
 
 
 def _setup_context(ctx, inputs, output):

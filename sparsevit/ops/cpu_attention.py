@@ -62,22 +62,27 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[T
     return reasons
 
 
+def cpu_output_layout(out: Tensor) -> Tensor:
+    """``out`` [B, H, N, Dv] in the CPU kernel's layout: a view of [B, N, H, Dv] memory, so the
+    block's ``transpose(1, 2).reshape(B, N, H * Dv)`` is free. Every CPU path of the op returns it
+    (and the fake says so), whichever implementation ran."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @torch.library.custom_op("sparsevit::cpu_attention", mutates_args=())
 def _cpu_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], scale: float) -> Tensor:
-    return reference_attention(q, k, v, attn_bias, scale)
+    return cpu_output_layout(reference_attention(q, k, v, attn_bias, scale))
 
 
 @_cpu_attention_op.register_fake
 def _(q, k, v, attn_bias, scale):
-    # the C++ kernel's layout: [B, H, N, Dv] viewed on [B, N, H, Dv] memory (see attention_cpu.cpp)
-    B, H, N = q.shape[:3]
-    return q.new_empty((B, N, H, v.shape[-1])).permute(0, 2, 1, 3)
+    return cpu_output_layout(q.new_empty((*q.shape[:-1], v.shape[-1])))
 
 
 def _cpu_attention_cpu(q, k, v, attn_bias, scale):
     if not not_supported_reasons(q, k, v, attn_bias):
         return torch.ops.sparsevit_C.attention_cpu(q, k, v, attn_bias, scale, -1)
-    return reference_attention(q, k, v, attn_bias, scale)
+    return cpu_output_layout(reference_attention(q, k, v, attn_bias, scale))
 
 
 _cpu_attention_op.register_kernel("cpu")(_cpu_attention_cpu)
