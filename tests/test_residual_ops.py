@@ -176,3 +176,9 @@ def test_chained_block_norms_match_masked_model_and_unfused(seed):
         finally:
             handle.remove()
         assert rel_err(hooked, hooked_unfused) < 1e-5 and rel_err(hooked, out) > 1e-3
+        handle = fast.blocks[0].register_forward_hook(lambda m, i, o: o.mul_(0.5))  # in place, returns None
+        try:
+            hooked_in_place = fast(x)
+        finally:
+            handle.remove()
+        assert rel_err(hooked_in_place, hooked) < 1e-5

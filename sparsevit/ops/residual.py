@@ -17,6 +17,7 @@ import torch
 
 from sparsevit import _ext
 from sparsevit.ops._autocast import register_autocast
+from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 
 
 def _ln_gather_reference(x, weight, bias, index, eps):
@@ -124,13 +125,10 @@ def add_norm_fusion(enabled: bool):
 
 
 def _fused_add_norm_ok(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether the C++ add+norm kernel takes these inputs (eager CPU inference, same dtype)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False  # traced graphs keep the separate ops, which the compilers and exporters know
-    return (_fusion["enabled"] and x.device.type == "cpu" and y.device.type == "cpu" and x.dtype == y.dtype
-            and x.dtype in FUSED_ADD_NORM_DTYPES and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
-            and _ext.has_op("residual_add_layernorm"))
+    """Whether the C++ add+norm kernel takes these inputs (eager CPU inference, same dtype; traced
+    graphs keep the separate ops, which the compilers and exporters know)."""
+    return (_fusion["enabled"] and x.dtype in FUSED_ADD_NORM_DTYPES and y.device.type == "cpu"
+            and eager_cpu_call_ok(x, y) and _ext.has_op("residual_add_layernorm"))
 
 
 def residual_add_layernorm(x: torch.Tensor, y: torch.Tensor, write: Optional[torch.Tensor],

@@ -318,7 +318,8 @@ class SparseBlockSequence(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = list(self)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _any_hooks(blocks):
+            # a hook may change a block's output in place, which would make the carried norm stale
             for blk in blocks:
                 x = blk(x)
             return x
@@ -388,6 +389,15 @@ class SparseSwinBlock(nn.Module):
         elif self.mlp_const is not None:
             x = self.mlp_const(x)
         return x
+
+
+def _any_hooks(modules) -> bool:
+    """Whether a forward hook (on one of ``modules`` or global) could see or change a block's output."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for blk in modules for m in blk.modules())
 
 
 def chain_block_norms(model: nn.Module) -> bool:
