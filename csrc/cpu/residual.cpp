@@ -24,21 +24,37 @@ namespace {
 // compiler reassociate the sums into vector lanes and use vector gathers/scatters for the index
 // loops, which is safe because indices are checked to be strictly increasing (no duplicates).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void ln_gather_row(const float* xr, int64_t D, const int64_t* idx, const float* w, const float* b, int64_t K,
-                   float eps, float* out) {
+float row_sum(const float* r, int64_t D) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < D; ++d) sum += xr[d];
+  for (int64_t d = 0; d < D; ++d) sum += r[d];
+  return sum;
+}
+
+// ln[d] = (r[d] - mean) * rstd * w[d] + b[d] for the read channels; two-pass variance (no cancellation).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void norm_row(const float* r, int64_t D, float sum, const int64_t* idx, const float* w, const float* b, int64_t K,
+              float eps, float* out) {
   const float mean = sum / static_cast<float>(D);
   float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
   for (int64_t d = 0; d < D; ++d) {
-    const float c = xr[d] - mean;
+    const float c = r[d] - mean;
     sq += c * c;
   }
   const float rstd = 1.f / std::sqrt(sq / static_cast<float>(D) + eps);
+  if (idx == nullptr) {
 #pragma omp simd
-  for (int64_t j = 0; j < K; ++j) out[j] = (xr[idx[j]] - mean) * rstd * w[j] + b[j];
+    for (int64_t d = 0; d < D; ++d) out[d] = (r[d] - mean) * rstd * w[d] + b[d];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) out[j] = (r[idx[j]] - mean) * rstd * w[j] + b[j];
+  }
+}
+
+void ln_gather_row(const float* xr, int64_t D, const int64_t* idx, const float* w, const float* b, int64_t K,
+                   float eps, float* out) {
+  norm_row(xr, D, row_sum(xr, D), idx, w, b, K, eps, out);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -195,34 +211,6 @@ float add_row_sum(float* o, const float* x, const float* y, int64_t D) {
   return sum;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-float row_sum(const float* r, int64_t D) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < D; ++d) sum += r[d];
-  return sum;
-}
-
-// ln[d] = (r[d] - mean) * rstd * w[d] + b[d] for the read channels; two-pass variance (no cancellation).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void norm_row(const float* r, int64_t D, float sum, const int64_t* idx, const float* w, const float* b, int64_t K,
-              float eps, float* out) {
-  const float mean = sum / static_cast<float>(D);
-  float sq = 0.f;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t d = 0; d < D; ++d) {
-    const float c = r[d] - mean;
-    sq += c * c;
-  }
-  const float rstd = 1.f / std::sqrt(sq / static_cast<float>(D) + eps);
-  if (idx == nullptr) {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[d] = (r[d] - mean) * rstd * w[d] + b[d];
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < K; ++j) out[j] = (r[idx[j]] - mean) * rstd * w[j] + b[j];
-  }
-}
 
 struct AddNormArgs {
   const int64_t* widx;  // channels the branch writes (nullptr: all D)
