@@ -132,7 +132,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = Non
             attend), or None.
         scale: softmax scale; default ``Dqk ** -0.5`` (pass the original head dim's scale after
             head-dim pruning).
-    Returns: ``[B, H, N, Dv]`` in ``q``'s dtype.
+    Returns: ``[B, H, N, Dv]`` in ``q``'s dtype; on CPU a view of ``[B, N, H, Dv]`` memory, so
+        ``out.transpose(1, 2).reshape(B, N, H * Dv)`` is free (use ``.reshape``, not ``.view``, on it).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
