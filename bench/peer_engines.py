@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field

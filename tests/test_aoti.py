@@ -1,6 +1,5 @@
 """export_aoti: the AOTInductor package (C++ kernels of sparsevit included) computes what the
 accelerated model computes, and calls sparsevit's C++ operators, not its Python ones."""
-import ctypes
 import glob
 import json
 import os

@@ -27,7 +27,7 @@ from sparsevit.formats import format_string
 from sparsevit.formats.bsr import BlockSparseWeight
 from sparsevit.ops._autocast import register_autocast
 from sparsevit.ops.linear_kernels import (ACTIVATIONS, KernelInput, Reference, apply_activation,  # noqa: F401
-                                          check_linear_inputs, eager_cpu_call_ok, resolve)
+                                          check_linear_inputs, eager_cpu_call_ok, resolve, token_rows)
 
 __all__ = ["bsr_linear", "reference_bsr_linear", "apply_activation", "ACTIVATIONS"]
 
@@ -49,26 +49,11 @@ def _bsr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Ten
                              bw, bias, activation)
 
 
-# CPU implementation per (dtype, block, activation, requested kernel): what runs on a CPU depends
-# only on the extension build and the CPU, fixed for the process, and resolving costs ~3 us a call.
-_CPU_IMPL = {}
-
-
-def _resolve(device, dtype, bh, bw, activation, kernel):
-    key = (dtype, bh, bw, activation, kernel)
-    if device.type == "cpu" and key in _CPU_IMPL:
-        return _CPU_IMPL[key]
-    inp = KernelInput(device.type, dtype, format_string("bsr", (bh, bw)),
-                      None if activation == "none" else activation, device.index)
-    impl = resolve(inp, kernel)  # raises KernelError (never cached) for a named kernel that cannot run
-    if device.type == "cpu":
-        _CPU_IMPL[key] = impl
-    return impl
-
-
 def _dispatch(x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias,
               activation, kernel):
-    impl = _resolve(x.device, x.dtype, bh, bw, activation, kernel)
+    inp = KernelInput(x.device.type, x.dtype, format_string("bsr", (bh, bw)),
+                      None if activation == "none" else activation, x.device.index)
+    impl = resolve(inp, kernel)  # cached per input description
     return impl.run_bsr(x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw,
                         bias, activation)
 
@@ -107,9 +92,7 @@ def bsr_linear(x: torch.Tensor, w: BlockSparseWeight, bias: Optional[torch.Tenso
     act = check_linear_inputs(x, w, bias, activation, BlockSparseWeight,
                               "BlockSparseWeight.from_dense(linear.weight, block=(32, 32))")
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, w.shape[1])
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    x2d = token_rows(x, w.shape[1])
     args = (x2d, w.values, w.col_indices, w.crow_indices, w.packed, w.shape[0], w.shape[1], w.block[0],
             w.block[1], bias, act, kernel)
     y = _dispatch(*args) if eager_cpu_call_ok(x2d, w.values, bias) else _bsr_linear_op(*args)

@@ -60,6 +60,13 @@ def eager_cpu_call_ok(x: torch.Tensor, values: torch.Tensor, bias: Optional[torc
     return not standard_ops_wanted()
 
 
+def token_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``x`` [..., in_features] as the 2-D [tokens, in_features] the kernels take (a view where the
+    last dim is already contiguous; row strides are the kernels' business)."""
+    x2d = x.reshape(-1, in_features)
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
 def check_linear_inputs(x: torch.Tensor, w, bias: Optional[torch.Tensor], activation: Optional[str],
                         weight_cls: type, how_to_build: str) -> str:
     """The public sparse-linear wrappers' argument checks (one place for every weight format).
@@ -276,11 +283,8 @@ class CppBSR(LinearKernel):
                activation):
         """``act(x @ W^T + b)`` for ``x`` of any leading shape, straight to the C++ kernel (no custom
         op around it: see :func:`eager_cpu_call_ok`); the arguments are a BlockSparseWeight's pieces."""
-        x2d = x.reshape(-1, in_features)
-        if x2d.stride(-1) != 1:
-            x2d = x2d.contiguous()
-        y = cls.run_bsr(x2d, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias,
-                        "none" if activation is None else activation)
+        y = cls.run_bsr(token_rows(x, in_features), values, col_indices, crow_indices, packed, out_features,
+                        in_features, bh, bw, bias, "none" if activation is None else activation)
         return y.reshape(*x.shape[:-1], out_features)
 
 
