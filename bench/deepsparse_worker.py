@@ -12,7 +12,8 @@ Requests (stdin) and replies (the original stdout; everything DeepSparse prints 
     {"cmd": "run"}                      -> {"ok": true, "seconds": t}   (one forward, timed here)
     {"cmd": "output", "path": NPY}      -> {"ok": true}                 (last output written there)
     {"cmd": "quit"}                     -> the worker exits
-Any failure answers {"ok": false, "error": "..."} and the worker keeps serving.
+Any failure answers {"ok": false, "error": "..."} and the worker keeps serving. bench/peer_worker.py
+serves the same protocol with :func:`serve` and :func:`main` (one engine of the main venv per process).
 """
 import json
 import os
@@ -24,6 +25,8 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 
 class Worker:
+    commands = ("load", "run", "output")
+
     def __init__(self):
         self.engine = None
         self.inputs = None
@@ -54,8 +57,8 @@ class Worker:
         return {}
 
 
-def serve(requests, reply) -> None:
-    worker = Worker()
+def serve(requests, reply, worker) -> None:
+    """Answer each request line with ``worker``'s method of the same name (one of ``worker.commands``)."""
     for line in requests:
         if not line.strip():
             continue
@@ -64,7 +67,9 @@ def serve(requests, reply) -> None:
         if cmd == "quit":
             return
         try:
-            handler = {"load": worker.load, "run": worker.run, "output": worker.output}[cmd]
+            if cmd not in worker.commands:
+                raise ValueError(f"unknown command {cmd!r}")
+            handler = getattr(worker, cmd)
             answer = {"ok": True, **handler(**req)}
         except Exception as e:  # reported to the harness, which records it as the engine's failure
             traceback.print_exc(file=sys.stderr)
@@ -73,12 +78,12 @@ def serve(requests, reply) -> None:
         reply.flush()
 
 
-def main() -> None:
+def main(worker=None) -> None:
     # keep the protocol on a private copy of stdout; anything the engine prints (Python or C) lands on stderr
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    serve(sys.stdin, reply)
+    serve(sys.stdin, reply, Worker() if worker is None else worker)
 
 
 if __name__ == "__main__":

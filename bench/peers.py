@@ -143,11 +143,60 @@ def max_rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- timing
+def cpu_ticks(pid: int, descendants: bool = True) -> int:
+    """CPU time (user + system, clock ticks) a process (and its live descendants) used; 0 once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        children = []
+        for tid in os.listdir(f"/proc/{pid}/task") if descendants else []:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return 0
+    return int(fields[11]) + int(fields[12]) + sum(cpu_ticks(c) for c in children)
+
+
+class CpuWatch:
+    """Per timed call, the CPU used by the timed engine's process and by every *other* process of the
+    run (idle workers, the harness): the proof that nothing else runs while an engine is timed.
+    Only meaningful when engines have their own processes (``Prepared.pid``)."""
+    TICK_MS = 1e3 / os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, prepared: Dict[str, Prepared]):
+        self.pids = {label: p.pid for label, p in prepared.items() if p.pid is not None}
+        self.pids["harness"] = os.getpid()
+        self.own_ms: Dict[str, List[float]] = {k: [] for k in prepared}
+        self.others_ms: Dict[str, List[float]] = {k: [] for k in prepared}
+        self.by_process: Dict[str, Dict[str, float]] = {k: {} for k in prepared}
+
+    def snapshot(self) -> Dict[str, int]:
+        # the harness without its descendants: those are the workers, counted on their own
+        return {label: cpu_ticks(pid, descendants=label != "harness") for label, pid in self.pids.items()}
+
+    def record(self, label: str, before: Dict[str, int], after: Dict[str, int]) -> None:
+        used = {k: (after[k] - before[k]) * self.TICK_MS for k in before}
+        self.own_ms[label].append(used.get(label, float("nan")))
+        self.others_ms[label].append(sum(v for k, v in used.items() if k != label))
+        for k, v in used.items():
+            if k != label and v:
+                self.by_process[label][k] = self.by_process[label].get(k, 0.0) + v
+
+    def summary(self, label: str) -> Dict:
+        own, others = self.own_ms[label], self.others_ms[label]
+        if not others or label not in self.pids:
+            return {}
+        return {"own_cpu_ms_median": statistics.median(own), "others_cpu_ms_total": sum(others),
+                "others_cpu_ms_max": max(others), "calls": len(others), "others_by_process": self.by_process[label]}
+
+
 def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, gap: float,
-                     desc: str = "", failures: Optional[Dict[str, str]] = None) -> Dict[str, List[float]]:
+                     desc: str = "", failures: Optional[Dict[str, str]] = None,
+                     watch: Optional[CpuWatch] = None) -> Dict[str, List[float]]:
     """Seconds per call for each engine: every round calls each engine once in turn, sleeping ``gap``
     seconds before each call so the previous engine's spinning threads go idle first. An engine whose
-    call raises is dropped from ``prepared`` (closed) and its error recorded in ``failures``."""
+    call raises is dropped from ``prepared`` (closed) and its error recorded in ``failures``. With
+    ``watch``, the CPU every process used during each timed call is recorded there."""
     from tqdm import tqdm
 
     failures = {} if failures is None else failures
@@ -156,7 +205,10 @@ def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, ga
         for label, p in list(prepared.items()):
             time.sleep(gap)
             try:
+                before = watch.snapshot() if watch and r >= warmup else None
                 seconds = p.timed_call()
+                if before is not None:
+                    watch.record(label, before, watch.snapshot())
             except Exception as e:  # recorded as this engine's result; the others go on
                 failures[label] = f"failed while timed: {type(e).__name__}: {e}"[:300]
                 prepared.pop(label).close()
@@ -167,12 +219,14 @@ def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, ga
     return times
 
 
-def prepare_all(engines: List[Engine], ctx: PlanContext, failures: Dict[str, str]) -> Dict[str, Prepared]:
+def prepare_all(engines: List[Engine], ctx: PlanContext, failures: Dict[str, str],
+                gap: float = 0.0) -> Dict[str, Prepared]:
     """Build every engine for this plan; one that fails is recorded with its error and left out."""
     prepared = {}
     for engine in engines:
         if engine.label in failures:
             continue
+        time.sleep(gap)  # engines that measure while they build (sparsevit's chooser) get quiet cores
         try:
             prepared[engine.label] = engine.prepare(ctx)
         except Exception as e:  # a peer that cannot take this model is a result, not a crash
@@ -184,7 +238,7 @@ def prepare_all(engines: List[Engine], ctx: PlanContext, failures: Dict[str, str
 
 
 def run_plan(plan_name: str, model: nn.Module, x: torch.Tensor, engines: List[Engine], args,
-             workdir: str) -> List[Dict]:
+             workdir: str, model_spec: Dict) -> List[Dict]:
     builder, _, _ = PLANS[plan_name]
     plan = builder(model)
     masked = sparsevit.masked_model(model, plan)
@@ -192,11 +246,12 @@ def run_plan(plan_name: str, model: nn.Module, x: torch.Tensor, engines: List[En
     with torch.inference_mode():
         ref = masked(x).float()
     ctx = PlanContext(model=model, masked=masked, plan=plan, x=x, threads=args.threads, workdir=workdir,
-                      tag=f"{plan_name}.b{x.shape[0]}")
+                      tag=f"{plan_name}.b{x.shape[0]}", model_spec=model_spec)
     failures = {e.label: why for e in engines if (why := e.missing())}
-    prepared = prepare_all(engines, ctx, failures)
+    prepared = prepare_all(engines, ctx, failures, args.gap)
     try:
-        times = time_interleaved(prepared, args.rounds, args.warmup, args.gap, ctx.tag, failures)
+        watch = CpuWatch(prepared)
+        times = time_interleaved(prepared, args.rounds, args.warmup, args.gap, ctx.tag, failures, watch)
         rows = []
         for engine in engines:
             row = {"batch": x.shape[0], "plan": plan_name, "engine": engine.name, "dtype": engine.dtype,
@@ -209,13 +264,13 @@ def run_plan(plan_name: str, model: nn.Module, x: torch.Tensor, engines: List[En
                 t = times[engine.label]
                 row.update(median_ms=1e3 * statistics.median(t), min_ms=1e3 * min(t),
                            times_ms=[round(1e3 * s, 3) for s in t], info=p.info,
-                           max_rel_err=max_rel_error(p.output(), ref))
+                           max_rel_err=max_rel_error(torch.from_numpy(p.output()), ref), cpu=watch.summary(engine.label))
             rows.append(row)
         return rows
     finally:
         for p in prepared.values():
             p.close()
-        for path in ctx._onnx.values():
+        for path in ctx._files.values():
             os.remove(path)
 
 
@@ -257,6 +312,21 @@ def _cell(row: Optional[Dict]) -> str:
     return f"{row['median_ms']:.1f}{ratio}"
 
 
+def cpu_lines(rows: List[Dict], meta: Dict) -> List[str]:
+    """How isolated the engines were: the CPU other processes used while each engine was timed."""
+    if meta.get("isolation", "none") != "process":
+        return ["Isolation: none (every engine in the harness's process; DeepSparse in its own).", ""]
+    watched = [r for r in rows if r.get("cpu")]
+    total = sum(r["cpu"]["others_cpu_ms_total"] for r in watched)
+    calls = sum(r["cpu"]["calls"] for r in watched)
+    worst = max((r["cpu"]["others_cpu_ms_max"] for r in watched), default=0.0)
+    wall = sum(sum(r["times_ms"]) for r in watched)
+    return [f"Isolation: each engine in its own worker process. CPU used by all other processes (idle "
+            f"workers, harness) during the {calls} timed calls: {total:.0f} ms in total ({100 * total / max(wall, 1e-9):.1f}% "
+            f"of their {wall:.0f} ms), at most {worst:.0f} ms during one call (clock ticks of "
+            f"{CpuWatch.TICK_MS:.0f} ms).", ""]
+
+
 def markdown(rows: List[Dict], meta: Dict) -> str:
     """Per batch: a time table (ms, ratio) and an error table; rows = plans, columns = engines."""
     out = [f"Command: `{meta['command']}`  ",
@@ -283,6 +353,7 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
                      for lb in labels]
             out.append(f"| {PLANS[plan][2]} | {first['mac_reduction']:.2f}x | " + " | ".join(cells) + " |")
         out.append("")
+    out += cpu_lines(rows, meta)
     skipped = {r["label"]: r["skipped"] for r in rows if "skipped" in r}
     if skipped:
         out += ["Not measured: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), ""]
@@ -332,6 +403,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gap", type=float, default=0.05, help="seconds of sleep before each timed call")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine")
+    p.add_argument("--isolation", default="process", choices=["process", "none"],
+                   help="process: each engine in its own worker process (fair); none: all in this one "
+                        "(only to reproduce how engines in one process slow each other down)")
     p.add_argument("--engines", nargs="+", default=list(ENGINE_TYPES), choices=list(ENGINE_TYPES))
     p.add_argument("--plans", nargs="+", default=list(PLANS), choices=list(PLANS))
     p.add_argument("--dtype", nargs="+", default=["f32", "bf16"], choices=["f32", "bf16"])
@@ -353,23 +427,29 @@ def main(argv=None) -> Dict:
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     model = build_model(args.model, args.img_size, kwargs, args.seed)
     size = model.patch_embed.img_size
-    engines = make_engines(args.engines, args.dtype, args.deepsparse_python, args.compile_mode)
+    model_spec = {"name": args.model, "kwargs": dict(kwargs, img_size=args.img_size) if args.img_size else kwargs}
+    engines = make_engines(args.engines, args.dtype, args.deepsparse_python, args.compile_mode,
+                           isolate=args.isolation == "process")
     meta = dict(machine_info(args), model=args.model, img_size=list(size), rounds=args.rounds,
-                warmup=args.warmup, gap=args.gap)
+                warmup=args.warmup, gap=args.gap, isolation=args.isolation)
     print(f"# peers: {args.model} {tuple(size)}, batch {args.batch}, {args.threads} threads, engines "
           f"{[e.label for e in engines]}", flush=True)
     rows: List[Dict] = []
     with tempfile.TemporaryDirectory(prefix="sparsevit-peers-") as workdir:
-        for batch in args.batch:
-            g = torch.Generator().manual_seed(args.seed + batch)
-            x = torch.randn(batch, 3, *size, generator=g)
-            for plan_name in args.plans:
-                t0 = time.perf_counter()
-                new = run_plan(plan_name, model, x, engines, args, workdir)
-                rows += new
-                print(f"# batch {batch} {plan_name} ({time.perf_counter() - t0:.0f} s): "
-                      + "; ".join(f"{r['label']} {r['median_ms']:.1f} ms err {r['max_rel_err']:.1e}"
-                                  for r in new if "median_ms" in r), flush=True)
+        try:
+            for batch in args.batch:
+                g = torch.Generator().manual_seed(args.seed + batch)
+                x = torch.randn(batch, 3, *size, generator=g)
+                for plan_name in args.plans:
+                    t0 = time.perf_counter()
+                    new = run_plan(plan_name, model, x, engines, args, workdir, model_spec)
+                    rows += new
+                    print(f"# batch {batch} {plan_name} ({time.perf_counter() - t0:.0f} s): "
+                          + "; ".join(f"{r['label']} {r['median_ms']:.1f} ms err {r['max_rel_err']:.1e}"
+                                      for r in new if "median_ms" in r), flush=True)
+        finally:
+            for engine in engines:
+                engine.shutdown()
     add_ratios(rows)
     paths = write_outputs(rows, meta, args.out)
     print(markdown(rows, meta))

@@ -1,0 +1,80 @@
+"""Timing worker for bench/peers.py: one engine of the main venv in its own process.
+
+The harness (``peer_engines.Isolated``) spawns one per engine with ``OMP_NUM_THREADS`` and
+``MKL_NUM_THREADS`` set to ``--threads`` and speaks bench/deepsparse_worker.py's protocol to it:
+
+    {"cmd": "load", "engine": NAME, "dtype": "f32", "options": {...}, "spec": {...}}
+        -> {"ok": true, "info": {...}, "worker": {"pid", "affinity", "runtimes"}}
+    {"cmd": "run"}                   -> {"ok": true, "seconds": t, "cpu_seconds": c}   (timed here)
+    {"cmd": "output", "path": NPY}   -> {"ok": true}          (float32 logits written there)
+    {"cmd": "unload"}                -> {"ok": true}          (the plan's model is dropped)
+    {"cmd": "quit"}                  -> the worker exits
+
+``spec`` comes from ``PlanContext.worker_spec``: file paths only (safetensors weights, the plan's
+JSON, ONNX exports, the input as .npy); nothing is unpickled. Only the engine's own runtime is
+imported: an ONNX Runtime worker never loads torch, so no other runtime's thread pool, allocator or
+CPU pinning lives next to the engine being timed. ``worker.runtimes`` in the reply says which were
+loaded, ``worker.affinity`` the CPUs the process may run on after the engine was built.
+"""
+import gc
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+
+import deepsparse_worker  # noqa: E402  (the protocol: serve/main; imports no DeepSparse)
+import peer_engines  # noqa: E402
+
+RUNTIMES = ("torch", "sparsevit", "onnxruntime", "openvino")
+
+
+class EngineWorker:
+    commands = ("load", "run", "output", "unload")
+
+    def __init__(self):
+        self.prepared = None
+
+    def load(self, engine, dtype, options, spec):
+        self.unload()
+        eng = peer_engines.ENGINE_TYPES[engine](dtype)
+        for key, value in options.items():
+            setattr(eng, key, value)
+        if "model" in eng.needs:  # a torch engine: its intra-op pool gets --threads like every engine
+            import torch
+
+            torch.set_num_threads(int(spec["threads"]))
+        self.prepared = eng.prepare(peer_engines.WorkerContext(spec))
+        return {"info": self.prepared.info,
+                "worker": {"pid": os.getpid(), "affinity": sorted(os.sched_getaffinity(0)),
+                           "runtimes": [m for m in RUNTIMES if m in sys.modules]}}
+
+    def _loaded(self):
+        if self.prepared is None:
+            raise RuntimeError("no engine loaded (send load first)")
+        return self.prepared
+
+    def run(self):
+        prepared = self._loaded()
+        cpu0 = time.process_time()
+        seconds = prepared.timed_call()
+        return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu0}
+
+    def output(self, path):
+        np.save(path, np.asarray(self._loaded().output(), dtype=np.float32))
+        return {}
+
+    def unload(self):
+        if self.prepared is not None:
+            self.prepared.close()
+            self.prepared = None
+            gc.collect()
+        return {}
+
+
+if __name__ == "__main__":
+    deepsparse_worker.main(EngineWorker())
