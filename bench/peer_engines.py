@@ -468,7 +468,14 @@ class Isolated(Engine):
         answer = worker.ask(cmd="load", engine=self.name, dtype=self.dtype, options=self.engine.options(),
                             spec=spec)
         info = dict(answer["info"], worker=answer["worker"])
-        return worker.prepared(info, ctx, lambda: worker.ask(cmd="unload") if worker.alive() else None)
+        return worker.prepared(info, ctx, lambda: self._unload(worker))
+
+    @staticmethod
+    def _unload(worker: WorkerProcess) -> None:
+        try:
+            worker.ask(cmd="unload")
+        except RuntimeError:  # the worker died or failed: its error was already recorded; the next plan restarts it
+            worker.close()
 
     def shutdown(self) -> None:
         if self.worker is not None:

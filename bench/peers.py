@@ -5,12 +5,26 @@ masks on the same input: timm in PyTorch eager, torch.compile (Inductor, freezin
 OpenVINO on an ONNX export of the masked dense model, OpenVINO on sparsevit's structurally sliced
 model (``openvino-sliced``: the bar for sparsevit's dense layers), DeepSparse (in its own venv, when
 ``--deepsparse-python`` is given) on an opset-14 export of it, and ``sparsevit.accelerate``.
-Engines are timed in interleaved rounds (A, B, C, ..., then again) with a short sleep between two
-timed calls (idle ORT / OpenMP threads keep spinning for a while after a call and would steal the
-next engine's cores); the cell is the median of ``--rounds`` after ``--warmup``. The ratio is to the
-fastest engine on the dense plan in the same dtype (bf16 engines against bf16 engines), > 1 is
-faster. Every engine's output is checked against PyTorch fp32 on the masked dense model: max
-relative error = max|y - ref| / max|ref|.
+Engines are timed in interleaved rounds (A, B, C, ..., then again) with a short sleep (``--gap``)
+before every timed call and every build (idle ORT / OpenMP threads keep spinning for a while after a
+call and would steal the next engine's cores; sparsevit's per-layer kernel chooser measures while it
+builds); the cell is the median of ``--rounds`` after ``--warmup``. The ratio is to the fastest
+engine on the dense plan in the same dtype (bf16 engines against bf16 engines), > 1 is faster.
+Every engine's output is checked against PyTorch fp32 on the masked dense model: max relative
+error = max|y - ref| / max|ref|.
+
+Isolation (``--isolation process``, the default): every engine runs in its own worker process
+(bench/peer_worker.py; DeepSparse in bench/deepsparse_worker.py under its own python), spawned once
+for the run with ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``, importing only its own
+runtime; the harness writes the weights (safetensors), plan (JSON), input (.npy) and ONNX exports
+once and every worker reads the same files. Each call is timed inside its worker (the pipe is not
+counted). Around every timed call the harness reads the CPU time (/proc) of every process of the
+run: the JSON's ``cpu`` per cell gives the engine's own CPU per call and what all *other* processes
+(idle workers, harness) used meanwhile, and the Markdown says the total: the check that idle peers
+stay idle. ``--isolation none`` runs every engine in the harness's process (how the tables before
+2026-11-22 06:00 were made) to reproduce the interference: in one process the engines' thread pools,
+allocators and pinning act on each other, and sparsevit's kernel chooser measured while others' threads
+were still busy (see bench/RESULTS.md, "Method").
 
 Plans (the public pruning API, l1 magnitudes of the random weights):
     dense                 nothing removed
@@ -28,6 +42,7 @@ JSON records what the compiled model reports. Install the peers with ``bash benc
     python bench/peers.py --batch 8 1 --rounds 10 --deepsparse-python ~/.cache/sparsevit/deepsparse-venv/bin/python
     python bench/peers.py --engines torch-eager openvino sparsevit --plans dense blocks70 --dtype f32
     python bench/peers.py --model vit_tiny_patch16_224 --img-size 32 --model-kwargs '{"depth": 2}' --rounds 2
+    python bench/peers.py --plans blocks70 --dtype f32 --engines openvino sparsevit --isolation none
 
 Writes ``peers.json``, ``peers.md`` and ``peers_b{batch}.png`` into ``--out`` (default bench/out/).
 """

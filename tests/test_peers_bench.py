@@ -1,19 +1,27 @@
 """Smoke test of bench/peers.py: the comparison harness runs end to end on a 2-block ViT at 32x32 with
 whichever peers are installed, skips the others with a reason, and every engine's output agrees with
 PyTorch fp32 on the masked dense model. Times are produced but never checked (speed lives in bench/).
+Each engine runs in its own worker process: the tests check that a worker rebuilds exactly the
+harness's model and masks, loads only its own runtime, and that the CPU watch charges CPU used during
+a timed call to the process that used it.
 
 DeepSparse is exercised only when SPARSEVIT_DEEPSPARSE_PYTHON names its venv's python
 (bash bench/setup_peers.sh makes one)."""
 import importlib.util
+import io
 import json
 import os
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
+import deepsparse_worker  # noqa: E402
+import peer_engines  # noqa: E402
 import peers  # noqa: E402
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs", '{"depth": 2}']
@@ -68,6 +76,16 @@ def test_harness_runs_and_outputs_agree(tmp_path):
             assert row["median_ms"] > 0 and row["batch"] == 3
             assert row["max_rel_err"] < 1e-4, f"{engine} on {plan}: max relative error {row['max_rel_err']:.2e}"
     assert rows[("heads_mlp50+blocks70", "sparsevit")]["mac_reduction"] > 2.0
+    pids = set()
+    for engine in engines:  # isolation: one worker per engine for the whole run, only its own runtime
+        if not expected[engine] or engine == "deepsparse":
+            continue
+        workers = [rows[(plan, engine)]["info"]["worker"] for plan in ("dense", "heads_mlp50+blocks70")]
+        assert workers[0]["pid"] == workers[1]["pid"] != os.getpid()
+        pids.add(workers[0]["pid"])
+        assert ("torch" in workers[0]["runtimes"]) == (engine in ("torch-eager", "sparsevit")), workers[0]
+        assert rows[("dense", engine)]["cpu"]["calls"] == 1
+    assert len(pids) == sum(expected[e] for e in engines if e != "deepsparse")
     assert max(r["ratio"] for r in result["rows"] if r["plan"] == "dense" and "ratio" in r) == pytest.approx(1.0)
     saved = json.loads((tmp_path / "peers.json").read_text())
     assert len(saved["rows"]) == len(result["rows"]) and saved["meta"]["threads"] == 2
@@ -87,3 +105,75 @@ def test_max_rel_error_scales_by_reference():
     ref = torch.tensor([[2.0, -4.0], [1.0, 0.5]])
     assert peers.max_rel_error(ref, ref) == 0.0
     assert peers.max_rel_error(ref + torch.tensor([[0.0, 0.4], [0.0, 0.0]]), ref) == pytest.approx(0.1)
+
+
+def test_worker_context_rebuilds_the_same_model_and_masks(tmp_path):
+    model = peers.build_model("vit_tiny_patch16_224", 32, {"depth": 2})
+    plan = peers.PLANS["heads_mlp50+blocks70"][0](model)
+    masked = peers.sparsevit.masked_model(model, plan)
+    x = torch.randn(2, 3, 32, 32)
+    ctx = peer_engines.PlanContext(model=model, masked=masked, plan=plan, x=x, threads=1, workdir=str(tmp_path),
+                                   tag="t.b2", model_spec={"name": "vit_tiny_patch16_224",
+                                                           "kwargs": {"depth": 2, "img_size": 32}})
+    spec = json.loads(json.dumps(ctx.worker_spec(("model",))))  # what crosses the pipe
+    remote = peer_engines.WorkerContext(spec)
+    assert torch.equal(remote.x, x) and remote.batch == 2
+    assert sorted(remote.plan.masks) == sorted(plan.masks)
+    for name, mask in plan.masks.items():
+        assert torch.equal(remote.plan.masks[name], mask), name
+    with torch.inference_mode():
+        assert torch.equal(remote.masked(x), masked(x))
+
+
+def test_cpu_watch_charges_the_process_that_used_the_cpu():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.2)
+        idle = peer_engines.Prepared(lambda: time.sleep(0.5) or 0.5, lambda: None, pid=sleeper.pid)
+        spinning = peer_engines.Prepared(lambda: 0.0, lambda: None, pid=busy.pid)
+        watch = peers.CpuWatch({"timed": idle, "spinning": spinning})
+        before = watch.snapshot()
+        idle.timed_call()
+        watch.record("timed", before, watch.snapshot())
+    finally:
+        for proc in (busy, sleeper):
+            proc.kill()
+            proc.wait()
+    summary = watch.summary("timed")
+    assert summary["calls"] == 1 and summary["others_cpu_ms_total"] >= 20, summary
+    assert summary["others_by_process"].get("spinning", 0) >= 20, summary
+    assert summary["others_by_process"].get("harness", 0) < summary["others_by_process"]["spinning"]
+    assert summary["own_cpu_ms_median"] <= 20, summary
+    in_process = peer_engines.Prepared(lambda: 0.0, lambda: None)
+    assert peers.CpuWatch({"timed": in_process}).summary("timed") == {}  # its CPU is the harness's: not watched
+
+
+def test_worker_protocol_answers_errors_and_keeps_serving():
+    class Echo:
+        commands = ("run",)
+
+        def run(self, fail=False):
+            if fail:
+                raise ValueError("asked to fail")
+            return {"seconds": 1.0}
+
+    requests = io.StringIO("\n".join(json.dumps(r) for r in (
+        {"cmd": "run", "fail": True}, {"cmd": "nope"}, {"cmd": "run"}, {"cmd": "quit"}, {"cmd": "run"})))
+    reply = io.StringIO()
+    deepsparse_worker.serve(requests, reply, Echo())
+    answers = [json.loads(line) for line in reply.getvalue().splitlines()]
+    assert answers == [{"ok": False, "error": "ValueError: asked to fail"},
+                       {"ok": False, "error": "ValueError: unknown command 'nope'"},
+                       {"ok": True, "seconds": 1.0}]
+
+
+def test_in_process_mode_still_runs(tmp_path):
+    argv = TINY + ["--batch", "2", "--rounds", "1", "--warmup", "0", "--gap", "0", "--dtype", "f32",
+                   "--plans", "dense", "--engines", "torch-eager", "sparsevit", "--isolation", "none",
+                   "--out", str(tmp_path)]
+    rows = peers.main(argv)["rows"]
+    assert [r["engine"] for r in rows] == ["torch-eager", "sparsevit"]
+    for row in rows:
+        assert row["max_rel_err"] < 1e-4 and row["cpu"] == {} and "worker" not in row["info"]
+    assert "Isolation: none" in (tmp_path / "peers.md").read_text()
