@@ -8,7 +8,7 @@ model (``openvino-sliced``: the bar for sparsevit's dense layers), DeepSparse (i
 Engines are timed in interleaved rounds (A, B, C, ..., then again) with a short sleep (``--gap``)
 before every timed call and every build (idle ORT / OpenMP threads keep spinning for a while after a
 call and would steal the next engine's cores; sparsevit's per-layer kernel chooser measures while it
-builds); the cell is the median of ``--rounds`` after ``--warmup``. The ratio is to the fastest
+builds); with worker processes the harness then also waits (up to 1 s) until no worker uses CPU; the cell is the median of ``--rounds`` after ``--warmup``. The ratio is to the fastest
 engine on the dense plan in the same dtype (bf16 engines against bf16 engines), > 1 is faster.
 Every engine's output is checked against PyTorch fp32 on the masked dense model: max relative
 error = max|y - ref| / max|ref|.
@@ -185,6 +185,21 @@ class CpuWatch:
         self.others_ms: Dict[str, List[float]] = {k: [] for k in prepared}
         self.by_process: Dict[str, Dict[str, float]] = {k: {} for k in prepared}
 
+    def settle(self, poll: float = 0.02, limit: float = 1.0) -> float:
+        """Wait (at most ``limit`` s) until no worker used CPU during one ``poll`` interval: a thread
+        pool still spinning after its call (ORT's, under load, outlasts a fixed gap) stops before the
+        next engine is timed. Returns the seconds waited."""
+        t0 = time.perf_counter()
+        workers = {k: v for k, v in self.pids.items() if k != "harness"}
+        last = {k: cpu_ticks(pid) for k, pid in workers.items()}
+        while time.perf_counter() - t0 < limit:
+            time.sleep(poll)
+            now = {k: cpu_ticks(pid) for k, pid in workers.items()}
+            if now == last:
+                break
+            last = now
+        return time.perf_counter() - t0
+
     def snapshot(self) -> Dict[str, int]:
         # the harness without its descendants: those are the workers, counted on their own
         return {label: cpu_ticks(pid, descendants=label != "harness") for label, pid in self.pids.items()}
@@ -209,7 +224,8 @@ def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, ga
                      desc: str = "", failures: Optional[Dict[str, str]] = None,
                      watch: Optional[CpuWatch] = None) -> Dict[str, List[float]]:
     """Seconds per call for each engine: every round calls each engine once in turn, sleeping ``gap``
-    seconds before each call so the previous engine's spinning threads go idle first. An engine whose
+    seconds before each call so the previous engine's spinning threads go idle first (with ``watch``,
+    then also until no worker process uses CPU, see :meth:`CpuWatch.settle`). An engine whose
     call raises is dropped from ``prepared`` (closed) and its error recorded in ``failures``. With
     ``watch``, the CPU every process used during each timed call is recorded there."""
     from tqdm import tqdm
@@ -219,6 +235,8 @@ def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, ga
     for r in tqdm(range(warmup + rounds), desc=desc, disable=None, leave=False):
         for label, p in list(prepared.items()):
             time.sleep(gap)
+            if watch is not None and gap > 0:
+                watch.settle()
             try:
                 before = watch.snapshot() if watch and r >= warmup else None
                 seconds = p.timed_call()
