@@ -33,9 +33,13 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported only by the engines that run on it (an ONNX worker never loads it)
+    import torch
+    from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ONNX_OPSET = 17            # LayerNormalization as one op for ONNX Runtime and OpenVINO
@@ -55,10 +59,10 @@ def torch_dtype(name: str):
 class PlanContext:
     """What every engine needs for one plan, in the harness; exports and files are made once, shared.
     ``model_spec`` (timm name, kwargs) lets a worker process rebuild the model from ``weights_path()``."""
-    model: "nn.Module"          # the unpruned fp32 model (sparsevit.accelerate takes it with the plan)
-    masked: "nn.Module"         # the masked dense fp32 model (what torch and ONNX engines run)
+    model: nn.Module            # the unpruned fp32 model (sparsevit.accelerate takes it with the plan)
+    masked: nn.Module           # the masked dense fp32 model (what torch and ONNX engines run)
     plan: object                # sparsevit.SparsityPlan
-    x: "torch.Tensor"           # the fixed fp32 input
+    x: torch.Tensor             # the fixed fp32 input
     threads: int
     workdir: str
     tag: str                    # plan name and batch, used in file names
@@ -228,8 +232,8 @@ class WorkerProcess:
         except BrokenPipeError:
             line = ""
         if not line:
-            raise RuntimeError(f"worker {os.path.basename(self.proc.args[1])} died (exit {self.proc.wait()}): "
-                               f"{self._log_tail()}")
+            script = os.path.basename(self.proc.args[1])
+            raise RuntimeError(f"worker {script} died (exit {self.proc.wait()}): {self._log_tail()}")
         answer = json.loads(line)
         if not answer.pop("ok"):
             raise RuntimeError(f"worker: {answer['error']}")
@@ -408,7 +412,8 @@ class DeepSparse(Engine):
         return None
 
     def prepare(self, ctx):
-        worker = WorkerProcess([self.python, DEEPSPARSE_WORKER], os.path.join(ctx.workdir, f"deepsparse-{ctx.tag}.log"),
+        log = os.path.join(ctx.workdir, f"deepsparse-{ctx.tag}.log")
+        worker = WorkerProcess([self.python, DEEPSPARSE_WORKER], log,
                                dict(os.environ, NM_DISABLE_ANALYTICS="1", PYTHONPATH=""))
         try:
             info = worker.ask(cmd="load", onnx=ctx.onnx_path(DEEPSPARSE_OPSET), input=ctx.input_npy(),
@@ -474,7 +479,7 @@ class Isolated(Engine):
     def _unload(worker: WorkerProcess) -> None:
         try:
             worker.ask(cmd="unload")
-        except RuntimeError:  # the worker died or failed: its error was already recorded; the next plan restarts it
+        except RuntimeError:  # its error is recorded already; the next plan starts a fresh worker
             worker.close()
 
     def shutdown(self) -> None:

@@ -33,6 +33,11 @@ import peer_engines  # noqa: E402
 RUNTIMES = ("torch", "sparsevit", "onnxruntime", "openvino")
 
 
+def _affinity():
+    """The CPUs this process may run on (None where the OS does not say)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 class EngineWorker:
     commands = ("load", "run", "output", "unload")
 
@@ -50,7 +55,7 @@ class EngineWorker:
             torch.set_num_threads(int(spec["threads"]))
         self.prepared = eng.prepare(peer_engines.WorkerContext(spec))
         return {"info": self.prepared.info,
-                "worker": {"pid": os.getpid(), "affinity": sorted(os.sched_getaffinity(0)),
+                "worker": {"pid": os.getpid(), "affinity": _affinity(),
                            "runtimes": [m for m in RUNTIMES if m in sys.modules]}}
 
     def _loaded(self):

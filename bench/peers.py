@@ -8,10 +8,11 @@ model (``openvino-sliced``: the bar for sparsevit's dense layers), DeepSparse (i
 Engines are timed in interleaved rounds (A, B, C, ..., then again) with a short sleep (``--gap``)
 before every timed call and every build (idle ORT / OpenMP threads keep spinning for a while after a
 call and would steal the next engine's cores; sparsevit's per-layer kernel chooser measures while it
-builds); with worker processes the harness then also waits (up to 1 s) until no worker uses CPU; the cell is the median of ``--rounds`` after ``--warmup``. The ratio is to the fastest
-engine on the dense plan in the same dtype (bf16 engines against bf16 engines), > 1 is faster.
-Every engine's output is checked against PyTorch fp32 on the masked dense model: max relative
-error = max|y - ref| / max|ref|.
+builds); before a timed call the harness then also waits (up to 1 s) until no worker process uses
+CPU. The cell is the median of ``--rounds`` after ``--warmup``. The ratio is to the fastest engine
+on the dense plan in the same dtype (bf16 engines against bf16 engines), > 1 is faster. Every
+engine's output is checked against PyTorch fp32 on the masked dense model: max relative error =
+max|y - ref| / max|ref|.
 
 Isolation (``--isolation process``, the default): every engine runs in its own worker process
 (bench/peer_worker.py; DeepSparse in bench/deepsparse_worker.py under its own python), spawned once
@@ -23,8 +24,8 @@ run: the JSON's ``cpu`` per cell gives the engine's own CPU per call and what al
 (idle workers, harness) used meanwhile, and the Markdown says the total: the check that idle peers
 stay idle. ``--isolation none`` runs every engine in the harness's process (how the tables before
 2026-11-22 06:00 were made) to reproduce the interference: in one process the engines' thread pools,
-allocators and pinning act on each other, and sparsevit's kernel chooser measured while others' threads
-were still busy (see bench/RESULTS.md, "Method").
+allocators and pinning act on each other, and sparsevit's kernel chooser measures while others'
+threads may still be busy (see bench/RESULTS.md, "Method: one process per engine").
 
 Plans (the public pruning API, l1 magnitudes of the random weights):
     dense                 nothing removed
@@ -217,7 +218,8 @@ class CpuWatch:
         if not others or label not in self.pids:
             return {}
         return {"own_cpu_ms_median": statistics.median(own), "others_cpu_ms_total": sum(others),
-                "others_cpu_ms_max": max(others), "calls": len(others), "others_by_process": self.by_process[label]}
+                "others_cpu_ms_max": max(others), "calls": len(others),
+                "others_by_process": self.by_process[label]}
 
 
 def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, gap: float,
@@ -297,7 +299,8 @@ def run_plan(plan_name: str, model: nn.Module, x: torch.Tensor, engines: List[En
                 t = times[engine.label]
                 row.update(median_ms=1e3 * statistics.median(t), min_ms=1e3 * min(t),
                            times_ms=[round(1e3 * s, 3) for s in t], info=p.info,
-                           max_rel_err=max_rel_error(torch.from_numpy(p.output()), ref), cpu=watch.summary(engine.label))
+                           max_rel_err=max_rel_error(torch.from_numpy(p.output()), ref),
+                           cpu=watch.summary(engine.label))
             rows.append(row)
         return rows
     finally:
@@ -354,9 +357,10 @@ def cpu_lines(rows: List[Dict], meta: Dict) -> List[str]:
     calls = sum(r["cpu"]["calls"] for r in watched)
     worst = max((r["cpu"]["others_cpu_ms_max"] for r in watched), default=0.0)
     wall = sum(sum(r["times_ms"]) for r in watched)
+    share = 100 * total / max(wall, 1e-9)
     return [f"Isolation: each engine in its own worker process. CPU used by all other processes (idle "
-            f"workers, harness) during the {calls} timed calls: {total:.0f} ms in total ({100 * total / max(wall, 1e-9):.1f}% "
-            f"of their {wall:.0f} ms), at most {worst:.0f} ms during one call (clock ticks of "
+            f"workers, harness) during the {calls} timed calls: {total:.0f} ms in total ({share:.1f}% of "
+            f"their {wall:.0f} ms), at most {worst:.0f} ms during one call (clock ticks of "
             f"{CpuWatch.TICK_MS:.0f} ms).", ""]
 
 
