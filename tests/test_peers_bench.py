@@ -178,3 +178,20 @@ def test_in_process_mode_still_runs(tmp_path):
     for row in rows:
         assert row["max_rel_err"] < 1e-4 and row["cpu"] == {} and "worker" not in row["info"]
     assert "Isolation: none" in (tmp_path / "peers.md").read_text()
+
+
+def test_interference_probe_attributes_threads_to_engines(tmp_path):
+    import peers_interference
+
+    engines = ["sparsevit"] + (["onnxruntime"] if _installed("onnx", "onnxruntime") else [])
+    out = tmp_path / "interference.json"
+    result = peers_interference.main(TINY[:6] + ["--batch", "2", "--rounds", "1", "--gap", "0",
+                                                 "--engines", *engines, "--out", str(out)])
+    labels = [f"{e} f32" for e in engines]
+    assert sorted(result["cpu_ms_per_call"]) == sorted(labels) == sorted(result["spin_ms"])
+    for label in labels:
+        cell = result["cpu_ms_per_call"][label]
+        assert min(cell.values()) >= 0 and list(result["spin_ms"][label]) == ["0-50 ms", "50-200 ms", "200-1000 ms"]
+    if "onnxruntime" in engines:  # its intra-op pool is created by its build: those threads are its own
+        assert "onnxruntime f32" in result["affinity_after_build"]["onnxruntime f32"]
+    assert json.loads(out.read_text())["args"]["plan"] == "blocks70"
