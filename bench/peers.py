@@ -8,7 +8,7 @@ model (``openvino-sliced``: the bar for sparsevit's dense layers), DeepSparse (i
 Engines are timed in interleaved rounds (A, B, C, ..., then again) with a short sleep (``--gap``)
 before every timed call and every build (idle ORT / OpenMP threads keep spinning for a while after a
 call and would steal the next engine's cores; sparsevit's per-layer kernel chooser measures while it
-builds); before a timed call the harness then also waits (up to 1 s) until no worker process uses
+builds); after the sleep the harness also waits (up to 1 s) until no worker process uses
 CPU. The cell is the median of ``--rounds`` after ``--warmup``. The ratio is to the fastest engine
 on the dense plan in the same dtype (bf16 engines against bf16 engines), > 1 is faster. Every
 engine's output is checked against PyTorch fp32 on the masked dense model: max relative error =
@@ -173,6 +173,21 @@ def cpu_ticks(pid: int, descendants: bool = True) -> int:
     return int(fields[11]) + int(fields[12]) + sum(cpu_ticks(c) for c in children)
 
 
+def wait_until_idle(pids: List[int], poll: float = 0.02, limit: float = 1.0) -> float:
+    """Wait (at most ``limit`` s) until none of ``pids`` used CPU during one ``poll`` interval: a thread
+    pool still spinning after its call (ONNX Runtime's outlasts a 50 ms gap) stops before the next
+    engine is timed or built. Returns the seconds waited."""
+    t0 = time.perf_counter()
+    last = [cpu_ticks(pid) for pid in pids]
+    while pids and time.perf_counter() - t0 < limit:
+        time.sleep(poll)
+        now = [cpu_ticks(pid) for pid in pids]
+        if now == last:
+            break
+        last = now
+    return time.perf_counter() - t0
+
+
 class CpuWatch:
     """Per timed call, the CPU used by the timed engine's process and by every *other* process of the
     run (idle workers, the harness): the proof that nothing else runs while an engine is timed.
@@ -186,20 +201,9 @@ class CpuWatch:
         self.others_ms: Dict[str, List[float]] = {k: [] for k in prepared}
         self.by_process: Dict[str, Dict[str, float]] = {k: {} for k in prepared}
 
-    def settle(self, poll: float = 0.02, limit: float = 1.0) -> float:
-        """Wait (at most ``limit`` s) until no worker used CPU during one ``poll`` interval: a thread
-        pool still spinning after its call (ORT's, under load, outlasts a fixed gap) stops before the
-        next engine is timed. Returns the seconds waited."""
-        t0 = time.perf_counter()
-        workers = {k: v for k, v in self.pids.items() if k != "harness"}
-        last = {k: cpu_ticks(pid) for k, pid in workers.items()}
-        while time.perf_counter() - t0 < limit:
-            time.sleep(poll)
-            now = {k: cpu_ticks(pid) for k, pid in workers.items()}
-            if now == last:
-                break
-            last = now
-        return time.perf_counter() - t0
+    def settle(self) -> float:
+        """Wait until no worker process uses CPU (see :func:`wait_until_idle`); returns the seconds waited."""
+        return wait_until_idle([pid for label, pid in self.pids.items() if label != "harness"])
 
     def snapshot(self) -> Dict[str, int]:
         # the harness without its descendants: those are the workers, counted on their own
@@ -262,6 +266,8 @@ def prepare_all(engines: List[Engine], ctx: PlanContext, failures: Dict[str, str
         if engine.label in failures:
             continue
         time.sleep(gap)  # engines that measure while they build (sparsevit's chooser) get quiet cores
+        if gap > 0:
+            wait_until_idle([w.pid for w in (getattr(e, "worker", None) for e in engines) if w is not None])
         try:
             prepared[engine.label] = engine.prepare(ctx)
         except Exception as e:  # a peer that cannot take this model is a result, not a crash
