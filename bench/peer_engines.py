@@ -4,7 +4,7 @@ An :class:`Engine` is one runtime at one precision (``openvino bf16``, ``sparsev
 ``missing()`` says why it cannot run here (package absent, no DeepSparse python given), so the
 harness skips it with that reason instead of failing. ``prepare(ctx)`` builds it for one plan and
 returns a :class:`Prepared`: ``timed_call()`` runs one forward on the fixed input and returns its
-seconds, ``output()`` the logits as float32 for the accuracy check, ``info`` what the engine
+seconds, ``output()`` the logits as a float32 numpy array for the accuracy check, ``info`` what the engine
 reports about itself (version, compile time, the precision it really ran, chosen kernels).
 
 Every engine sees the same weights and masks: torch engines run the masked dense model, ONNX
@@ -16,7 +16,8 @@ left as zeros): what a user who prunes with sparsevit but serves with OpenVINO w
 Isolation: :class:`Isolated` runs an engine in its own worker process (bench/peer_worker.py, spawned
 with the main venv's python, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``), which imports
 only that engine's runtime: torch engines load the model from a safetensors file and the plan from
-its JSON file, ONNX engines read the exports the harness made. One worker per engine lives for the
+its JSON file (and sparsevit, which builds the masked model), ONNX engines read the exports the
+harness made. One worker per engine lives for the
 whole run; it loads each plan when asked and drops the previous one. Sharing one process let the
 engines' thread pools, allocators and CPU pinning act on each other (see bench/RESULTS.md).
 :class:`WorkerProcess` is the pipe both that worker and DeepSparse's speak (one JSON object a line).
