@@ -5,7 +5,7 @@ The harness (``peer_engines.Isolated``) spawns one per engine with ``OMP_NUM_THR
 
     {"cmd": "load", "engine": NAME, "dtype": "f32", "options": {...}, "spec": {...}}
         -> {"ok": true, "info": {...}, "worker": {"pid", "affinity", "runtimes"}}
-    {"cmd": "run"}                   -> {"ok": true, "seconds": t, "cpu_seconds": c}   (timed here)
+    {"cmd": "run"}                   -> {"ok": true, "seconds": t}   (one forward, timed here)
     {"cmd": "output", "path": NPY}   -> {"ok": true}          (float32 logits written there)
     {"cmd": "unload"}                -> {"ok": true}          (the plan's model is dropped)
     {"cmd": "quit"}                  -> the worker exits
@@ -19,7 +19,6 @@ loaded, ``worker.affinity`` the CPUs the process may run on after the engine was
 import gc
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -64,10 +63,7 @@ class EngineWorker:
         return self.prepared
 
     def run(self):
-        prepared = self._loaded()
-        cpu0 = time.process_time()
-        seconds = prepared.timed_call()
-        return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu0}
+        return {"seconds": self._loaded().timed_call()}
 
     def output(self, path):
         np.save(path, np.asarray(self._loaded().output(), dtype=np.float32))
