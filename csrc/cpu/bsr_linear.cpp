@@ -277,11 +277,11 @@ void stage_activations(BsrParams& p, const BsrKernels* kern, const at::Tensor& x
 // Work split: units of (a group of block rows) x (a run of token tiles), handed out dynamically (an
 // atomic counter), so a thread that loses its core to another process does not hold the others up.
 // Many small units keep the last one small next to a thread's share (batch 1 on DeiT-S has only 17
-// token tiles: split over tiles alone, 2 threads would get 9 and 8). When the packed weights fit
-// kBsrL2WeightBudget (sliced / pruned DeiT-S layers) the tiles are split first, into runs of equal
-// length (a run's cost does not depend on where it is), and each unit re-reads the weights from L2.
-// Larger weights are split over block rows first, so each thread streams only its rows from memory.
-// Block rows are grouped by kept blocks (plus a small per-row cost for the epilogue).
+// token tiles: split over tiles alone, 2 threads would get 9 and 8). Block rows are cut into as few
+// groups as keep each group's weights within kBsrL2WeightBudget (one for sliced / pruned DeiT-S
+// layers), grouped by kept blocks (plus a small per-row cost for the epilogue); token tiles into runs
+// of equal length (a run's cost does not depend on where it is); more row groups only when there are
+// too few runs (batch 1). Each unit then reads its rows' weights from L2 and its tiles once per group.
 constexpr int64_t kUnitsPerThread = 16;     // at least, where the work allows
 constexpr int64_t kMaxUnitsPerThread = 64;  // at most: each unit costs an atomic and a compute() call
 
@@ -309,19 +309,14 @@ void run_parallel(const BsrParams& p, const BsrKernels* kern) {
   }
   const int64_t want = kUnitsPerThread * nth;
   const int64_t weight_bytes = (int64_t)p.crow[nbr] * p.KP * p.BHP * (p.bf16 ? 2 : 4);
-  int64_t run, P_r;  // tiles per unit, row groups
-  if (weight_bytes <= kBsrL2WeightBudget) {
-    run = (n_tiles + kMaxUnitsPerThread * nth - 1) / (kMaxUnitsPerThread * nth);
-    const int64_t runs = (n_tiles + run - 1) / run;
-    P_r = std::max<int64_t>(1, std::min(nbr, (want + runs - 1) / runs));
-  } else {
-    P_r = std::max<int64_t>(1, std::min(nbr, want));
-    const int64_t runs = std::max<int64_t>(1, std::min(n_tiles, (want + P_r - 1) / P_r));
-    run = (n_tiles + runs - 1) / runs;
-  }
-  const int64_t P_t = (n_tiles + run - 1) / run;
+  const int64_t min_groups =
+      std::min(nbr, std::max<int64_t>(1, (weight_bytes + kBsrL2WeightBudget - 1) / kBsrL2WeightBudget));
+  const int64_t max_runs = std::min(n_tiles, std::max<int64_t>(1, kMaxUnitsPerThread * nth / min_groups));
+  const int64_t run = (n_tiles + max_runs - 1) / max_runs;  // token tiles per unit
+  const int64_t runs = (n_tiles + run - 1) / run;
+  const int64_t P_r = std::min(nbr, std::max(min_groups, (want + runs - 1) / runs));
   const std::vector<int64_t> rb = row_groups(p, P_r);
-  const int64_t n_units = P_r * P_t;
+  const int64_t n_units = P_r * runs;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(nth, n_units), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
