@@ -15,6 +15,15 @@ bench/cpu_kernels.py), measured once per dtype at the benchmark's thread count.
 
 Writes ``<out>.json`` (one record per configuration and method, timm-style ``infer_step_time`` in
 ms and ``infer_samples_per_sec`` in tokens/s) and ``<out>.md`` (one table per dtype/shape/tokens).
+
+``--plan NAME`` instead measures every Linear of DeiT-S accelerated under a plan of bench/peers.py
+(``heads_mlp50``, ``heads_mlp50+blocks70``, ...) on the inputs it sees in a forward at ``--batch``:
+the module the chooser built and, for dense layers, every dense candidate, side by side in
+interleaved rounds, with kept work in GF/s and % of the peak. Run it with ``--threads 1``: each
+call is then timed in the thread's CPU time (``time.thread_time``), which a shared machine disturbs
+less than a wall clock; the numbers stay indicative.
+
+    python bench/kernels.py --threads 1 --plan heads_mlp50+blocks70 --batch 1 --dtypes bfloat16
 """
 import argparse
 import json
@@ -147,6 +156,82 @@ def run(args, peaks):
     return records
 
 
+def layer_inputs(fast, x):
+    """name -> (module, its input in one forward of ``fast``) for every accelerated Linear."""
+    from sparsevit.runtime.dense_linear import DenseLinear
+    from sparsevit.runtime.linear import SparseLinear
+
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.setdefault(n, (mod, inp[0].clone())) and None)
+             for n, m in fast.named_modules() if isinstance(m, (SparseLinear, DenseLinear))]
+    try:
+        with torch.inference_mode():
+            fast(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def kept_macs(module):
+    """Multiply-adds per token of what the module computes: kept blocks (padded to whole blocks) of a
+    block-sparse weight, stored weights of other sparse formats, the full weight of a dense one."""
+    w = module.weight
+    if hasattr(w, "crow_indices") and hasattr(w, "block"):
+        return int(w.col_indices.numel()) * w.block[0] * w.block[1]
+    if hasattr(w, "nnz"):
+        return int(w.nnz)
+    return module.in_features * module.out_features
+
+
+def run_plan_layers(args, peaks):
+    """Per-Linear timings of DeiT-S under ``args.plan`` (see the module docstring)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import peers
+
+    import sparsevit
+    from sparsevit.ops.dense_cpu import dense_candidates
+    from sparsevit.runtime.dense_linear import DenseLinear
+
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    records = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        model = peers.build_model("deit_small_patch16_224", None, {})
+        fast = sparsevit.accelerate(model, peers.PLANS[args.plan][0](model), dtype=dtype, batch_hint=args.batch)
+        peak = peaks.get(dtype_name) or float("nan")
+        print(f"\n{args.plan}, batch {args.batch}, {dtype_name}, peak {peak:.0f} GF/s; ms median "
+              f"({'thread CPU time' if args.threads == 1 else 'wall'}), kept GF/s, % of peak")
+        for name, (mod, x) in layer_inputs(fast, torch.randn(args.batch, 3, 224, 224, dtype=dtype)).items():
+            fns = {"chosen": lambda m=mod, x=x: m(x)}
+            if isinstance(mod, DenseLinear):
+                for c in dense_candidates(mod.weight, mod.bias, mod.activation, dtype=dtype):
+                    if not c.not_supported_reasons:
+                        fns[c.name] = lambda m=c.build(), x=x: m(x)
+            with torch.inference_mode():
+                for f in fns.values():
+                    f()
+                times = {k: [] for k in fns}
+                for _ in range(args.reps):
+                    for k, f in fns.items():
+                        t0 = clock()
+                        f()
+                        times[k].append(clock() - t0)
+            flops = 2.0 * kept_macs(mod) * (x.numel() // x.shape[-1])
+            rec = dict(plan=args.plan, batch=args.batch, dtype=dtype_name, layer=name, in_features=mod.in_features,
+                       out_features=mod.out_features, kernel=getattr(mod, "kernel", "?"), kept_gflop=flops / 1e9)
+            cells = []
+            for k, v in times.items():
+                ms = 1e3 * statistics.median(v)
+                rec[k] = dict(ms=round(ms, 4), gflops=round(flops / ms / 1e6, 1),
+                              pct_peak=round(100 * flops / ms / 1e6 / peak, 1))
+                cells.append(f"{k} {ms:.3f} ms {rec[k]['gflops']:.0f} GF/s {rec[k]['pct_peak']:.0f}%")
+            records.append(rec)
+            print(f"{name:20s} {mod.in_features:4d}->{mod.out_features:<4d} {rec['kernel']:18s} " + " | ".join(cells),
+                  flush=True)
+    return records
+
+
 def fmt(rec):
     if rec.get("infer_step_time") is None:
         return "not run" if rec.get("note") == "not run" else "n/a"
@@ -195,6 +280,8 @@ def main(argv=None):
                    help="methods besides dense (always timed)")
     p.add_argument("--stat", choices=["median", "min"], default="median")
     p.add_argument("--out", default="bench/out/kernels")
+    p.add_argument("--plan", default=None, help="per-Linear mode: a plan name of bench/peers.py PLANS")
+    p.add_argument("--batch", type=int, default=8, help="images per forward in --plan mode")
     args = p.parse_args(argv)
     if args.quick:  # the issue's target grid, in a few minutes
         args.shapes = ["vit_b.fc1", "vit_b.fc2"]
@@ -212,6 +299,12 @@ def main(argv=None):
         pass
     torch.set_num_threads(args.threads)
     meta["peaks"] = {k: round(v) for k, v in measure_peaks(args.threads).items()}
+    if args.plan:
+        records = run_plan_layers(args, meta["peaks"])
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(f"{args.out}.{args.plan}.b{args.batch}.json", "w") as f:
+            json.dump({"meta": meta, "args": vars(args), "results": records}, f, indent=1)
+        return
     records = run(args, meta["peaks"])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:

@@ -206,3 +206,81 @@ def test_cpp_overflow_is_not_mistaken_for_nonfinite_input():
     ref = F.linear(x.double(), ws.to_dense().double(), b.double()).float()
     torch.testing.assert_close(y, ref)
     assert torch.isinf(y[:, :32]).all() and torch.isfinite(y[:, 32:]).all()
+
+
+class _threads:
+    """torch's intra-op thread count set for a block (the work split depends on it)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+# (tokens, out, in, block) of structurally sliced layers: in % bw != 0 (the kernel stops at the end
+# of each row of x, read in place), out % bh != 0 (partial last block row), 1 / 197 / odd tokens.
+SLICED = [(197, 384, 770, (32, 32)), (1, 753, 384, (32, 32)), (23, 40, 753, (16, 16)), (197, 776, 40, (32, 32)),
+          (30, 96, 753, (16, 15)), (5, 50, 41, (16, 9))]
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_sliced_widths_in_place_every_split(isa, dtype):
+    """Odd widths of sliced layers at 1, 2 and 3 threads (token tiles x block rows split), bias and
+    both GELUs, x a column slice of a wider tensor holding inf past each row's end (nothing past the
+    row's last column may be read)."""
+    if not torch.ops.sparsevit_C.bsr_linear_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    for T, out_f, in_f, block in SLICED:
+        x, ws, b = _case(T, out_f, in_f, block, dtype, True, density=0.4, seed=T + in_f)
+        wide = torch.full((T, in_f + 7), float("inf"), dtype=dtype)
+        wide[:, :in_f] = x
+        for nth in (1, 2, 3):
+            with _threads(nth):
+                for act in ACTS:
+                    y = torch.ops.sparsevit_C.bsr_linear(wide[:, :in_f], ws.packed, ws.col_indices, ws.crow_indices,
+                                                         b, out_f, in_f, block[0], block[1], ACT_CODE[act], isa)
+                    assert_close_to_ref(y, x, ws, b, act, f"isa={isa} {dtype} {T}x{in_f}->{out_f} {block} "
+                                                          f"threads={nth} act={act}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_work_split_many_tiles_and_large_weight(dtype):
+    """Many token tiles (1579 tokens: runs of tiles per unit) on a sliced fc1, and a weight past the
+    L2 budget (full 1536x768: split over block rows first), at 2 and 3 threads."""
+    cases = [(1579, 753, 384, (32, 32), 0.3), (45, 1536, 768, (32, 32), 1.0)]
+    for T, out_f, in_f, block, density in cases:
+        x, ws, b = _case(T, out_f, in_f, block, dtype, True, density=density, seed=11)
+        for nth in (2, 3):
+            with _threads(nth):
+                y = bsr_linear(x, ws, b, "gelu")
+            assert_close_to_ref(y, x, ws, b, "gelu", f"{dtype} {T}x{in_f}->{out_f} threads={nth}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_gelu_extremes(isa, dtype):
+    """Both GELUs of the fused epilogue over their whole range (saturated tails, huge values,
+    +-inf, NaN) against float64 torch: no kept block, so the output is act(bias)."""
+    if not torch.ops.sparsevit_C.bsr_linear_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    b = torch.tensor([-1e30, -50, -9.5, -4.1, -3.9, -1.0, -0.0, 0.3, 3.9, 4.1, 9.5, 50, 1e30, float("inf"),
+                      -float("inf"), float("nan"), -13.0, 2.5]).to(dtype)
+    ws = BlockSparseWeight.from_dense(torch.zeros(18, 20, dtype=dtype), block=(16, 16))
+    x = torch.randn(3, 20).to(dtype)
+    for act, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
+        y = torch.ops.sparsevit_C.bsr_linear(x, ws.packed, ws.col_indices, ws.crow_indices, b, 18, 20, 16, 16,
+                                             ACT_CODE[act], isa).double()
+        ref = F.gelu(b.double(), approximate=approximate).expand(3, 18)
+        assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf()), f"{act}: {y[0]} vs {ref[0]}"
+        fin = ref.isfinite()
+        rtol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(y[fin], ref[fin], rtol=rtol, atol=2e-7, msg=f"isa={isa} {dtype} {act}")

@@ -107,6 +107,51 @@ static inline __attribute__((always_inline)) void epilogue_a(const BsrParams* p,
 }
 
 // ---- kernel A: rows in vectors, tokens broadcast -----------------------------------------------
+// One k pair of a bf16 block: acc[t] += w[k] * x[t, k] + w[k+1] * x[t, k+1], with x[t, k+1] read as
+// zero when ODD (the block's last valid column is k).
+template <int NV, int TT, bool ODD>
+static inline __attribute__((always_inline)) void bf16_pair_step(vf (&acc)[TT][NV], const uint16_t* wpair,
+                                                                 const uint16_t* const* q, int64_t ld, int k) {
+  const int BHP = NV * W;
+  vi w[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) w[v] = vloadi(wpair + v * W * 2);
+#if SPV_NATIVE_BF16
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) {
+    const uint16_t* xs = q[t >> 2] + (t & 3) * ld + k;
+    int32_t pair;  // (x[t, k], x[t, k+1]) are adjacent in a row: one 32-bit broadcast
+    if (ODD) pair = (int32_t)xs[0];
+    else memcpy(&pair, xs, 4);
+    vi xv = vset1i(pair);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)w[v], (__m512bh)xv);
+  }
+#else
+  vf we[NV], wo[NV];
+  vi hi = vset1i((int32_t)0xffff0000u);
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    we[v] = vcasti(vslli16(w[v]));
+    wo[v] = vcasti(vandi(w[v], hi));
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) {
+    const uint16_t* xs = q[t >> 2] + (t & 3) * ld + k;
+    vf x0 = vset1(bf16_to_f32(xs[0]));
+    if (ODD) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[t][v] = vfma(we[v], x0, acc[t][v]);
+    } else {
+      vf x1 = vset1(bf16_to_f32(xs[1]));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[t][v] = vfma(wo[v], x1, vfma(we[v], x0, acc[t][v]));
+    }
+  }
+#endif
+  (void)BHP;
+}
+
 template <int NV, int TT, int BF16>
 static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xtile, int64_t ld) {
   // Accumulators start at the bias and stay in registers for up to FLUSH_COLS input columns; longer
@@ -132,6 +177,11 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xt
   // broadcasts stay memory operands and no general register is spilled.
   const int KP = p->KP, bw = p->bw;
   const int32_t b0 = p->crow[r], b1 = p->crow[r + 1];
+  // The last block column may run past the end of a row (in % bw != 0): only its first
+  // `tail_k` columns are read (the packed weights beyond are zero, but the bytes there belong to the
+  // next row or lie past x, and 0 * Inf would be NaN).
+  const int32_t last_col = (int32_t)p->nbc - 1;
+  const int tail_k = (int)(p->in - (int64_t)last_col * bw);
   enum { NQ = (TT + 3) / 4 };
   if (!BF16) {
     const float* xt = (const float*)xtile;
@@ -145,8 +195,9 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xt
       }
       const float* q[NQ];
       for (int i = 0; i < NQ; ++i) q[i] = xb + 4 * i * ld;
+      const int nk = p->col[b] == last_col ? tail_k : KP;
 #pragma GCC unroll 2
-      for (int j = 0; j < KP; ++j) {
+      for (int j = 0; j < nk; ++j) {
         vf w[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) w[v] = vload(wp + j * BHP + v * W);
@@ -167,7 +218,6 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xt
   } else {
     const uint16_t* xt = (const uint16_t*)xtile;
     const uint16_t* wp = (const uint16_t*)p->wpack + (int64_t)b0 * KP * BHP;
-    const int KH = KP / 2;
     for (int32_t b = b0; b < b1; ++b, wp += KP * BHP) {
       const uint16_t* xb = xt + (int64_t)p->col[b] * bw;
       if (b + 1 < b1) {
@@ -177,38 +227,12 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xt
       }
       const uint16_t* q[NQ];
       for (int i = 0; i < NQ; ++i) q[i] = xb + 4 * i * ld;
+      // Pairs (k, k+1) of this block's valid columns; an odd last column (odd bw, or the row's
+      // end) pairs with a zero so that nothing past it is read.
+      const int nk = p->col[b] == last_col ? tail_k : bw;
 #pragma GCC unroll 2
-      for (int jp = 0; jp < KH; ++jp) {
-        vi w[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) w[v] = vloadi(wp + (jp * BHP + v * W) * 2);
-#if SPV_NATIVE_BF16
-#pragma GCC unroll 16
-        for (int t = 0; t < TT; ++t) {
-          int32_t pair;  // (x[t, k], x[t, k+1]) are adjacent in a row: one 32-bit broadcast
-          memcpy(&pair, q[t >> 2] + (t & 3) * ld + 2 * jp, 4);
-          vi xv = vset1i(pair);
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)w[v], (__m512bh)xv);
-        }
-#else
-        vf we[NV], wo[NV];
-        vi hi = vset1i((int32_t)0xffff0000u);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-          we[v] = vcasti(vslli16(w[v]));
-          wo[v] = vcasti(vandi(w[v], hi));
-        }
-#pragma GCC unroll 16
-        for (int t = 0; t < TT; ++t) {
-          const uint16_t* xs = q[t >> 2] + (t & 3) * ld + 2 * jp;
-          vf x0 = vset1(bf16_to_f32(xs[0]));
-          vf x1 = vset1(bf16_to_f32(xs[1]));
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) acc[t][v] = vfma(wo[v], x1, vfma(we[v], x0, acc[t][v]));
-        }
-#endif
-      }
+      for (int jp = 0; jp < nk / 2; ++jp) bf16_pair_step<NV, TT, false>(acc, wp + jp * BHP * 2, q, ld, 2 * jp);
+      if (nk & 1) bf16_pair_step<NV, TT, true>(acc, wp + (nk / 2) * BHP * 2, q, ld, nk - 1);
       kin += bw;
       if (kin >= FLUSH_COLS && b + 1 < b1) {
         kin = 0;
@@ -401,11 +425,11 @@ static const void* tile_ptr(const BsrParams* p, int64_t tile) {
 static void compute(const BsrParams* p, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   row_fn fn = p->bf16 ? pick<1>(p->BHP) : pick<0>(p->BHP);
   if (!fn) return;  // token_tile() returned 0 for this shape; the caller never gets here
-  // Cache blocking: a chunk of block rows whose packed weights fit in ~512 KiB of L2 (1-2 MiB on current cores) is reused
-  // across all token tiles before moving on, so each weight byte is read from memory once.
+  // Cache blocking: a chunk of block rows whose packed weights fit the L2 budget is reused across
+  // all token tiles before moving on, so each weight byte is read from memory once.
   const int64_t esz = p->bf16 ? 2 : 4;
   const int64_t block_bytes = (int64_t)p->KP * p->BHP * esz;
-  const int64_t budget = 512 * 1024;
+  const int64_t budget = kBsrL2WeightBudget;
   int64_t r = r0;
   while (r < r1) {
     int64_t re = r + 1;

@@ -215,13 +215,12 @@ at::Tensor padded_bias(const at::Tensor& bias, int64_t nbr, int64_t bh, int64_t 
   return bias_pad;
 }
 
-// Kernel A reads x in place, unless a block could run past the end of a row, or the row stride
-// aliases in L1 (indexed by address bits 6..11): when more rows of a tile than L1 ways fall into
-// one set (a 12 KiB stride puts all 16 rows of a 16-token tile in one set) they evict each other
-// within every block. Then it reads a zero-padded copy whose stride is an odd number of lines.
+// Kernel A reads x in place (it stops at the row's end in a partial last block column), unless the
+// row stride aliases in L1 (indexed by address bits 6..11): when more rows of a tile than L1 ways
+// fall into one set (a 12 KiB stride puts all 16 rows of a 16-token tile in one set) they evict each
+// other within every block. Then it reads a zero-padded copy whose stride is an odd number of lines.
 bool needs_padded_copy(const BsrParams& p, int64_t esz) {
   if (p.BHP < 16) return false;
-  if ((p.in % p.bw) != 0 || (p.bf16 && (p.bw % 2) != 0)) return true;
   if ((p.ldx * esz) % 64 != 0) return false;
   int64_t g = 64, a = (p.ldx * esz / 64) % 64;
   while (a) { const int64_t t = g % a; g = a; a = t; }  // gcd(lines mod 64, 64)
@@ -275,35 +274,55 @@ void stage_activations(BsrParams& p, const BsrKernels* kern, const at::Tensor& x
   }
 }
 
-// Work split: ~2 units per thread, handed out dynamically (an atomic counter), so a thread that
-// loses its core to another process does not hold the others up. Units are groups of block rows
-// balanced by kept blocks (plus a small per-row cost for the epilogue); with few block rows the
-// token tiles are split too.
+// Work split: units of (a group of block rows) x (a run of token tiles), handed out dynamically (an
+// atomic counter), so a thread that loses its core to another process does not hold the others up.
+// Many small units keep the last one small next to a thread's share (batch 1 on DeiT-S has only 17
+// token tiles: split over tiles alone, 2 threads would get 9 and 8). Block rows are cut into as few
+// groups as keep each group's weights within kBsrL2WeightBudget (one for sliced / pruned DeiT-S
+// layers), grouped by kept blocks (plus a small per-row cost for the epilogue); token tiles into runs
+// of equal length (a run's cost does not depend on where it is); more row groups only when there are
+// too few runs (batch 1). Each unit then reads its rows' weights from L2 and its tiles once per group.
+constexpr int64_t kUnitsPerThread = 16;     // at least, where the work allows
+constexpr int64_t kMaxUnitsPerThread = 64;  // at most: each unit costs an atomic and a compute() call
+
+std::vector<int64_t> row_groups(const BsrParams& p, int64_t n_groups) {
+  const int32_t* cr = p.crow;
+  auto cost = [&](int64_t r) { return (double)cr[r] + 0.25 * (double)r; };
+  const double total = cost(p.nbr);
+  std::vector<int64_t> rb(n_groups + 1, p.nbr);
+  rb[0] = 0;
+  int64_t r = 0;
+  for (int64_t q = 1; q < n_groups; ++q) {
+    const double target = total * (double)q / (double)n_groups;
+    while (r < p.nbr && cost(r) < target) ++r;
+    rb[q] = r;
+  }
+  return rb;
+}
+
 void run_parallel(const BsrParams& p, const BsrKernels* kern) {
   const int64_t nbr = p.nbr, n_tiles = p.n_tiles;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t want = nth == 1 ? 1 : 2 * nth;
-  const int64_t P_r = std::max<int64_t>(1, std::min(nbr, want));
-  const int64_t P_t = std::max<int64_t>(1, std::min(n_tiles, (want + P_r - 1) / P_r));
-  const int32_t* cr = p.crow;
-  auto cost = [&](int64_t r) { return (double)cr[r] + 0.25 * (double)r; };
-  const double total = cost(nbr);
-  std::vector<int64_t> rb(P_r + 1, nbr);
-  rb[0] = 0;
-  int64_t r = 0;
-  for (int64_t q = 1; q < P_r; ++q) {
-    const double target = total * (double)q / (double)P_r;
-    while (r < nbr && cost(r) < target) ++r;
-    rb[q] = r;
+  if (nth == 1) {
+    kern->compute(&p, 0, nbr, 0, n_tiles);
+    return;
   }
-  const int64_t n_units = P_r * P_t;
+  const int64_t want = kUnitsPerThread * nth;
+  const int64_t weight_bytes = (int64_t)p.crow[nbr] * p.KP * p.BHP * (p.bf16 ? 2 : 4);
+  const int64_t min_groups =
+      std::min(nbr, std::max<int64_t>(1, (weight_bytes + kBsrL2WeightBudget - 1) / kBsrL2WeightBudget));
+  const int64_t max_runs = std::min(n_tiles, std::max<int64_t>(1, kMaxUnitsPerThread * nth / min_groups));
+  const int64_t run = (n_tiles + max_runs - 1) / max_runs;  // token tiles per unit
+  const int64_t runs = (n_tiles + run - 1) / run;
+  const int64_t P_r = std::min(nbr, std::max(min_groups, (want + runs - 1) / runs));
+  const std::vector<int64_t> rb = row_groups(p, P_r);
+  const int64_t n_units = P_r * runs;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(nth, n_units), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) {
-        const int64_t pr = u % P_r, pt = u / P_r;
-        const int64_t t0 = n_tiles * pt / P_t, t1 = n_tiles * (pt + 1) / P_t;
-        if (rb[pr] < rb[pr + 1] && t0 < t1) kern->compute(&p, rb[pr], rb[pr + 1], t0, t1);
+        const int64_t pr = u % P_r, t0 = (u / P_r) * run, t1 = std::min(n_tiles, t0 + run);
+        if (rb[pr] < rb[pr + 1]) kern->compute(&p, rb[pr], rb[pr + 1], t0, t1);
       }
     }
   });

@@ -13,10 +13,14 @@ namespace sparsevit_cpu {
 //   fp32: packed[nnz][KP][BHP]        (KP = bw)                      -- W^T per block, rows padded
 //   bf16: packed[nnz][KP/2][BHP][2]   (KP = bw rounded up to even)   -- k pairs interleaved (vdpbf16ps)
 // BHP = bh if bh in {1,2,4,8}; next power of two if bh < 8; else bh rounded up to a multiple of 16.
-// Activations: kernel A (BHP >= 16) broadcasts straight from row-major x (a padded copy only when
-// in % bw != 0 or bf16 with odd bw, plus the last partial token tile); kernel B (BHP <= 8) reads a
-// token-transposed pack built per call:
+// Activations: kernel A (BHP >= 16) broadcasts straight from row-major x, reading only the valid
+// columns of a partial last block column (a copy only of the last partial token tile, or of all of x
+// when its row stride aliases in L1); kernel B (BHP <= 8) reads a token-transposed pack built per call:
 //   fp32: xp[tile][q][TT]          bf16: xp[tile][q/2][TT][2]     with q = c*KP + j (block col c, k j)
+// Packed weight bytes a chunk of block rows may hold to stay in L2 while it is reused across token
+// tiles (compute() in bsr_kernel_impl.h; the work split in bsr_linear.cpp). L2 is 1-2 MiB on current cores.
+enum { kBsrL2WeightBudget = 512 * 1024 };
+
 struct BsrParams {
   const void* x;        // [T, ldx] fp32 or bf16
   int64_t ldx;
