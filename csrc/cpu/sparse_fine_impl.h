@@ -91,7 +91,7 @@ static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r
   enum { ONE_WORD = !BF16 && U == 1 && TV >= 4 };
   const int TT = p->TT;
   const int64_t nseg = p->nseg;
-  const uint32_t* xt = (const uint32_t*)p->xp + tile * p->tile_words;
+  const uint32_t* xt = (const uint32_t*)p->xp + (tile - p->xp_first_tile) * p->tile_words;
   for (int64_t s = 0; s < nseg; ++s) {
     const bool last = s + 1 == nseg;
     for (int64_t o = r0; o < r1; ++o) {
@@ -216,6 +216,43 @@ static void compute(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, f
   store_tile(p, tile, r0, r1, scratch);
 }
 
+// The fused MLP's first layer: the partial sums already live in the packed layout the second
+// layer reads (row-major [row][TT]), so the finished rows stay there; no transposing store.
+static void compute_packed(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, float* out) {
+  const int64_t ntok = p->T - tile * p->TT < p->TT ? p->T - tile * p->TT : p->TT;
+  rows_fn fn = p->bf16 ? nullptr : pick(p->U, (int)((ntok + W - 1) / W), 0);
+  if (fn) fn(p, tile, r0, r1, out + r0 * p->TT);  // the caller checked fp32
+}
+
+static inline vi vmaxu(vi a, vi b) {
+#if SPV_AVX512
+  return _mm512_max_epu32(a, b);
+#else
+  return _mm256_max_epu32(a, b);
+#endif
+}
+
+// Largest |bits| per lane over the rows (vectors before the last) and for the last vector alone,
+// which holds lanes past `lanes` (padding tokens, never stored) that must not count.
+static bool any_nonfinite(const float* buf, int64_t rows, int TT, int lanes) {
+  const int nv = (lanes + W - 1) / W;
+  if (nv == 0) return false;
+  const vi abs_bits = vset1i(0x7fffffff);
+  vi most = vandi(vset1i(0), abs_bits), last = most;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = buf + r * TT;
+    for (int v = 0; v + 1 < nv; ++v) most = vmaxu(most, vandi(vcastf(vload(row + v * W)), abs_bits));
+    last = vmaxu(last, vandi(vcastf(vload(row + (nv - 1) * W)), abs_bits));
+  }
+  uint32_t m[W], l[W];
+  vstorei(m, most);
+  vstorei(l, last);
+  const int last_lanes = lanes - (nv - 1) * W;
+  for (int i = 0; i < W; ++i)
+    if (m[i] >= 0x7f800000u || (i < last_lanes && l[i] >= 0x7f800000u)) return true;
+  return false;
+}
+
 // True when a 32-bit word of x holds a NaN/Inf (fp32, or either half of a bf16 pair).
 static inline bool word_nonfinite(uint32_t w, int bf16) {
   if (!bf16) return (w & 0x7f800000u) == 0x7f800000u;
@@ -228,7 +265,7 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
   const uint32_t* x = (const uint32_t*)p->x;
   const int64_t ldw = p->bf16 ? p->ldx / 2 : p->ldx;
   for (int64_t tile = tb; tile < te; ++tile) {
-    uint32_t* dst = (uint32_t*)p->xp + tile * p->tile_words;
+    uint32_t* dst = (uint32_t*)p->xp + (tile - p->xp_first_tile) * p->tile_words;
     for (int g = 0; g < TT; g += W) {
       const int64_t tok0 = tile * TT + g;
       const int nrow = (int)(p->T - tok0 <= 0 ? 0 : (p->T - tok0 < W ? p->T - tok0 : W));
@@ -286,7 +323,8 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
 
 const FineKernels* FINE_ENTRY() {
   // AVX-512 runs up to 8 vectors (128 tokens) per weight broadcast: (TV + 1) loads per TV FMAs.
-  static const FineKernels k = {FINE_NAME, FINE_NS::W, (SPV_AVX512 ? 8 : 4) * FINE_NS::W, FINE_NS::pack, FINE_NS::compute};
+  static const FineKernels k = {FINE_NAME, FINE_NS::W, (SPV_AVX512 ? 8 : 4) * FINE_NS::W, FINE_NS::pack, FINE_NS::compute,
+                                FINE_NS::compute_packed, FINE_NS::any_nonfinite};
   return &k;
 }
 

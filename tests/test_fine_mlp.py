@@ -1,0 +1,179 @@
+"""sparsevit::fine_mlp (fc2(act(fc1(x))) with the hidden activation kept in the packed layout): equal
+bit for bit to two fine_linear calls, close to float64, under both thread splits, with NaN/Inf in
+the input or born in the hidden activation, and taken by SparseMlp only where it applies."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsevit import _ext
+from sparsevit.formats.fine import FineSparseWeight
+from sparsevit.ops.bsr import apply_activation
+from sparsevit.ops.fine_linear import fine_linear
+from sparsevit.ops.fine_mlp import fine_mlp, fused_mlp_forward, not_fusable_reasons
+
+needs_cpp = pytest.mark.skipif(not _ext.has_op("fine_mlp"), reason=f"C++: {_ext.unavailable_reason('fine_mlp')}")
+ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def _layer(out_f, in_f, tile, sparsity, g, dtype=torch.float32, scale=1.0):
+    w = torch.randn(out_f, in_f, generator=g) * scale
+    keep = (torch.rand(out_f, -(-in_f // tile), generator=g) >= sparsity).repeat_interleave(tile, 1)[:, :in_f]
+    return FineSparseWeight.from_dense(w.to(dtype), keep, tile=tile), torch.randn(out_f, generator=g).to(dtype)
+
+
+def _mlp(T, in_f, hidden, out_f, tiles=(1, 1), sparsity=0.8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w1, b1 = _layer(hidden, in_f, tiles[0], sparsity, g, dtype)
+    w2, b2 = _layer(out_f, hidden, tiles[1], sparsity, g, dtype)
+    return torch.randn(T, in_f, generator=g).to(dtype), w1, b1, w2, b2
+
+
+def _unfused(x, w1, b1, act, w2, b2):
+    return fine_linear(fine_linear(x, w1, b1, act), w2, b2)
+
+
+def _check_float64(y, x, w1, b1, act, w2, b2, what):
+    """|y - ref64| <= 2x dense fp32 torch's error + one ulp of the output's scale."""
+    h = apply_activation(F.linear(x.double(), w1.to_dense().double(), b1.double()), act)
+    ref = F.linear(h, w2.to_dense().double(), b2.double())
+    dense = F.linear(apply_activation(F.linear(x, w1.to_dense(), b1), act), w2.to_dense(), b2)
+    tol = 2 * (dense.double() - ref).abs().max().item() + torch.finfo(x.dtype).eps * ref.abs().max().item()
+    err = (y.double() - ref).abs().max().item()
+    assert err <= tol, f"{what}: max err {err:.3g} > {tol:.3g}"
+
+
+@needs_cpp
+@pytest.mark.parametrize("tiles", [(1, 1), (4, 8), (8, 1), (1, 4)])
+def test_equals_two_fine_linear_calls_and_float64(tiles):
+    """Odd token counts (short last tiles), odd widths, hidden widths not a multiple of fc2's unit
+    (zero padding rows of the packed hidden), with and without bias, every activation."""
+    for T, in_f, hidden, out_f in [(1, 53, 37, 45), (5, 53, 130, 29), (33, 70, 61, 45), (197, 96, 203, 50)]:
+        for sparsity in (0.6, 0.9):
+            x, w1, b1, w2, b2 = _mlp(T, in_f, hidden, out_f, tiles, sparsity, seed=T)
+            for act in ACT_CODE:
+                for bias in (True, False):
+                    c1, c2 = (b1, b2) if bias else (None, None)
+                    y = fine_mlp(x, w1, c1, act, w2, c2)
+                    what = f"tiles={tiles} T={T} {in_f}->{hidden}->{out_f} sp={sparsity} act={act} bias={bias}"
+                    assert y.shape == (T, out_f) and y.dtype == torch.float32
+                    assert torch.equal(y, _unfused(x, w1, c1, act, w2, c2)), f"{what}: differs from fine_linear x2"
+                    if bias:
+                        _check_float64(y, x, w1, b1, act, w2, b2, what)
+
+
+@needs_cpp
+def test_both_thread_splits_and_token_tiles():
+    """Tiles owned by one thread (narrow tiles: many per thread) and row ranges x tiles shared out
+    (wide tiles: too few to go round), on 1 and 2 threads, every token tile width."""
+    x, w1, b1, w2, b2 = _mlp(150, 45, 300, 21, (1, 4), 0.8, seed=5)
+    fl = torch.ops.sparsevit_C.fine_linear
+    width = 8 if "avx2" in torch.ops.sparsevit_C.fine_linear_isa(-1) else 16
+    threads = torch.get_num_threads()
+    try:
+        for nth in (1, 2):
+            torch.set_num_threads(nth)
+            for tt in (0, width, 3 * width):
+                y = torch.ops.sparsevit_C.fine_mlp(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 300, w1.unit, 1,
+                                                   w2.values, w2.col_indices, w2.seg_ptr, b2, 21, 45, w2.unit, -1, tt)
+                h = fl(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 300, 45, w1.unit, 1, -1, tt)
+                expect = fl(h, w2.values, w2.col_indices, w2.seg_ptr, b2, 21, 300, w2.unit, 0, -1, tt)
+                # the token tile sets the accumulator split, so compare at the same tile width
+                assert torch.equal(y, expect), f"threads={nth} token_tile={tt}"
+                _check_float64(y, x, w1, b1, "gelu", w2, b2, f"threads={nth} token_tile={tt}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_cpp
+def test_every_isa_level():
+    x, w1, b1, w2, b2 = _mlp(70, 33, 90, 17, (1, 8), 0.7, seed=2)
+    for isa in (0, 1, 2):
+        if not torch.ops.sparsevit_C.fine_linear_isa(isa):
+            continue
+        y = torch.ops.sparsevit_C.fine_mlp(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 90, w1.unit, 1,
+                                           w2.values, w2.col_indices, w2.seg_ptr, b2, 17, 33, w2.unit, isa)
+        _check_float64(y, x, w1, b1, "gelu", w2, b2, f"isa={isa}")
+
+
+@needs_cpp
+def test_nonfinite_in_input_and_hidden_like_dense():
+    """NaN/Inf in x, and an Inf born in the hidden activation from finite x (fc1 overflows): same
+    NaN/Inf positions as the dense float64 MLP, finite tokens unchanged."""
+    g = torch.Generator().manual_seed(9)
+    w1, b1 = _layer(40, 30, 1, 0.8, g)
+    w2, b2 = _layer(23, 40, 1, 0.8, g)
+    x = torch.randn(60, 30, generator=g)
+    x[3, 7], x[40, 0] = float("nan"), float("inf")
+    big = w1.to_dense()
+    big[5] = 0
+    big[5, 2] = 3e38  # token 50's hidden row 5 overflows to +Inf
+    w1 = FineSparseWeight.from_dense(big, big != 0)
+    x[:, 2] = 0.0  # only token 50 meets the huge weight (others would overflow too, some to -Inf)
+    x[50, 2] = 10.0
+    h = apply_activation(F.linear(x.double(), w1.to_dense().double(), b1.double()), "gelu")
+    ref = F.linear(h.float().double(), w2.to_dense().double(), b2.double())
+    y = fine_mlp(x, w1, b1, "gelu", w2, b2)
+    torch.testing.assert_close(y, _unfused(x, w1, b1, "gelu", w2, b2), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert not bool(torch.isfinite(y[50]).all()) and bool(torch.isfinite(y[10]).all())
+    x[3, 7], x[40, 0] = 0.0, 0.0  # the hidden Inf alone (finite input) must trigger the fix-up too
+    y = fine_mlp(x, w1, b1, "gelu", w2, b2)
+    torch.testing.assert_close(y, _unfused(x, w1, b1, "gelu", w2, b2), rtol=0, atol=0, equal_nan=True)
+    assert bool(torch.isnan(y[50]).any()) and bool(torch.isfinite(y[:50]).all())
+
+
+@needs_cpp
+def test_errors_and_reasons():
+    x, w1, b1, w2, b2 = _mlp(4, 20, 30, 10)
+    with pytest.raises(ValueError, match="fc1's 30 outputs"):
+        fine_mlp(x, w1, b1, "gelu", w1, b1)
+    xb, w1b, w2b = x.bfloat16(), w1.to(dtype=torch.bfloat16), w2.to(dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float32 only"):
+        torch.ops.sparsevit_C.fine_mlp(xb, w1b.values, w1b.col_indices, w1b.seg_ptr, None, 30, w1b.unit, 0,
+                                       w2b.values, w2b.col_indices, w2b.seg_ptr, None, 10, 20, w2b.unit)
+    assert any("float32 only" in r for r in not_fusable_reasons(xb, w1b, w2b))
+    assert not_fusable_reasons(x, w1, w2) == []
+    # bf16 still computes (through the reference), matching two fine_linear calls closely
+    yb = fine_mlp(xb, w1b, b1.bfloat16(), "gelu", w2b, b2.bfloat16())
+    assert (yb.float() - _unfused(xb, w1b, b1.bfloat16(), "gelu", w2b, b2.bfloat16()).float()).abs().max() < 0.1
+
+
+@needs_cpp
+def test_opcheck():
+    x, w1, b1, w2, b2 = _mlp(6, 11, 19, 7, (1, 4))
+    for c1, c2, act in ((b1, b2, "gelu"), (None, None, "none")):
+        torch.library.opcheck(torch.ops.sparsevit.fine_mlp.default,
+                              (x, w1.values, w1.col_indices, w1.row_ptr, w1.seg_ptr, c1, 19, act, w2.values,
+                               w2.col_indices, w2.row_ptr, w2.seg_ptr, c2, 7, 11),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@needs_cpp
+def test_sparse_mlp_module_takes_the_fused_kernel_only_where_it_applies(monkeypatch):
+    import sparsevit.ops.fine_mlp as fm
+    from sparsevit.runtime.linear import SparseLinear
+    from sparsevit.runtime.modules import SparseMlp
+
+    g = torch.Generator().manual_seed(4)
+    fc1, fc2 = torch.nn.Linear(24, 70), torch.nn.Linear(70, 24)
+    m1 = torch.rand(70, 24, generator=g) > 0.85
+    m2 = torch.rand(24, 70, generator=g) > 0.85
+    s1 = SparseLinear.from_dense(fc1, m1, activation="gelu", kernel="cpp_fine", fmt="fine:1x1")
+    s2 = SparseLinear.from_dense(fc2, m2, kernel="cpp_fine", fmt="fine:1x1")
+    mlp = SparseMlp(s1, None, s2)
+    x = torch.randn(2, 37, 24, generator=g)
+    calls = []
+    real = fm._fine_mlp_cpu
+    monkeypatch.setattr(fm, "_fine_mlp_cpu", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y = mlp(x)
+        assert calls == [1], "eager fp32 inference should take the fused kernel"
+        assert torch.equal(y, s2(s1(x)))
+        ref = F.linear(F.gelu(F.linear(x.double(), (fc1.weight * m1).double(), fc1.bias.double())),
+                       (fc2.weight * m2).double(), fc2.bias.double())
+        assert (y.double() - ref).abs().max().item() < 1e-4
+        assert fused_mlp_forward(s1, torch.nn.GELU(), None, s2, x) is None  # an unfused activation
+        mlp.to(torch.bfloat16)
+        yb = mlp(x.bfloat16())
+        assert calls == [1], "bf16 runs the layers one by one"
+        assert (yb.double() - ref).abs().max().item() < 0.1
