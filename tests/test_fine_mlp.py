@@ -43,29 +43,32 @@ def _check_float64(y, x, w1, b1, act, w2, b2, what):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tiles", [(1, 1), (4, 8), (8, 1), (1, 4)])
-def test_equals_two_fine_linear_calls_and_float64(tiles):
+def test_equals_two_fine_linear_calls_and_float64(tiles, dtype):
     """Odd token counts (short last tiles), odd widths, hidden widths not a multiple of fc2's unit
-    (zero padding rows of the packed hidden), with and without bias, every activation."""
-    for T, in_f, hidden, out_f in [(1, 53, 37, 45), (5, 53, 130, 29), (33, 70, 61, 45), (197, 96, 203, 50)]:
+    (zero padding rows of the packed hidden; bf16: an odd last row paired with zero), with and
+    without bias, every activation."""
+    for T, in_f, hidden, out_f in [(1, 54, 37, 45), (5, 53, 130, 29), (33, 70, 61, 45), (197, 96, 203, 50)]:
         for sparsity in (0.6, 0.9):
-            x, w1, b1, w2, b2 = _mlp(T, in_f, hidden, out_f, tiles, sparsity, seed=T)
+            x, w1, b1, w2, b2 = _mlp(T, in_f, hidden, out_f, tiles, sparsity, seed=T, dtype=dtype)
             for act in ACT_CODE:
                 for bias in (True, False):
                     c1, c2 = (b1, b2) if bias else (None, None)
                     y = fine_mlp(x, w1, c1, act, w2, c2)
-                    what = f"tiles={tiles} T={T} {in_f}->{hidden}->{out_f} sp={sparsity} act={act} bias={bias}"
-                    assert y.shape == (T, out_f) and y.dtype == torch.float32
+                    what = f"{dtype} tiles={tiles} T={T} {in_f}->{hidden}->{out_f} sp={sparsity} act={act} bias={bias}"
+                    assert y.shape == (T, out_f) and y.dtype == dtype
                     assert torch.equal(y, _unfused(x, w1, c1, act, w2, c2)), f"{what}: differs from fine_linear x2"
                     if bias:
                         _check_float64(y, x, w1, b1, act, w2, b2, what)
 
 
 @needs_cpp
-def test_both_thread_splits_and_token_tiles():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_thread_splits_and_token_tiles(dtype):
     """Tiles owned by one thread (narrow tiles: many per thread) and row ranges x tiles shared out
-    (wide tiles: too few to go round), on 1 and 2 threads, every token tile width."""
-    x, w1, b1, w2, b2 = _mlp(150, 45, 300, 21, (1, 4), 0.8, seed=5)
+    (wide tiles: too few to go round; bf16: fc1's ranges start at even rows), on 1 and 2 threads."""
+    x, w1, b1, w2, b2 = _mlp(150, 46, 301, 21, (1, 4), 0.8, seed=5, dtype=dtype)
     fl = torch.ops.sparsevit_C.fine_linear
     width = 8 if "avx2" in torch.ops.sparsevit_C.fine_linear_isa(-1) else 16
     threads = torch.get_num_threads()
@@ -73,10 +76,10 @@ def test_both_thread_splits_and_token_tiles():
         for nth in (1, 2):
             torch.set_num_threads(nth)
             for tt in (0, width, 3 * width):
-                y = torch.ops.sparsevit_C.fine_mlp(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 300, w1.unit, 1,
-                                                   w2.values, w2.col_indices, w2.seg_ptr, b2, 21, 45, w2.unit, -1, tt)
-                h = fl(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 300, 45, w1.unit, 1, -1, tt)
-                expect = fl(h, w2.values, w2.col_indices, w2.seg_ptr, b2, 21, 300, w2.unit, 0, -1, tt)
+                y = torch.ops.sparsevit_C.fine_mlp(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 301, w1.unit, 1,
+                                                   w2.values, w2.col_indices, w2.seg_ptr, b2, 21, 46, w2.unit, -1, tt)
+                h = fl(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 301, 46, w1.unit, 1, -1, tt)
+                expect = fl(h, w2.values, w2.col_indices, w2.seg_ptr, b2, 21, 301, w2.unit, 0, -1, tt)
                 # the token tile sets the accumulator split, so compare at the same tile width
                 assert torch.equal(y, expect), f"threads={nth} token_tile={tt}"
                 _check_float64(y, x, w1, b1, "gelu", w2, b2, f"threads={nth} token_tile={tt}")
@@ -85,33 +88,38 @@ def test_both_thread_splits_and_token_tiles():
 
 
 @needs_cpp
-def test_every_isa_level():
-    x, w1, b1, w2, b2 = _mlp(70, 33, 90, 17, (1, 8), 0.7, seed=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_isa_level(dtype):
+    x, w1, b1, w2, b2 = _mlp(70, 34, 91, 17, (1, 8), 0.7, seed=2, dtype=dtype)
     for isa in (0, 1, 2):
         if not torch.ops.sparsevit_C.fine_linear_isa(isa):
             continue
-        y = torch.ops.sparsevit_C.fine_mlp(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 90, w1.unit, 1,
-                                           w2.values, w2.col_indices, w2.seg_ptr, b2, 17, 33, w2.unit, isa)
+        y = torch.ops.sparsevit_C.fine_mlp(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 91, w1.unit, 1,
+                                           w2.values, w2.col_indices, w2.seg_ptr, b2, 17, 34, w2.unit, isa)
+        h = torch.ops.sparsevit_C.fine_linear(x, w1.values, w1.col_indices, w1.seg_ptr, b1, 91, 34, w1.unit, 1, isa)
+        assert torch.equal(y, torch.ops.sparsevit_C.fine_linear(h, w2.values, w2.col_indices, w2.seg_ptr, b2, 17, 91,
+                                                                w2.unit, 0, isa)), f"isa={isa}"
         _check_float64(y, x, w1, b1, "gelu", w2, b2, f"isa={isa}")
 
 
 @needs_cpp
-def test_nonfinite_in_input_and_hidden_like_dense():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_in_input_and_hidden_like_dense(dtype):
     """NaN/Inf in x, and an Inf born in the hidden activation from finite x (fc1 overflows): same
     NaN/Inf positions as the dense float64 MLP, finite tokens unchanged."""
     g = torch.Generator().manual_seed(9)
-    w1, b1 = _layer(40, 30, 1, 0.8, g)
-    w2, b2 = _layer(23, 40, 1, 0.8, g)
-    x = torch.randn(60, 30, generator=g)
+    w1, b1 = _layer(40, 30, 1, 0.8, g, dtype)
+    w2, b2 = _layer(23, 40, 1, 0.8, g, dtype)
+    x = torch.randn(60, 30, generator=g).to(dtype)
     x[3, 7], x[40, 0] = float("nan"), float("inf")
     big = w1.to_dense()
     big[5] = 0
     big[5, 2] = 3e38  # token 50's hidden row 5 overflows to +Inf
-    w1 = FineSparseWeight.from_dense(big, big != 0)
+    w1 = FineSparseWeight.from_dense(big, big != 0, tile=1)
     x[:, 2] = 0.0  # only token 50 meets the huge weight (others would overflow too, some to -Inf)
     x[50, 2] = 10.0
     h = apply_activation(F.linear(x.double(), w1.to_dense().double(), b1.double()), "gelu")
-    ref = F.linear(h.float().double(), w2.to_dense().double(), b2.double())
+    ref = F.linear(h.to(dtype).double(), w2.to_dense().double(), b2.double())
     y = fine_mlp(x, w1, b1, "gelu", w2, b2)
     torch.testing.assert_close(y, _unfused(x, w1, b1, "gelu", w2, b2), rtol=0, atol=0, equal_nan=True)
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
@@ -127,15 +135,16 @@ def test_errors_and_reasons():
     x, w1, b1, w2, b2 = _mlp(4, 20, 30, 10)
     with pytest.raises(ValueError, match="fc1's 30 outputs"):
         fine_mlp(x, w1, b1, "gelu", w1, b1)
-    xb, w1b, w2b = x.bfloat16(), w1.to(dtype=torch.bfloat16), w2.to(dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="float32 only"):
-        torch.ops.sparsevit_C.fine_mlp(xb, w1b.values, w1b.col_indices, w1b.seg_ptr, None, 30, w1b.unit, 0,
-                                       w2b.values, w2b.col_indices, w2b.seg_ptr, None, 10, 20, w2b.unit)
-    assert any("float32 only" in r for r in not_fusable_reasons(xb, w1b, w2b))
+    xd, w1d, w2d = x.double(), w1.to(dtype=torch.float64), w2.to(dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float32 and bfloat16"):
+        torch.ops.sparsevit_C.fine_mlp(xd, w1d.values, w1d.col_indices, w1d.seg_ptr, None, 30, 1, 0,
+                                       w2d.values, w2d.col_indices, w2d.seg_ptr, None, 10, 20, 1)
+    assert any("float64" in r for r in not_fusable_reasons(xd, w1d, w2d))
     assert not_fusable_reasons(x, w1, w2) == []
-    # bf16 still computes (through the reference), matching two fine_linear calls closely
-    yb = fine_mlp(xb, w1b, b1.bfloat16(), "gelu", w2b, b2.bfloat16())
-    assert (yb.float() - _unfused(xb, w1b, b1.bfloat16(), "gelu", w2b, b2.bfloat16()).float()).abs().max() < 0.1
+    assert any(r.startswith("fc2: weight dtype") for r in not_fusable_reasons(x.bfloat16(), w1.to(dtype=torch.bfloat16), w2))
+    # float64 still computes (through the reference), matching two fine_linear calls
+    yd = fine_mlp(xd, w1d, b1.double(), "gelu", w2d, b2.double())
+    assert torch.allclose(yd, _unfused(xd, w1d, b1.double(), "gelu", w2d, b2.double()))
 
 
 @needs_cpp
@@ -175,5 +184,9 @@ def test_sparse_mlp_module_takes_the_fused_kernel_only_where_it_applies(monkeypa
         assert fused_mlp_forward(s1, torch.nn.GELU(), None, s2, x) is None  # an unfused activation
         mlp.to(torch.bfloat16)
         yb = mlp(x.bfloat16())
-        assert calls == [1], "bf16 runs the layers one by one"
+        assert calls == [1, 1] and torch.equal(yb, s2(s1(x.bfloat16())))
         assert (yb.double() - ref).abs().max().item() < 0.1
+        mlp.fc1.kernel = "reference"
+        y_ref_kernel = mlp(x.bfloat16())
+        assert calls == [1, 1], "a layer on the reference kernel is never fused"
+        assert (y_ref_kernel.double() - ref).abs().max().item() < 0.1

@@ -11,7 +11,7 @@
 //               in_features, unit, act, isa, token_tile=0) -> y[T,out]
 //               act: 0 none, 1 gelu(erf), 2 gelu(tanh); token_tile: tokens per packed tile (0: max)
 //   fine_mlp(x, fc1 fields, hidden, unit1, act1, fc2 fields, out_features, in_features, unit2, isa,
-//            token_tile=0) -> fc2(act1(fc1(x))), fp32, the hidden activation never leaves the packed
+//            token_tile=0) -> fc2(act1(fc1(x))), the hidden activation never leaves the packed
 //            layout (see fine_mlp below)
 //   fine_linear_isa(isa) -> str     kernel name that `isa` resolves to on this CPU ("" = none)
 // Column indices are trusted (FineSparseWeight validates every one at construction); the segment
@@ -314,23 +314,29 @@ void hand_out(int64_t n, F fn) {
   });
 }
 
-// fc1's rows for one token tile into h (that tile's packed [Kp2][TT] buffer), zero rows past the
-// hidden width (fc2's unit padding); returns whether h holds a NaN/Inf for a real token.
-bool mlp_hidden_tile(const FineKernels* kern, const FineParams& p1, int64_t words_pad2,
-                     const std::vector<int64_t>& rb1, int64_t tile, float* h) {
+// Row ranges for fc1 of a bf16 fused MLP start at even rows (its rows are stored in pairs): each
+// interior bound rounds down, so a range may hold one row more than rows_cap (scratch allows it).
+void even_bounds(std::vector<int64_t>& rb) {
+  for (size_t i = 1; i + 1 < rb.size(); ++i) rb[i] &= ~(int64_t)1;
+}
+
+// fc1's rows for one token tile into h (that tile's packed [words][TT] buffer for fc2), zero words
+// past the hidden width (fc2's unit padding); returns whether h holds a NaN/Inf for a real token.
+bool mlp_hidden_tile(const FineKernels* kern, const FineParams& p1, const FineParams& p2,
+                     const std::vector<int64_t>& rb1, int64_t tile, float* h, float* scratch) {
   for (size_t pr = 0; pr + 1 < rb1.size(); ++pr)
-    if (rb1[pr] < rb1[pr + 1]) kern->compute_packed(&p1, tile, rb1[pr], rb1[pr + 1], h);
-  if (words_pad2 > p1.out) memset(h + p1.out * p1.TT, 0, (size_t)((words_pad2 - p1.out) * p1.TT * 4));
-  const int64_t ntok = std::min<int64_t>(p1.TT, p1.T - tile * p1.TT);
-  return kern->any_nonfinite(h, p1.out, p1.TT, (int)ntok);
+    if (rb1[pr] < rb1[pr + 1]) kern->compute_packed(&p1, tile, rb1[pr], rb1[pr + 1], h, scratch);
+  const int64_t TT = p1.TT;
+  if (p2.words_pad > p2.words_in) memset(h + p2.words_in * TT, 0, (size_t)((p2.words_pad - p2.words_in) * TT * 4));
+  return kern->any_nonfinite(h, p2.words_in, (int)TT, (int)std::min<int64_t>(TT, p1.T - tile * TT), p1.bf16);
 }
 
 // fc2(act(fc1(x))) with the hidden activation kept in the packed token-tile layout: fc1 leaves its
 // rows where fc2 reads them, which drops fc1's transposing store of [T, hidden] and fc2's pack of it
 // (both as large as the hidden activation, 4x the block's width in a ViT). Same kernels, same
-// summation order: the result equals fine_linear twice bit for bit. fp32 only (bf16 would need the
-// hidden rounded and paired per column). A NaN/Inf in x or in the hidden activation reruns the call
-// as two fine_linear calls, whose fix-up gives the dense semantics.
+// summation order and (bf16) the same rounding of the hidden activation: the result equals
+// fine_linear twice bit for bit. A NaN/Inf in x or in the hidden activation reruns the call as two
+// fine_linear calls, whose fix-up gives the dense semantics.
 at::Tensor fine_mlp(const at::Tensor& x, const at::Tensor& values1, const at::Tensor& col1, const at::Tensor& seg1,
                     const c10::optional<at::Tensor>& bias1, int64_t hidden, int64_t unit1, int64_t act1,
                     const at::Tensor& values2, const at::Tensor& col2, const at::Tensor& seg2,
@@ -338,8 +344,6 @@ at::Tensor fine_mlp(const at::Tensor& x, const at::Tensor& values1, const at::Te
                     int64_t unit2, int64_t isa, int64_t token_tile) {
   const char* op = "sparsevit_C::fine_mlp: ";
   check_x(op, x, in_features);
-  TORCH_CHECK(x.scalar_type() == at::kFloat, op, "float32 only, got ", x.scalar_type(),
-              " (bfloat16: call fine_linear per layer)");
   check_weight(op, x.scalar_type(), values1, col1, seg1, bias1, hidden, unit1, act1);
   check_weight(op, x.scalar_type(), values2, col2, seg2, bias2, out_features, unit2, 0);
   const FineKernels* kern = select_fine_kernels(isa);
@@ -352,7 +356,9 @@ at::Tensor fine_mlp(const at::Tensor& x, const at::Tensor& values1, const at::Te
     at::Tensor h = fine_linear(x, v1, c1, s1, bias1, hidden, in_features, unit1, act1, isa, token_tile);
     return fine_linear(h, v2, c2, s2, bias2, out_features, hidden, unit2, 0, isa, token_tile);
   };
-  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  if (bf16 && ((in_features % 2) || (xc.stride(0) % 2) || ((uintptr_t)xc.data_ptr() % 4))) return unfused();
   if (xc.size(0) == 0 || out_features == 0 || hidden == 0) return unfused();
   at::Tensor b1, b2;
   if (bias1.has_value()) b1 = bias1->to(at::kFloat).contiguous();
@@ -362,21 +368,22 @@ at::Tensor fine_mlp(const at::Tensor& x, const at::Tensor& values1, const at::Te
   // fc2 never packs (its x is fc1's packed output): only the fields its compute and store read.
   FineParams p2 = layer_params(kern, xc, v2, c2, s2, bias2.has_value() ? &b2 : nullptr, out_features, hidden,
                                unit2, 0, token_tile);
-  p2.words_in = hidden;
-  p2.words_pad = (hidden + unit2 - 1) / unit2 * unit2;
+  const int64_t Kp2 = (hidden + unit2 - 1) / unit2 * unit2;
+  p2.words_in = bf16 ? (hidden + 1) / 2 : hidden;
+  p2.words_pad = bf16 ? Kp2 / 2 : Kp2;
   p2.tile_words = p2.words_pad * p2.TT;
   at::Tensor y = at::empty({xc.size(0), out_features}, x.options());
   p2.y = y.data_ptr();
   p2.ldy = out_features;
 
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads()), n_tiles = p1.n_tiles, TT = p1.TT;
-  const int64_t rows_cap = rows_cap_for(p1.TT);
+  const int64_t rows_cap = rows_cap_for(p1.TT), scratch_rows = rows_cap + 2;
   // Enough tiles for every thread: a thread owns a tile start to end (pack, fc1, fc2) and its hidden
   // tile stays in its L2. Else every tile's hidden activation is kept and row ranges are shared out.
   const bool tile_owned = nth == 1 || n_tiles >= 3 * nth;
   const int64_t n_h = tile_owned ? nth : n_tiles;
   const size_t xp_bytes = (size_t)(n_tiles * p1.tile_words * 4), h_bytes = (size_t)(n_h * p2.tile_words * 4);
-  const size_t acc_bytes = (size_t)(nth * rows_cap * TT * 4), bad_bytes = (size_t)(n_tiles * TT + n_tiles);
+  const size_t acc_bytes = (size_t)(nth * scratch_rows * TT * 4), bad_bytes = (size_t)(n_tiles * TT + n_tiles);
   static thread_local FineWorkspace workspace;
   char* ws = workspace.get(xp_bytes + h_bytes + acc_bytes + bad_bytes);
   p1.xp = ws;
@@ -386,34 +393,39 @@ at::Tensor fine_mlp(const at::Tensor& x, const at::Tensor& values1, const at::Te
   uint8_t* h_bad = p1.bad_token + n_tiles * TT;
 
   const int64_t want = tile_owned ? 1 : (3 * nth + n_tiles - 1) / n_tiles;
-  const std::vector<int64_t> rb1 = row_ranges(p1, want, rows_cap), rb2 = row_ranges(p2, want, rows_cap);
+  std::vector<int64_t> rb1 = row_ranges(p1, want, rows_cap);
+  const std::vector<int64_t> rb2 = row_ranges(p2, want, rows_cap);
+  if (bf16) even_bounds(rb1);
   const int64_t P1 = (int64_t)rb1.size() - 1, P2 = (int64_t)rb2.size() - 1;
   if (tile_owned) {
     hand_out(n_tiles, [&](int64_t tile, int64_t me) {
       float* h = hbuf + me * p2.tile_words;
+      float* mine = scratch + me * scratch_rows * TT;
       kern->pack(&p1, tile, tile + 1);
-      h_bad[tile] = mlp_hidden_tile(kern, p1, p2.words_pad, rb1, tile, h);
+      h_bad[tile] = mlp_hidden_tile(kern, p1, p2, rb1, tile, h, mine);
       FineParams q2 = p2;
       q2.xp = h;
       q2.xp_first_tile = tile;
       for (int64_t pr = 0; pr < P2; ++pr)
-        if (rb2[pr] < rb2[pr + 1]) kern->compute(&q2, tile, rb2[pr], rb2[pr + 1], scratch + me * rows_cap * TT);
+        if (rb2[pr] < rb2[pr + 1]) kern->compute(&q2, tile, rb2[pr], rb2[pr + 1], mine);
     });
   } else {
     at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) { kern->pack(&p1, b, e); });
-    hand_out(P1 * n_tiles, [&](int64_t u, int64_t) {
+    hand_out(P1 * n_tiles, [&](int64_t u, int64_t me) {
       const int64_t pr = u % P1, tile = u / P1;
-      if (rb1[pr] < rb1[pr + 1]) kern->compute_packed(&p1, tile, rb1[pr], rb1[pr + 1], hbuf + tile * p2.tile_words);
+      if (rb1[pr] < rb1[pr + 1])
+        kern->compute_packed(&p1, tile, rb1[pr], rb1[pr + 1], hbuf + tile * p2.tile_words,
+                             scratch + me * scratch_rows * TT);
     });
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
       float* h = hbuf + tile * p2.tile_words;
-      if (p2.words_pad > hidden) memset(h + hidden * TT, 0, (size_t)((p2.words_pad - hidden) * TT * 4));
-      h_bad[tile] = kern->any_nonfinite(h, hidden, (int)TT, (int)std::min<int64_t>(TT, p1.T - tile * TT));
+      if (p2.words_pad > p2.words_in) memset(h + p2.words_in * TT, 0, (size_t)((p2.words_pad - p2.words_in) * TT * 4));
+      h_bad[tile] = kern->any_nonfinite(h, p2.words_in, (int)TT, (int)std::min<int64_t>(TT, p1.T - tile * TT), p1.bf16);
     }
     p2.xp = hbuf;
     hand_out(P2 * n_tiles, [&](int64_t u, int64_t me) {
       const int64_t pr = u % P2, tile = u / P2;
-      if (rb2[pr] < rb2[pr + 1]) kern->compute(&p2, tile, rb2[pr], rb2[pr + 1], scratch + me * rows_cap * TT);
+      if (rb2[pr] < rb2[pr + 1]) kern->compute(&p2, tile, rb2[pr], rb2[pr + 1], scratch + me * scratch_rows * TT);
     });
   }
   bool any_bad = false;

@@ -216,12 +216,39 @@ static void compute(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, f
   store_tile(p, tile, r0, r1, scratch);
 }
 
-// The fused MLP's first layer: the partial sums already live in the packed layout the second
-// layer reads (row-major [row][TT]), so the finished rows stay there; no transposing store.
-static void compute_packed(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, float* out) {
-  const int64_t ntok = p->T - tile * p->TT < p->TT ? p->T - tile * p->TT : p->TT;
-  rows_fn fn = p->bf16 ? nullptr : pick(p->U, (int)((ntok + W - 1) / W), 0);
-  if (fn) fn(p, tile, r0, r1, out + r0 * p->TT);  // the caller checked fp32
+// The fused MLP's first layer: rows [r0, r1) of one token tile, activation applied, left in the
+// packed layout the second layer reads instead of being transposed into y. fp32: the partial sums
+// already live there (out[row][TT]). bf16: rows are summed in `scratch` as usual, then each row pair
+// (2w, 2w+1) is rounded to nearest even and stored as the words out[w][TT] (row 2w in the low half,
+// as the pack of a [T, hidden] bf16 tensor would put column 2w); r0 must be even, a missing last
+// odd row is zero (the pack's padding column).
+static void compute_packed(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, void* out, float* scratch) {
+  const int TT = p->TT;
+  const int64_t ntok = p->T - tile * TT < TT ? p->T - tile * TT : TT;
+  const int tv = (int)((ntok + W - 1) / W);
+  rows_fn fn = pick(p->U, tv, p->bf16);
+  if (!fn) return;  // the caller validated U against the dtype; never reached
+  if (!p->bf16) {
+    fn(p, tile, r0, r1, (float*)out + r0 * TT);
+    return;
+  }
+  fn(p, tile, r0, r1, scratch);
+  for (int64_t o = r0; o < r1; o += 2) {
+    const float* lo = scratch + (o - r0) * TT;
+    const float* hi = o + 1 < r1 ? lo + TT : nullptr;
+    uint32_t* dst = (uint32_t*)out + (o / 2) * TT;
+#if SPV_AVX512 && SPV_NATIVE_BF16
+    for (int v = 0; v < tv; ++v) {
+      const vi l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(vload(lo + v * W)));
+      const vi h = hi ? _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(vload(hi + v * W))), 16)
+                      : _mm512_setzero_si512();
+      vstorei(dst + v * W, _mm512_or_si512(l, h));
+    }
+#else
+    for (int i = 0; i < tv * W; ++i)
+      dst[i] = (uint32_t)f32_to_bf16(lo[i]) | (hi ? (uint32_t)f32_to_bf16(hi[i]) << 16 : 0u);
+#endif
+  }
 }
 
 static inline vi vmaxu(vi a, vi b) {
@@ -232,17 +259,23 @@ static inline vi vmaxu(vi a, vi b) {
 #endif
 }
 
-// Largest |bits| per lane over the rows (vectors before the last) and for the last vector alone,
-// which holds lanes past `lanes` (padding tokens, never stored) that must not count.
-static bool any_nonfinite(const float* buf, int64_t rows, int TT, int lanes) {
+// True when any of the first `lanes` lanes of words [0, words) of a packed [words][TT] buffer holds
+// a NaN/Inf (bf16: in either half). Largest |bits| per lane, over the vectors before the last and
+// for the last alone, which holds lanes past `lanes` (padding tokens, never stored) that must not count.
+static bool any_nonfinite(const float* buf, int64_t words, int TT, int lanes, int bf16) {
   const int nv = (lanes + W - 1) / W;
   if (nv == 0) return false;
-  const vi abs_bits = vset1i(0x7fffffff);
-  vi most = vandi(vset1i(0), abs_bits), last = most;
-  for (int64_t r = 0; r < rows; ++r) {
+  const vi abs_lo = vset1i(0x7fffffff), abs_hi = vset1i(0x7fff0000);
+  vi most = vandi(vset1i(0), abs_lo), last = most;
+  for (int64_t r = 0; r < words; ++r) {
     const float* row = buf + r * TT;
-    for (int v = 0; v + 1 < nv; ++v) most = vmaxu(most, vandi(vcastf(vload(row + v * W)), abs_bits));
-    last = vmaxu(last, vandi(vcastf(vload(row + (nv - 1) * W)), abs_bits));
+    for (int v = 0; v < nv; ++v) {
+      const vi w = vcastf(vload(row + v * W));
+      // bf16: the high half as is (low half masked off), the low half shifted up into fp32 position
+      vi m = bf16 ? vmaxu(vandi(w, abs_hi), vandi(vslli16(w), abs_lo)) : vandi(w, abs_lo);
+      if (v + 1 < nv) most = vmaxu(most, m);
+      else last = vmaxu(last, m);
+    }
   }
   uint32_t m[W], l[W];
   vstorei(m, most);

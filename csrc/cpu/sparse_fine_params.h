@@ -49,11 +49,14 @@ struct FineKernels {
   // y for token tile `tile` and output rows [row_begin, row_end); scratch holds
   // (row_end - row_begin) * TT floats, 64-byte aligned.
   void (*compute)(const FineParams* p, int64_t tile, int64_t row_begin, int64_t row_end, float* scratch);
-  // fp32 only: rows [row_begin, row_end) of tile `tile`, activation applied, written in the packed
-  // layout (out[row][TT], out = the tile's [out, TT] buffer) instead of y: the next layer's input.
-  void (*compute_packed)(const FineParams* p, int64_t tile, int64_t row_begin, int64_t row_end, float* out);
-  // True when any of the first `lanes` lanes of rows [0, rows) of a packed [rows][TT] buffer is NaN/Inf.
-  bool (*any_nonfinite)(const float* buf, int64_t rows, int TT, int lanes);
+  // Rows [row_begin, row_end) of tile `tile`, activation applied, written in the packed layout the
+  // next layer reads (out = that tile's [words][TT] buffer) instead of y. bf16: row_begin even,
+  // scratch as for compute (fp32 needs none: the partial sums live in out).
+  void (*compute_packed)(const FineParams* p, int64_t tile, int64_t row_begin, int64_t row_end, void* out,
+                         float* scratch);
+  // True when any of the first `lanes` lanes of words [0, words) of a packed [words][TT] buffer is
+  // NaN/Inf (bf16: either half of a word).
+  bool (*any_nonfinite)(const float* buf, int64_t words, int TT, int lanes, int bf16);
 };
 
 const FineKernels* fine_kernels_avx512bf16();

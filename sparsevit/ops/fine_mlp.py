@@ -5,13 +5,13 @@ that sparsity does not shrink, and in a ViT MLP most of it moves the hidden acti
 width): fc1 transposes its output from the kernel's tokens-in-lanes layout back to ``[T, hidden]``
 and fc2 immediately packs it into that layout again. The fused op keeps the hidden activation in
 the packed layout (one token tile at a time, in the owning thread's L2): fc1 leaves its finished
-rows where fc2 reads them. Same micro-kernels, same summation order, so in float32 it returns
-exactly what two ``fine_linear`` calls return (NaN/Inf included: a non-finite input or hidden value
-reruns the call unfused, whose fix-up gives the dense semantics).
+rows where fc2 reads them. Same micro-kernels, same summation order and (bf16) the same rounding of
+the hidden activation, so it returns exactly what two ``fine_linear`` calls return (NaN/Inf
+included: a non-finite input or hidden value reruns the call unfused, whose fix-up gives the dense
+semantics).
 
-* float32 only (a bf16 hidden activation would have to be rounded and paired per column first);
-  :func:`not_fusable_reasons` says why a pair of layers is not fused, and they then run as two
-  ``fine_linear`` calls;
+* float32 and bfloat16 on CPU; :func:`not_fusable_reasons` says why a pair of layers is not fused,
+  and they then run as two ``fine_linear`` calls;
 * default implementation (any device without the kernel): the two layers' reference paths;
 * eager CPU inference calls the compiled kernel directly (see ``eager_cpu_call_ok``).
 """
@@ -21,7 +21,7 @@ import torch
 
 from sparsevit import _ext
 from sparsevit.formats.fine import FineSparseWeight
-from sparsevit.ops.fine_linear import _reference, cpp_kernel_takes
+from sparsevit.ops.fine_linear import _reference, cpp_kernel_takes, not_supported_reasons
 from sparsevit.ops.linear_kernels import ACT_CODE, check_linear_inputs, eager_cpu_call_ok, token_rows
 
 __all__ = ["fine_mlp", "not_fusable_reasons", "fused_mlp_forward"]
@@ -49,8 +49,7 @@ def _(x, values1, col_indices1, row_ptr1, seg_ptr1, bias1, hidden, activation, v
 
 
 def _kernel_takes(x, values1, values2) -> bool:
-    return (_ext.has_op("fine_mlp") and x.dtype == torch.float32 and cpp_kernel_takes(x, values1)
-            and cpp_kernel_takes(x, values2))
+    return _ext.has_op("fine_mlp") and cpp_kernel_takes(x, values1) and cpp_kernel_takes(x, values2)
 
 
 def _fine_mlp_cpu(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features):
@@ -66,15 +65,9 @@ torch.library.register_autocast("sparsevit::fine_mlp", "cpu", torch.bfloat16)  #
 
 def not_fusable_reasons(x: torch.Tensor, w1: FineSparseWeight, w2: FineSparseWeight) -> List[str]:
     """Why fc1 (``w1``) and fc2 (``w2``) cannot run as one fused call on ``x`` (empty: they can)."""
-    reasons = []
-    if not _ext.has_op("fine_mlp"):
-        reasons.append(_ext.unavailable_reason("fine_mlp"))
-    if x.dtype != torch.float32:
-        reasons.append(f"dtype {x.dtype}: the fused fine MLP is float32 only (bf16 runs two fine_linear calls)")
-    if x.device.type != "cpu" or w1.device.type != "cpu" or w2.device.type != "cpu":
-        reasons.append("the fused fine MLP is CPU only")
-    if w1.dtype != x.dtype or w2.dtype != x.dtype:
-        reasons.append(f"weight dtypes {w1.dtype}/{w2.dtype} != input dtype {x.dtype}")
+    reasons = [] if _ext.has_op("fine_mlp") else [_ext.unavailable_reason("fine_mlp")]
+    for name, w in (("fc1", w1), ("fc2", w2)):
+        reasons += [f"{name}: {why}" for why in not_supported_reasons(x, w)]
     if w2.shape[1] != w1.shape[0]:
         reasons.append(f"fc2 takes {w2.shape[1]} features, fc1 gives {w1.shape[0]}")
     return reasons
@@ -85,13 +78,13 @@ def fine_mlp(x: torch.Tensor, w1: FineSparseWeight, b1: Optional[torch.Tensor], 
     """``F.linear(act(F.linear(x, w1, b1)), w2, b2)`` with fine-grained sparse ``w1``, ``w2``.
 
     Args:
-        x: ``[..., in_features]`` float32 on CPU for the fused kernel (anything else: the reference).
+        x: ``[..., in_features]`` float32 or bfloat16 on CPU for the fused kernel (else: the reference).
         w1, b1: fc1's :class:`~sparsevit.formats.fine.FineSparseWeight` ``(hidden, in)`` and bias.
         activation: ``None``, ``"gelu"`` or ``"gelu_tanh"``, applied to fc1's output.
         w2, b2: fc2's weight ``(out, hidden)`` and bias.
 
     Returns:
-        ``[..., out]``; in float32 exactly ``fine_linear(fine_linear(x, w1, b1, activation), w2, b2)``.
+        ``[..., out]``: exactly ``fine_linear(fine_linear(x, w1, b1, activation), w2, b2)``.
     """
     how = "FineSparseWeight.from_dense(linear.weight, mask, tile=1)"
     act = check_linear_inputs(x, w1, b1, activation, FineSparseWeight, how)
@@ -114,11 +107,11 @@ def _cpp_fine_layer(m) -> bool:
 def fused_mlp_forward(fc1, act, norm, fc2, x: torch.Tensor) -> Optional[torch.Tensor]:
     """``fc2(act(fc1(x)))`` through the fused kernel when both layers are fine-grained
     :class:`~sparsevit.runtime.linear.SparseLinear` modules on the compiled kernel, fc1 fuses the
-    activation (``act`` and ``norm`` are None) and this is an eager float32 CPU call; else None
+    activation (``act`` and ``norm`` are None) and this is an eager CPU call the kernel takes; else None
     (the caller runs the layers one by one). Traced and exported graphs keep the per-layer ops."""
     if act is not None or norm is not None or not (_cpp_fine_layer(fc1) and _cpp_fine_layer(fc2)):
         return None
-    if x.dtype != torch.float32 or x.shape[-1] != fc1.in_features or fc2.in_features != fc1.out_features:
+    if x.shape[-1] != fc1.in_features or fc2.in_features != fc1.out_features:
         return None
     if not (eager_cpu_call_ok(x, fc1.values, fc1.bias) and eager_cpu_call_ok(x, fc2.values, fc2.bias)):
         return None

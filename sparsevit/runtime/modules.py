@@ -175,7 +175,7 @@ class SparseMlp(nn.Module):
         self.fc1, self.act, self.fc2, self.norm = fc1, act, fc2, norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = fused_mlp_forward(self.fc1, self.act, self.norm, self.fc2, x)  # both fine-grained, eager fp32
+        fused = fused_mlp_forward(self.fc1, self.act, self.norm, self.fc2, x)  # both fine-grained, eager CPU
         if fused is not None:
             return fused
         h = self.fc1(x)
