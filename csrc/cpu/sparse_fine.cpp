@@ -320,15 +320,62 @@ void even_bounds(std::vector<int64_t>& rb) {
   for (size_t i = 1; i + 1 < rb.size(); ++i) rb[i] &= ~(int64_t)1;
 }
 
-// fc1's rows for one token tile into h (that tile's packed [words][TT] buffer for fc2), zero words
-// past the hidden width (fc2's unit padding); returns whether h holds a NaN/Inf for a real token.
-bool mlp_hidden_tile(const FineKernels* kern, const FineParams& p1, const FineParams& p2,
-                     const std::vector<int64_t>& rb1, int64_t tile, float* h, float* scratch) {
-  for (size_t pr = 0; pr + 1 < rb1.size(); ++pr)
-    if (rb1[pr] < rb1[pr + 1]) kern->compute_packed(&p1, tile, rb1[pr], rb1[pr + 1], h, scratch);
+// Zeroes the words of a finished hidden tile past the hidden width (fc2's unit padding); returns
+// whether the tile holds a NaN/Inf for a real token.
+bool seal_hidden_tile(const FineKernels* kern, const FineParams& p1, const FineParams& p2, int64_t tile, float* h) {
   const int64_t TT = p1.TT;
   if (p2.words_pad > p2.words_in) memset(h + p2.words_in * TT, 0, (size_t)((p2.words_pad - p2.words_in) * TT * 4));
   return kern->any_nonfinite(h, p2.words_in, (int)TT, (int)std::min<int64_t>(TT, p1.T - tile * TT), p1.bf16);
+}
+
+// The fused MLP's buffers: hidden tiles (one per thread, or one per token tile), per-thread fc2
+// partial sums (and bf16 fc1 rows), and a NaN/Inf flag per hidden tile.
+struct MlpScratch {
+  float* hidden;
+  float* acc;
+  int64_t acc_floats;  // per thread
+  uint8_t* hidden_bad;
+};
+
+// Runs fc1 into packed hidden tiles and fc2 from them. With enough token tiles for every thread, a
+// thread owns a tile start to end (pack, fc1, fc2), so its hidden tile stays in its own L2; else
+// every tile's hidden activation is kept and row ranges x tiles are shared out, layer by layer.
+void run_mlp(const FineKernels* kern, const FineParams& p1, FineParams& p2, const MlpScratch& m, bool tile_owned,
+             int64_t rows_cap) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads()), n_tiles = p1.n_tiles;
+  const int64_t want = tile_owned ? 1 : (3 * nth + n_tiles - 1) / n_tiles;
+  std::vector<int64_t> rb1 = row_ranges(p1, want, rows_cap);
+  const std::vector<int64_t> rb2 = row_ranges(p2, want, rows_cap);
+  if (p1.bf16) even_bounds(rb1);
+  const int64_t P1 = (int64_t)rb1.size() - 1, P2 = (int64_t)rb2.size() - 1;
+  auto fc1 = [&](int64_t tile, int64_t pr, float* h, float* acc) {
+    if (rb1[pr] < rb1[pr + 1]) kern->compute_packed(&p1, tile, rb1[pr], rb1[pr + 1], h, acc);
+  };
+  auto fc2 = [&](const FineParams& q2, int64_t tile, int64_t pr, float* acc) {
+    if (rb2[pr] < rb2[pr + 1]) kern->compute(&q2, tile, rb2[pr], rb2[pr + 1], acc);
+  };
+  if (tile_owned) {
+    hand_out(n_tiles, [&](int64_t tile, int64_t me) {
+      float* h = m.hidden + me * p2.tile_words;
+      float* acc = m.acc + me * m.acc_floats;
+      kern->pack(&p1, tile, tile + 1);
+      for (int64_t pr = 0; pr < P1; ++pr) fc1(tile, pr, h, acc);
+      m.hidden_bad[tile] = seal_hidden_tile(kern, p1, p2, tile, h);
+      FineParams q2 = p2;
+      q2.xp = h;
+      q2.xp_first_tile = tile;
+      for (int64_t pr = 0; pr < P2; ++pr) fc2(q2, tile, pr, acc);
+    });
+    return;
+  }
+  at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) { kern->pack(&p1, b, e); });
+  hand_out(P1 * n_tiles, [&](int64_t u, int64_t me) {
+    fc1(u / P1, u % P1, m.hidden + (u / P1) * p2.tile_words, m.acc + me * m.acc_floats);
+  });
+  for (int64_t tile = 0; tile < n_tiles; ++tile)
+    m.hidden_bad[tile] = seal_hidden_tile(kern, p1, p2, tile, m.hidden + tile * p2.tile_words);
+  p2.xp = m.hidden;
+  hand_out(P2 * n_tiles, [&](int64_t u, int64_t me) { fc2(p2, u / P2, u % P2, m.acc + me * m.acc_floats); });
 }
 
 // fc2(act(fc1(x))) with the hidden activation kept in the packed token-tile layout: fc1 leaves its
@@ -377,60 +424,22 @@ at::Tensor fine_mlp(const at::Tensor& x, const at::Tensor& values1, const at::Te
   p2.ldy = out_features;
 
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads()), n_tiles = p1.n_tiles, TT = p1.TT;
-  const int64_t rows_cap = rows_cap_for(p1.TT), scratch_rows = rows_cap + 2;
-  // Enough tiles for every thread: a thread owns a tile start to end (pack, fc1, fc2) and its hidden
-  // tile stays in its L2. Else every tile's hidden activation is kept and row ranges are shared out.
-  const bool tile_owned = nth == 1 || n_tiles >= 3 * nth;
+  // fc1's bf16 row ranges may hold one row more than rows_cap (even_bounds)
+  const int64_t rows_cap = rows_cap_for(p1.TT), acc_floats = (rows_cap + 2) * TT;
+  const bool tile_owned = nth == 1 || n_tiles >= 3 * nth;  // see run_mlp
   const int64_t n_h = tile_owned ? nth : n_tiles;
   const size_t xp_bytes = (size_t)(n_tiles * p1.tile_words * 4), h_bytes = (size_t)(n_h * p2.tile_words * 4);
-  const size_t acc_bytes = (size_t)(nth * scratch_rows * TT * 4), bad_bytes = (size_t)(n_tiles * TT + n_tiles);
+  const size_t acc_bytes = (size_t)(nth * acc_floats * 4), bad_bytes = (size_t)(n_tiles * TT + n_tiles);
   static thread_local FineWorkspace workspace;
   char* ws = workspace.get(xp_bytes + h_bytes + acc_bytes + bad_bytes);
   p1.xp = ws;
-  float* hbuf = (float*)(ws + xp_bytes);
-  float* scratch = (float*)(ws + xp_bytes + h_bytes);
   p1.bad_token = (uint8_t*)(ws + xp_bytes + h_bytes + acc_bytes);
-  uint8_t* h_bad = p1.bad_token + n_tiles * TT;
-
-  const int64_t want = tile_owned ? 1 : (3 * nth + n_tiles - 1) / n_tiles;
-  std::vector<int64_t> rb1 = row_ranges(p1, want, rows_cap);
-  const std::vector<int64_t> rb2 = row_ranges(p2, want, rows_cap);
-  if (bf16) even_bounds(rb1);
-  const int64_t P1 = (int64_t)rb1.size() - 1, P2 = (int64_t)rb2.size() - 1;
-  if (tile_owned) {
-    hand_out(n_tiles, [&](int64_t tile, int64_t me) {
-      float* h = hbuf + me * p2.tile_words;
-      float* mine = scratch + me * scratch_rows * TT;
-      kern->pack(&p1, tile, tile + 1);
-      h_bad[tile] = mlp_hidden_tile(kern, p1, p2, rb1, tile, h, mine);
-      FineParams q2 = p2;
-      q2.xp = h;
-      q2.xp_first_tile = tile;
-      for (int64_t pr = 0; pr < P2; ++pr)
-        if (rb2[pr] < rb2[pr + 1]) kern->compute(&q2, tile, rb2[pr], rb2[pr + 1], mine);
-    });
-  } else {
-    at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) { kern->pack(&p1, b, e); });
-    hand_out(P1 * n_tiles, [&](int64_t u, int64_t me) {
-      const int64_t pr = u % P1, tile = u / P1;
-      if (rb1[pr] < rb1[pr + 1])
-        kern->compute_packed(&p1, tile, rb1[pr], rb1[pr + 1], hbuf + tile * p2.tile_words,
-                             scratch + me * scratch_rows * TT);
-    });
-    for (int64_t tile = 0; tile < n_tiles; ++tile) {
-      float* h = hbuf + tile * p2.tile_words;
-      if (p2.words_pad > p2.words_in) memset(h + p2.words_in * TT, 0, (size_t)((p2.words_pad - p2.words_in) * TT * 4));
-      h_bad[tile] = kern->any_nonfinite(h, p2.words_in, (int)TT, (int)std::min<int64_t>(TT, p1.T - tile * TT), p1.bf16);
-    }
-    p2.xp = hbuf;
-    hand_out(P2 * n_tiles, [&](int64_t u, int64_t me) {
-      const int64_t pr = u % P2, tile = u / P2;
-      if (rb2[pr] < rb2[pr + 1]) kern->compute(&p2, tile, rb2[pr], rb2[pr + 1], scratch + me * scratch_rows * TT);
-    });
-  }
+  const MlpScratch m{(float*)(ws + xp_bytes), (float*)(ws + xp_bytes + h_bytes), acc_floats,
+                     p1.bad_token + n_tiles * TT};
+  run_mlp(kern, p1, p2, m, tile_owned, rows_cap);
   bool any_bad = false;
   for (int64_t t = 0; t < p1.T; ++t) any_bad = any_bad || p1.bad_token[t];
-  for (int64_t tile = 0; tile < n_tiles; ++tile) any_bad = any_bad || h_bad[tile];
+  for (int64_t tile = 0; tile < n_tiles; ++tile) any_bad = any_bad || m.hidden_bad[tile];
   return any_bad ? unfused() : y;
 }
 
