@@ -10,6 +10,9 @@
 //   fine_linear(x[T,in], values[nnz,U], col_indices[nnz], seg_ptr[out,nseg+1], bias?, out_features,
 //               in_features, unit, act, isa, token_tile=0) -> y[T,out]
 //               act: 0 none, 1 gelu(erf), 2 gelu(tanh); token_tile: tokens per packed tile (0: max)
+//   fine_mlp(x, fc1 fields, hidden, unit1, act1, fc2 fields, out_features, in_features, unit2, isa,
+//            token_tile=0) -> fc2(act1(fc1(x))), the hidden activation never leaves the packed
+//            layout (see fine_mlp below)
 //   fine_linear_isa(isa) -> str     kernel name that `isa` resolves to on this CPU ("" = none)
 // Column indices are trusted (FineSparseWeight validates every one at construction); the segment
 // pointers, which bound every loop, are checked here.
@@ -21,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -71,16 +75,13 @@ std::string fine_linear_isa(int64_t isa) {
   return k ? std::string(k->name) : std::string();
 }
 
-void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col, const at::Tensor& seg,
-                const c10::optional<at::Tensor>& bias, int64_t out_f, int64_t in_f, int64_t unit, int64_t act) {
-  const char* op = "sparsevit_C::fine_linear: ";
-  TORCH_CHECK(x.device().is_cpu(), op, "x must be on CPU, got ", x.device());
-  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [tokens, in_features], got ", x.sizes());
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, op, "supports float32 and bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, "weight dtype ", values.scalar_type(),
-              " != input dtype ", x.scalar_type(), "; convert with FineSparseWeight.to(dtype=...)");
-  TORCH_CHECK(x.size(1) == in_f, op, "x has ", x.size(1), " features, weight expects ", in_f);
+// One layer's weight: `op` names the op (and layer) in every message.
+void check_weight(const char* op, at::ScalarType dtype, const at::Tensor& values, const at::Tensor& col,
+                  const at::Tensor& seg, const c10::optional<at::Tensor>& bias, int64_t out_f, int64_t unit,
+                  int64_t act) {
+  const bool bf16 = dtype == at::kBFloat16;
+  TORCH_CHECK(values.scalar_type() == dtype, op, "weight dtype ", values.scalar_type(),
+              " != input dtype ", dtype, "; convert with FineSparseWeight.to(dtype=...)");
   TORCH_CHECK(unit == 1 || unit == 2 || unit == 4 || unit == 8, op, "unit must be 1, 2, 4 or 8, got ", unit);
   TORCH_CHECK(!bf16 || unit % 2 == 0, op, "bfloat16 needs an even unit width (column pairs), got ", unit,
               "; re-pack with FineSparseWeight.to(dtype=torch.bfloat16)");
@@ -96,6 +97,21 @@ void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f, op, "bias must be [", out_f, "], got ", bias->sizes());
   }
+}
+
+void check_x(const char* op, const at::Tensor& x, int64_t in_f) {
+  TORCH_CHECK(x.device().is_cpu(), op, "x must be on CPU, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [tokens, in_features], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, op,
+              "supports float32 and bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) == in_f, op, "x has ", x.size(1), " features, weight expects ", in_f);
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col, const at::Tensor& seg,
+                const c10::optional<at::Tensor>& bias, int64_t out_f, int64_t in_f, int64_t unit, int64_t act) {
+  const char* op = "sparsevit_C::fine_linear: ";
+  check_x(op, x, in_f);
+  check_weight(op, x.scalar_type(), values, col, seg, bias, out_f, unit, act);
 }
 
 // Every loop bound comes from seg_ptr: rows must rise within [0, nnz] and chain row to row.
@@ -195,6 +211,48 @@ void run_compute(const FineKernels* kern, const FineParams& p, float* scratch, i
   });
 }
 
+// Tokens per tile: a multiple of the vector width up to the kernel's maximum (0: the maximum).
+// The caller sizes it so one chunk of packed activations (TT x chunk columns) stays in L1.
+int checked_token_tile(const FineKernels* kern, int64_t token_tile) {
+  const int W = kern->vector_width;
+  TORCH_CHECK(token_tile == 0 || (token_tile > 0 && token_tile % W == 0 && token_tile <= kern->token_tile),
+              "sparsevit_C::fine_linear: token_tile must be 0 or a multiple of ", W, " up to ",
+              kern->token_tile, ", got ", token_tile);
+  return token_tile ? (int)token_tile : kern->token_tile;
+}
+
+// 128 KiB of partial sums per thread: L2-resident, so chunk-to-chunk reloads stay cheap
+int64_t rows_cap_for(int TT) { return std::max<int64_t>(16, (int64_t)(32768 / TT) / 16 * 16); }
+
+// Everything of one layer's FineParams except y and the scratch pointers (xp, bad_token).
+FineParams layer_params(const FineKernels* kern, const at::Tensor& xc, const at::Tensor& vc, const at::Tensor& cc,
+                        const at::Tensor& sc, const at::Tensor* bias_f, int64_t out_features,
+                        int64_t in_features, int64_t unit, int64_t act, int64_t token_tile) {
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  FineParams p{};
+  p.TT = checked_token_tile(kern, token_tile);
+  const int64_t Kp = (in_features + unit - 1) / unit * unit;
+  p.x = xc.data_ptr();
+  p.ldx = xc.stride(0);
+  p.values = vc.data_ptr();
+  p.col = cc.data_ptr<int32_t>();
+  p.seg = sc.data_ptr<int32_t>();
+  p.bias = bias_f ? bias_f->data_ptr<float>() : nullptr;
+  p.T = xc.size(0);
+  p.in = in_features;
+  p.out = out_features;
+  p.words_in = bf16 ? xc.size(1) / 2 : in_features;
+  p.words_pad = bf16 ? Kp / 2 : Kp;
+  p.tile_words = p.words_pad * p.TT;
+  p.n_tiles = (p.T + p.TT - 1) / p.TT;
+  p.nseg = sc.size(1) - 1;
+  p.U = (int)unit;
+  p.bf16 = bf16 ? 1 : 0;
+  p.act = (int)act;
+  p.xp_first_tile = 0;
+  return p;
+}
+
 at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col,
                        const at::Tensor& seg, const c10::optional<at::Tensor>& bias, int64_t out_features,
                        int64_t in_features, int64_t unit, int64_t act, int64_t isa, int64_t token_tile) {
@@ -218,38 +276,13 @@ at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
 
-  FineParams p;
-  // Tokens per tile: a multiple of the vector width up to the kernel's maximum (0: the maximum).
-  // The caller sizes it so one chunk of packed activations (TT x chunk columns) stays in L1.
-  const int W = kern->vector_width;
-  TORCH_CHECK(token_tile == 0 || (token_tile > 0 && token_tile % W == 0 && token_tile <= kern->token_tile),
-              "sparsevit_C::fine_linear: token_tile must be 0 or a multiple of ", W, " up to ",
-              kern->token_tile, ", got ", token_tile);
-  p.TT = token_tile ? (int)token_tile : kern->token_tile;
-  const int64_t Kp = (in_features + unit - 1) / unit * unit;
-  p.x = xc.data_ptr();
-  p.ldx = xc.stride(0);
+  FineParams p = layer_params(kern, xc, vc, cc, sc, bias.has_value() ? &bias_f : nullptr, out_features,
+                               in_features, unit, act, token_tile);
   p.y = y.data_ptr();
   p.ldy = out_features;
-  p.values = vc.data_ptr();
-  p.col = cc.data_ptr<int32_t>();
-  p.seg = sc.data_ptr<int32_t>();
-  p.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  p.T = T;
-  p.in = in_features;
-  p.out = out_features;
-  p.words_in = bf16 ? xc.size(1) / 2 : in_features;
-  p.words_pad = bf16 ? Kp / 2 : Kp;
-  p.tile_words = p.words_pad * p.TT;
-  p.n_tiles = (T + p.TT - 1) / p.TT;
-  p.nseg = nseg1 - 1;
-  p.U = (int)unit;
-  p.bf16 = bf16 ? 1 : 0;
-  p.act = (int)act;
 
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  // 128 KiB of partial sums per thread: L2-resident, so chunk-to-chunk reloads stay cheap
-  const int64_t rows_cap = std::max<int64_t>(16, (int64_t)(32768 / p.TT) / 16 * 16);
+  const int64_t rows_cap = rows_cap_for(p.TT);
   const size_t xp_bytes = (size_t)(p.n_tiles * p.tile_words * 4);
   const size_t acc_bytes = (size_t)(nth * rows_cap * p.TT * 4);
   const size_t bad_bytes = (size_t)(p.n_tiles * p.TT + 63) / 64 * 64;
@@ -269,6 +302,147 @@ at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::
   return y;
 }
 
+// Work units [0, n) handed out dynamically to min(threads, n) threads: fn(unit, thread index).
+template <typename F>
+void hand_out(int64_t n, F fn) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nth, n), 1, [&](int64_t b, int64_t e) {
+    const int64_t me = at::get_thread_num();
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) fn(u, me);
+  });
+}
+
+// Row ranges for fc1 of a bf16 fused MLP start at even rows (its rows are stored in pairs): each
+// interior bound rounds down, so a range may hold one row more than rows_cap (scratch allows it).
+void even_bounds(std::vector<int64_t>& rb) {
+  for (size_t i = 1; i + 1 < rb.size(); ++i) rb[i] &= ~(int64_t)1;
+}
+
+// Zeroes the words of a finished hidden tile past the hidden width (fc2's unit padding); returns
+// whether the tile holds a NaN/Inf for a real token.
+bool seal_hidden_tile(const FineKernels* kern, const FineParams& p1, const FineParams& p2, int64_t tile, float* h) {
+  const int64_t TT = p1.TT;
+  if (p2.words_pad > p2.words_in) memset(h + p2.words_in * TT, 0, (size_t)((p2.words_pad - p2.words_in) * TT * 4));
+  return kern->any_nonfinite(h, p2.words_in, (int)TT, (int)std::min<int64_t>(TT, p1.T - tile * TT), p1.bf16);
+}
+
+// The fused MLP's buffers: hidden tiles (one per thread, or one per token tile), per-thread fc2
+// partial sums (and bf16 fc1 rows), and a NaN/Inf flag per hidden tile.
+struct MlpScratch {
+  float* hidden;
+  float* acc;
+  int64_t acc_floats;  // per thread
+  uint8_t* hidden_bad;
+};
+
+// Runs fc1 into packed hidden tiles and fc2 from them. With enough token tiles for every thread, a
+// thread owns a tile start to end (pack, fc1, fc2), so its hidden tile stays in its own L2; else
+// every tile's hidden activation is kept and row ranges x tiles are shared out, layer by layer.
+void run_mlp(const FineKernels* kern, const FineParams& p1, FineParams& p2, const MlpScratch& m, bool tile_owned,
+             int64_t rows_cap) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads()), n_tiles = p1.n_tiles;
+  const int64_t want = tile_owned ? 1 : (3 * nth + n_tiles - 1) / n_tiles;
+  std::vector<int64_t> rb1 = row_ranges(p1, want, rows_cap);
+  const std::vector<int64_t> rb2 = row_ranges(p2, want, rows_cap);
+  if (p1.bf16) even_bounds(rb1);
+  const int64_t P1 = (int64_t)rb1.size() - 1, P2 = (int64_t)rb2.size() - 1;
+  auto fc1 = [&](int64_t tile, int64_t pr, float* h, float* acc) {
+    if (rb1[pr] < rb1[pr + 1]) kern->compute_packed(&p1, tile, rb1[pr], rb1[pr + 1], h, acc);
+  };
+  auto fc2 = [&](const FineParams& q2, int64_t tile, int64_t pr, float* acc) {
+    if (rb2[pr] < rb2[pr + 1]) kern->compute(&q2, tile, rb2[pr], rb2[pr + 1], acc);
+  };
+  if (tile_owned) {
+    hand_out(n_tiles, [&](int64_t tile, int64_t me) {
+      float* h = m.hidden + me * p2.tile_words;
+      float* acc = m.acc + me * m.acc_floats;
+      kern->pack(&p1, tile, tile + 1);
+      for (int64_t pr = 0; pr < P1; ++pr) fc1(tile, pr, h, acc);
+      m.hidden_bad[tile] = seal_hidden_tile(kern, p1, p2, tile, h);
+      FineParams q2 = p2;
+      q2.xp = h;
+      q2.xp_first_tile = tile;
+      for (int64_t pr = 0; pr < P2; ++pr) fc2(q2, tile, pr, acc);
+    });
+    return;
+  }
+  at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) { kern->pack(&p1, b, e); });
+  hand_out(P1 * n_tiles, [&](int64_t u, int64_t me) {
+    fc1(u / P1, u % P1, m.hidden + (u / P1) * p2.tile_words, m.acc + me * m.acc_floats);
+  });
+  for (int64_t tile = 0; tile < n_tiles; ++tile)
+    m.hidden_bad[tile] = seal_hidden_tile(kern, p1, p2, tile, m.hidden + tile * p2.tile_words);
+  p2.xp = m.hidden;
+  hand_out(P2 * n_tiles, [&](int64_t u, int64_t me) { fc2(p2, u / P2, u % P2, m.acc + me * m.acc_floats); });
+}
+
+// fc2(act(fc1(x))) with the hidden activation kept in the packed token-tile layout: fc1 leaves its
+// rows where fc2 reads them, which drops fc1's transposing store of [T, hidden] and fc2's pack of it
+// (both as large as the hidden activation, 4x the block's width in a ViT). Same kernels, same
+// summation order and (bf16) the same rounding of the hidden activation: the result equals
+// fine_linear twice bit for bit. A NaN/Inf in x or in the hidden activation reruns the call as two
+// fine_linear calls, whose fix-up gives the dense semantics.
+at::Tensor fine_mlp(const at::Tensor& x, const at::Tensor& values1, const at::Tensor& col1, const at::Tensor& seg1,
+                    const c10::optional<at::Tensor>& bias1, int64_t hidden, int64_t unit1, int64_t act1,
+                    const at::Tensor& values2, const at::Tensor& col2, const at::Tensor& seg2,
+                    const c10::optional<at::Tensor>& bias2, int64_t out_features, int64_t in_features,
+                    int64_t unit2, int64_t isa, int64_t token_tile) {
+  const char* op = "sparsevit_C::fine_mlp: ";
+  check_x(op, x, in_features);
+  check_weight(op, x.scalar_type(), values1, col1, seg1, bias1, hidden, unit1, act1);
+  check_weight(op, x.scalar_type(), values2, col2, seg2, bias2, out_features, unit2, 0);
+  const FineKernels* kern = select_fine_kernels(isa);
+  TORCH_CHECK(kern != nullptr, op, "this CPU lacks the requested ISA level ", isa, " (AVX2+FMA is the minimum)");
+  at::Tensor v1 = values1.contiguous(), c1 = col1.contiguous(), s1 = seg1.contiguous();
+  at::Tensor v2 = values2.contiguous(), c2 = col2.contiguous(), s2 = seg2.contiguous();
+  check_segments(s1.data_ptr<int32_t>(), hidden, s1.size(1), v1.size(0));
+  check_segments(s2.data_ptr<int32_t>(), out_features, s2.size(1), v2.size(0));
+  auto unfused = [&] {
+    at::Tensor h = fine_linear(x, v1, c1, s1, bias1, hidden, in_features, unit1, act1, isa, token_tile);
+    return fine_linear(h, v2, c2, s2, bias2, out_features, hidden, unit2, 0, isa, token_tile);
+  };
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  if (bf16 && ((in_features % 2) || (xc.stride(0) % 2) || ((uintptr_t)xc.data_ptr() % 4))) return unfused();
+  if (xc.size(0) == 0 || out_features == 0 || hidden == 0) return unfused();
+  at::Tensor b1, b2;
+  if (bias1.has_value()) b1 = bias1->to(at::kFloat).contiguous();
+  if (bias2.has_value()) b2 = bias2->to(at::kFloat).contiguous();
+  FineParams p1 = layer_params(kern, xc, v1, c1, s1, bias1.has_value() ? &b1 : nullptr, hidden, in_features,
+                               unit1, act1, token_tile);
+  // fc2 never packs (its x is fc1's packed output): only the fields its compute and store read.
+  FineParams p2 = layer_params(kern, xc, v2, c2, s2, bias2.has_value() ? &b2 : nullptr, out_features, hidden,
+                               unit2, 0, token_tile);
+  const int64_t Kp2 = (hidden + unit2 - 1) / unit2 * unit2;
+  p2.words_in = bf16 ? (hidden + 1) / 2 : hidden;
+  p2.words_pad = bf16 ? Kp2 / 2 : Kp2;
+  p2.tile_words = p2.words_pad * p2.TT;
+  at::Tensor y = at::empty({xc.size(0), out_features}, x.options());
+  p2.y = y.data_ptr();
+  p2.ldy = out_features;
+
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads()), n_tiles = p1.n_tiles, TT = p1.TT;
+  // fc1's bf16 row ranges may hold one row more than rows_cap (even_bounds)
+  const int64_t rows_cap = rows_cap_for(p1.TT), acc_floats = (rows_cap + 2) * TT;
+  const bool tile_owned = nth == 1 || n_tiles >= 3 * nth;  // see run_mlp
+  const int64_t n_h = tile_owned ? nth : n_tiles;
+  const size_t xp_bytes = (size_t)(n_tiles * p1.tile_words * 4), h_bytes = (size_t)(n_h * p2.tile_words * 4);
+  const size_t acc_bytes = (size_t)(nth * acc_floats * 4), bad_bytes = (size_t)(n_tiles * TT + n_tiles);
+  static thread_local FineWorkspace workspace;
+  char* ws = workspace.get(xp_bytes + h_bytes + acc_bytes + bad_bytes);
+  p1.xp = ws;
+  p1.bad_token = (uint8_t*)(ws + xp_bytes + h_bytes + acc_bytes);
+  const MlpScratch m{(float*)(ws + xp_bytes), (float*)(ws + xp_bytes + h_bytes), acc_floats,
+                     p1.bad_token + n_tiles * TT};
+  run_mlp(kern, p1, p2, m, tile_owned, rows_cap);
+  bool any_bad = false;
+  for (int64_t t = 0; t < p1.T; ++t) any_bad = any_bad || p1.bad_token[t];
+  for (int64_t tile = 0; tile < n_tiles; ++tile) any_bad = any_bad || m.hidden_bad[tile];
+  return any_bad ? unfused() : y;
+}
+
 }  // namespace
 }  // namespace sparsevit_cpu
 
@@ -276,7 +450,14 @@ TORCH_LIBRARY_FRAGMENT(sparsevit_C, m) {
   m.def(
       "fine_linear(Tensor x, Tensor values, Tensor col_indices, Tensor seg_ptr, Tensor? bias, "
       "int out_features, int in_features, int unit, int act, int isa=-1, int token_tile=0) -> Tensor");
+  m.def(
+      "fine_mlp(Tensor x, Tensor values1, Tensor col_indices1, Tensor seg_ptr1, Tensor? bias1, int hidden, "
+      "int unit1, int act1, Tensor values2, Tensor col_indices2, Tensor seg_ptr2, Tensor? bias2, "
+      "int out_features, int in_features, int unit2, int isa=-1, int token_tile=0) -> Tensor");
   m.def("fine_linear_isa(int isa=-1) -> str", &sparsevit_cpu::fine_linear_isa);
 }
 
-TORCH_LIBRARY_IMPL(sparsevit_C, CPU, m) { m.impl("fine_linear", &sparsevit_cpu::fine_linear); }
+TORCH_LIBRARY_IMPL(sparsevit_C, CPU, m) {
+  m.impl("fine_linear", &sparsevit_cpu::fine_linear);
+  m.impl("fine_mlp", &sparsevit_cpu::fine_mlp);
+}

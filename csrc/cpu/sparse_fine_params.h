@@ -27,7 +27,8 @@ struct FineParams {
   const int32_t* col;     // [nnz_units] first column of each unit
   const int32_t* seg;     // [out, nseg + 1]
   const float* bias;      // [out] fp32, or nullptr
-  void* xp;               // packed activation tiles, n_tiles * tile_words 32-bit words
+  void* xp;               // packed activation tiles, tile_words 32-bit words each
+  int64_t xp_first_tile;  // tile whose packed words start at xp (0, or the tile of a one-tile buffer)
   uint8_t* bad_token;     // [n_tiles * TT] set to 1 for tokens holding a NaN/Inf (pack writes it)
   int64_t T, in, out;
   int64_t words_in;       // 32-bit words per token row of x that hold data (fp32: in, bf16: in/2)
@@ -48,6 +49,14 @@ struct FineKernels {
   // y for token tile `tile` and output rows [row_begin, row_end); scratch holds
   // (row_end - row_begin) * TT floats, 64-byte aligned.
   void (*compute)(const FineParams* p, int64_t tile, int64_t row_begin, int64_t row_end, float* scratch);
+  // Rows [row_begin, row_end) of tile `tile`, activation applied, written in the packed layout the
+  // next layer reads (out = that tile's [words][TT] buffer) instead of y. bf16: row_begin even,
+  // scratch as for compute (fp32 needs none: the partial sums live in out).
+  void (*compute_packed)(const FineParams* p, int64_t tile, int64_t row_begin, int64_t row_end, void* out,
+                         float* scratch);
+  // True when any of the first `lanes` lanes of words [0, words) of a packed [words][TT] buffer is
+  // NaN/Inf (bf16: either half of a word).
+  bool (*any_nonfinite)(const float* buf, int64_t words, int TT, int lanes, int bf16);
 };
 
 const FineKernels* fine_kernels_avx512bf16();

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsevit.ops.fine_mlp import fused_mlp_forward
 from sparsevit.ops.residual import layernorm_gather, residual_add_layernorm, residual_scatter_add
 
 
@@ -174,6 +175,9 @@ class SparseMlp(nn.Module):
         self.fc1, self.act, self.fc2, self.norm = fc1, act, fc2, norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_mlp_forward(self.fc1, self.act, self.norm, self.fc2, x)  # both fine-grained, eager CPU
+        if fused is not None:
+            return fused
         h = self.fc1(x)
         if self.act is not None:
             h = self.act(h)

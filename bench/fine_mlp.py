@@ -1,0 +1,66 @@
+"""Fused fine-grained MLP (``sparsevit.ops.fine_mlp``) vs two ``fine_linear`` calls, DeiT-S MLP shapes.
+
+fc1 384->1536 + GELU, fc2 1536->384, unstructured masks, 1576 tokens (batch 8) by default; both
+ways are called alternately in interleaved rounds and the median is reported. With ``--threads 1``
+each call is timed in the calling thread's CPU time (``time.thread_time``), which a shared machine
+disturbs less than a wall clock; other processes still evict caches, so numbers are indicative.
+
+    python bench/fine_mlp.py --threads 1
+    python bench/fine_mlp.py --threads 2 --tokens 197 --sparsity 0.9
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from sparsevit.formats.fine import FineSparseWeight
+from sparsevit.ops.fine_linear import fine_linear
+from sparsevit.ops.fine_mlp import fine_mlp
+
+
+def _weight(out_f, in_f, sparsity, dtype, g):
+    w = torch.randn(out_f, in_f, generator=g)
+    return FineSparseWeight.from_dense(w.to(dtype), torch.rand(out_f, in_f, generator=g) >= sparsity)
+
+
+def bench(tokens, sparsity, dtype, rounds):
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = _weight(1536, 384, sparsity, dtype, g), _weight(384, 1536, sparsity, dtype, g)
+    b1, b2 = torch.randn(1536, generator=g).to(dtype), torch.randn(384, generator=g).to(dtype)
+    x = torch.randn(tokens, 384, generator=g).to(dtype)
+    fns = {"two calls": lambda: fine_linear(fine_linear(x, w1, b1, "gelu"), w2, b2),
+           "fused": lambda: fine_mlp(x, w1, b1, "gelu", w2, b2)}
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[k].append((clock() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=1576)
+    ap.add_argument("--sparsity", nargs="+", type=float, default=[0.9, 0.7])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads={args.threads} tokens={args.tokens}\n| dtype | sparsity | two calls ms | fused ms | speed-up |\n"
+          "|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        for sp in args.sparsity:
+            m = bench(args.tokens, sp, getattr(torch, dtype), args.rounds)
+            print(f"| {dtype} | {sp:.2f} | {m['two calls']:.3f} | {m['fused']:.3f} | "
+                  f"{m['two calls'] / m['fused']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""``sparsevit::fine_mlp``: ``fc2(act(fc1(x)))`` with both weights fine-grained sparse, in one call.
+
+At 90% sparsity about a third of a :func:`~sparsevit.ops.fine_linear.fine_linear` call is fixed cost
+that sparsity does not shrink, and in a ViT MLP most of it moves the hidden activation (4x the block
+width): fc1 transposes its output from the kernel's tokens-in-lanes layout back to ``[T, hidden]``
+and fc2 immediately packs it into that layout again. The fused op keeps the hidden activation in
+the packed layout (one token tile at a time, in the owning thread's L2): fc1 leaves its finished
+rows where fc2 reads them. Same micro-kernels, same summation order and (bf16) the same rounding of
+the hidden activation, so it returns exactly what two ``fine_linear`` calls return (NaN/Inf
+included: a non-finite input or hidden value reruns the call unfused, whose fix-up gives the dense
+semantics).
+
+* float32 and bfloat16 on CPU; :func:`not_fusable_reasons` says why a pair of layers is not fused,
+  and they then run as two ``fine_linear`` calls;
+* default implementation (any device without the kernel): the two layers' reference paths;
+* eager CPU inference calls the compiled kernel directly (see ``eager_cpu_call_ok``).
+"""
+from typing import List, Optional
+
+import torch
+
+from sparsevit import _ext
+from sparsevit.formats.fine import FineSparseWeight
+from sparsevit.ops.fine_linear import _reference, cpp_kernel_takes, not_supported_reasons
+from sparsevit.ops.linear_kernels import ACT_CODE, check_linear_inputs, eager_cpu_call_ok, token_rows
+
+__all__ = ["fine_mlp", "not_fusable_reasons", "fused_mlp_forward"]
+
+
+def _reference_mlp(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features):
+    h = _reference(x, v1, c1, r1, hidden, in_features, b1, act1)
+    return _reference(h, v2, c2, r2, out_features, hidden, b2, "none")
+
+
+@torch.library.custom_op("sparsevit::fine_mlp", mutates_args=())
+def _fine_mlp_op(x: torch.Tensor, values1: torch.Tensor, col_indices1: torch.Tensor, row_ptr1: torch.Tensor,
+                 seg_ptr1: torch.Tensor, bias1: Optional[torch.Tensor], hidden: int, activation: str,
+                 values2: torch.Tensor, col_indices2: torch.Tensor, row_ptr2: torch.Tensor, seg_ptr2: torch.Tensor,
+                 bias2: Optional[torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
+    return _reference_mlp(x, values1, col_indices1, row_ptr1, seg_ptr1, bias1, hidden, activation, values2,
+                          col_indices2, row_ptr2, seg_ptr2, bias2, out_features, in_features)
+
+
+@_fine_mlp_op.register_fake
+def _(x, values1, col_indices1, row_ptr1, seg_ptr1, bias1, hidden, activation, values2, col_indices2, row_ptr2,
+      seg_ptr2, bias2, out_features, in_features):
+    torch._check(x.dim() == 2, lambda: "sparsevit::fine_mlp takes x as [tokens, in_features]")
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _kernel_takes(x, values1, values2) -> bool:
+    return _ext.has_op("fine_mlp") and cpp_kernel_takes(x, values1) and cpp_kernel_takes(x, values2)
+
+
+def _fine_mlp_cpu(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features):
+    if _kernel_takes(x, v1, v2):
+        return torch.ops.sparsevit_C.fine_mlp(x, v1, c1, s1, b1, hidden, v1.shape[1], ACT_CODE[act1], v2, c2, s2,
+                                              b2, out_features, in_features, v2.shape[1], -1)
+    return _reference_mlp(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features)
+
+
+_fine_mlp_op.register_kernel("cpu")(_fine_mlp_cpu)
+torch.library.register_autocast("sparsevit::fine_mlp", "cpu", torch.bfloat16)  # as fine_linear does
+
+
+def not_fusable_reasons(x: torch.Tensor, w1: FineSparseWeight, w2: FineSparseWeight) -> List[str]:
+    """Why fc1 (``w1``) and fc2 (``w2``) cannot run as one fused call on ``x`` (empty: they can)."""
+    reasons = [] if _ext.has_op("fine_mlp") else [_ext.unavailable_reason("fine_mlp")]
+    for name, w in (("fc1", w1), ("fc2", w2)):
+        reasons += [f"{name}: {why}" for why in not_supported_reasons(x, w)]
+    if w2.shape[1] != w1.shape[0]:
+        reasons.append(f"fc2 takes {w2.shape[1]} features, fc1 gives {w1.shape[0]}")
+    return reasons
+
+
+def fine_mlp(x: torch.Tensor, w1: FineSparseWeight, b1: Optional[torch.Tensor], activation: Optional[str],
+             w2: FineSparseWeight, b2: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(act(F.linear(x, w1, b1)), w2, b2)`` with fine-grained sparse ``w1``, ``w2``.
+
+    Args:
+        x: ``[..., in_features]`` float32 or bfloat16 on CPU for the fused kernel (else: the reference).
+        w1, b1: fc1's :class:`~sparsevit.formats.fine.FineSparseWeight` ``(hidden, in)`` and bias.
+        activation: ``None``, ``"gelu"`` or ``"gelu_tanh"``, applied to fc1's output.
+        w2, b2: fc2's weight ``(out, hidden)`` and bias.
+
+    Returns:
+        ``[..., out]``: exactly ``fine_linear(fine_linear(x, w1, b1, activation), w2, b2)``.
+    """
+    how = "FineSparseWeight.from_dense(linear.weight, mask, tile=1)"
+    act = check_linear_inputs(x, w1, b1, activation, FineSparseWeight, how)
+    if not isinstance(w2, FineSparseWeight) or w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"fine_mlp: w2 must be a FineSparseWeight taking fc1's {w1.shape[0]} outputs, got {w2!r}")
+    check_linear_inputs(x.new_empty(0, w2.shape[1]), w2, b2, None, FineSparseWeight, how)
+    lead = x.shape[:-1]
+    x2d = token_rows(x, w1.shape[1])
+    args = (x2d, w1.values, w1.col_indices, w1.row_ptr, w1.seg_ptr, b1, w1.shape[0], act, w2.values,
+            w2.col_indices, w2.row_ptr, w2.seg_ptr, b2, w2.shape[0], w1.shape[1])
+    direct = eager_cpu_call_ok(x2d, w1.values, b1) and eager_cpu_call_ok(x2d, w2.values, b2)
+    y = _fine_mlp_cpu(*args) if direct else _fine_mlp_op(*args)
+    return y.reshape(*lead, w2.shape[0])
+
+
+def _cpp_fine_layer(m) -> bool:
+    return getattr(m, "is_fine", False) and m.kernel != "reference"
+
+
+def fused_mlp_forward(fc1, act, norm, fc2, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``fc2(act(fc1(x)))`` through the fused kernel when both layers are fine-grained
+    :class:`~sparsevit.runtime.linear.SparseLinear` modules on the compiled kernel, fc1 fuses the
+    activation (``act`` and ``norm`` are None) and this is an eager CPU call the kernel takes; else None
+    (the caller runs the layers one by one). Traced and exported graphs keep the per-layer ops."""
+    if act is not None or norm is not None or not (_cpp_fine_layer(fc1) and _cpp_fine_layer(fc2)):
+        return None
+    if x.shape[-1] != fc1.in_features or fc2.in_features != fc1.out_features:
+        return None
+    if not (eager_cpu_call_ok(x, fc1.values, fc1.bias) and eager_cpu_call_ok(x, fc2.values, fc2.bias)):
+        return None
+    if not _kernel_takes(x, fc1.values, fc2.values):
+        return None
+    w1, w2 = fc1.weight, fc2.weight
+    x2d = token_rows(x, w1.shape[1])
+    y = _fine_mlp_cpu(x2d, w1.values, w1.col_indices, w1.row_ptr, w1.seg_ptr, fc1.bias, w1.shape[0],
+                      fc1.activation or "none", w2.values, w2.col_indices, w2.row_ptr, w2.seg_ptr, fc2.bias,
+                      w2.shape[0], w1.shape[1])
+    return y.reshape(*x.shape[:-1], w2.shape[0])
