@@ -175,7 +175,9 @@ def test_state_dict_saved_on_cpu_loads_into_a_fresh_model():
         assert not torch.allclose(fresh(x), fast(x))
         buf.seek(0)
         fresh.load_state_dict(torch.load(buf, weights_only=True))
-        torch.testing.assert_close(fresh(x), fast(x), rtol=0, atol=0)
+        # same weights, but each model's chooser timed its own kernels (the patch embedding may run as
+        # a convolution in one and a GEMM in the other): equal up to fp32 summation order
+        torch.testing.assert_close(fresh(x), fast(x), rtol=1e-5, atol=1e-6)
         if torch.cuda.is_available():
             torch.testing.assert_close(fresh.cuda()(x.cuda()).cpu(), fast(x), rtol=1e-3, atol=1e-3)
 
