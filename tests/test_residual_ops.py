@@ -208,6 +208,25 @@ def test_chained_block_norms_match_masked_model_and_unfused(seed):
         finally:
             handle.remove()
         assert rel_err(hooked_in_place, hooked) < 1e-5
+        # only block-level (and global) hooks turn the chaining off: a hook inside a block fires and
+        # counts on the chained path; a pre-hook that edits the next block's input in place is seen
+        calls = []
+        inner = fast.blocks[0].mlp.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+        try:
+            inner_hooked = fast(x)
+            with add_norm_fusion(False):
+                inner_unfused = fast(x)
+        finally:
+            inner.remove()
+        assert len(calls) == 2 and rel_err(inner_hooked, inner_unfused) < 1e-5 and rel_err(inner_hooked, out) > 1e-3
+        pre = fast.blocks[1].register_forward_pre_hook(lambda m, args: (args[0].mul_(0.5), None)[1])
+        try:
+            pre_hooked = fast(x)
+            with add_norm_fusion(False):
+                pre_unfused = fast(x)
+        finally:
+            pre.remove()
+        assert rel_err(pre_hooked, pre_unfused) < 1e-5 and rel_err(pre_hooked, out) > 1e-3
 
 
 def test_bf16_model_takes_fused_add_norm(monkeypatch):
