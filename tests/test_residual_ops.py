@@ -194,6 +194,17 @@ def test_chained_block_norms_match_masked_model_and_unfused(seed):
         with add_norm_fusion(False):
             unfused = fast(x)
         assert rel_err(out, ref) < 1e-4 and rel_err(out, unfused) < 1e-5
+        # later blocks update the residual stream in place; the caller's tensor is never touched
+        seen = []
+        grab = fast.blocks.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+        try:
+            fast(x)
+        finally:
+            grab.remove()
+        tokens = seen[0]
+        before = tokens.clone()
+        assert rel_err(fast.blocks(tokens), fast.blocks(before.clone())) == 0
+        assert torch.equal(tokens, before)
         handle = fast.blocks[0].register_forward_hook(lambda m, i, o: o * 0.5)
         try:
             hooked = fast(x)

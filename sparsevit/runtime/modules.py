@@ -286,14 +286,17 @@ class SparseBlock(nn.Module):
                 shared_rel_pos_bias: Optional[torch.Tensor] = None, carry: Optional[NormCarry] = None) -> torch.Tensor:
         normed = carry.take(x) if carry is not None else None
         h = None  # the MLP's normed input, when the attention write-back computed it
-        owned = False  # the block input belongs to the caller: never update it in place
+        # Whether x may be updated in place. A carried norm means x is the previous block's output,
+        # made inside the sequence and seen by nobody else (the chained path runs without hooks);
+        # any other input belongs to the caller. In-place saves a copy of the residual stream.
+        owned = normed is not None and not torch.is_grad_enabled()
         if self.attn is not None:
             y = self.attn(self.attn_io.norm(x) if normed is None else normed, attn_mask=attn_mask,
                           is_causal=is_causal, shared_rel_pos_bias=shared_rel_pos_bias)
             if self.mlp is not None:
-                x, h = self.attn_io.add_then_norm(x, y, self.mlp_io)
+                x, h = self.attn_io.add_then_norm(x, y, self.mlp_io, inplace=owned)
             else:
-                x = self.attn_io.add(x, y)
+                x = self.attn_io.add(x, y, inplace=owned)
             owned = True
         elif self.attn_const is not None:
             x, owned = self.attn_const(x), True
