@@ -296,38 +296,24 @@ __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, in
   }
 }
 
-// Scores of the whole block for n (1..3) key vectors from jv (s offset to them): the tiles narrower
-// than QK_NJ.
-template <class Dot>
-static void score_tail(const Block<Dot>& c, int64_t jv, float* s, vf* mx, int n) {
-  if (n == 1) {
-    score_tile<Dot, QB, 1>(c, 0, jv, s, mx);
-  } else if (n == 2) {
-    if (QB * 2 <= MAX_ACC) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, s, mx);
-    else for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, s + q0 * c.ss, mx);
-  } else if (n == 3) {
-    for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, s + q0 * c.ss, mx);
-  }
-}
-
 // Scores of the whole block against keys [j0, j0 + nkp) (nkp a multiple of W) into s[QB][ss].
 template <class Dot>
 static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
   const int64_t nvec = nkp / W;
-  // A lone last vector would take the QB x 1 tile, which waits on its QB broadcasts (one FMA each;
-  // N = 197 has 13 vectors: 3 groups + 1). After a full group, the last QK_NJ + 1 vectors go as two
-  // narrower tiles instead (AVX-512: 3 + 2, AVX2: 2 + 2).
-  const int64_t groups = nvec / QK_NJ - (nvec % QK_NJ == 1 && nvec > QK_NJ ? 1 : 0);
   int64_t v = 0;
-  for (; v < groups * QK_NJ; v += QK_NJ)
+  for (; v + QK_NJ <= nvec; v += QK_NJ)
     for (int q0 = 0; q0 < QB; q0 += QK_MQ) score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, c.s + q0 * c.ss + v * W, mx);
-  int rem = (int)(nvec - v);
-  if (rem > 3) {
-    score_tail<Dot>(c, j0 + v * W, c.s + v * W, mx, rem - 2);
-    v += rem - 2;
-    rem = 2;
+  const int rem = (int)(nvec - v);
+  float* s = c.s + v * W;
+  const int64_t jv = j0 + v * W;
+  if (rem == 1) {
+    score_tile<Dot, QB, 1>(c, 0, jv, s, mx);
+  } else if (rem == 2) {
+    if (QB * 2 <= MAX_ACC) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, s, mx);
+    else for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, s + q0 * c.ss, mx);
+  } else if (rem == 3) {
+    for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, s + q0 * c.ss, mx);
   }
-  score_tail<Dot>(c, j0 + v * W, c.s + v * W, mx, rem);
 }
 
 // Running softmax state of one query row, in base-2 units.
