@@ -11,6 +11,7 @@ the end-to-end median, and the kernels the report chose for the Linears and the 
     python bench/profile_forward.py --baseline-backend dense         # also F.linear + SDPA, timed interleaved
     python bench/profile_forward.py --plan heads_mlp50+blocks70      # a plan of bench/peers.py (its model init)
     python bench/profile_forward.py --compare-unfused                # fused residual add+norm on vs off, interleaved
+    python bench/profile_forward.py --attention-peak --threads 1     # attention alone vs the peak probe
 
 ``--baseline-backend dense`` builds the same plan with ``backend="dense"`` (every Linear on
 ``F.linear``, attention on SDPA: what ``accelerate`` did for structured plans before the dense
@@ -107,6 +108,55 @@ def compare_unfused(fast, x, runs: int):
     return {"median": med, "min": best, "pair_ratio": pairs}
 
 
+def attention_shapes(fast, batch):
+    """(B, H, N, Dqk, Dv) of every attention module of the accelerated model, with its count."""
+    from sparsevit.runtime.modules import SparseAttention
+
+    n = fast.patch_embed.num_patches + getattr(fast, "num_prefix_tokens", 1)
+    shapes = collections.Counter()
+    for m in fast.modules():
+        if isinstance(m, SparseAttention):
+            shapes[(batch, m.num_heads, n, m.qk_dim, m.v_dim)] += 1
+    return shapes
+
+
+def attention_peak(fast, batch, dtype, threads, runs=7):
+    """The fused CPU attention on the model's shapes, alone: QK^T and PV FLOPs (2 B H N^2 (Dqk + Dv)) per
+    second against the register-loop peak probe bench/kernels.py uses (``peak_gflops``), and SDPA on
+    the same inputs, interleaved. CPU time per call (thread_time at 1 thread), so the shares hold on
+    a shared machine; at more threads, wall time."""
+    import torch.nn.functional as F
+
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    peak = torch.ops.sparsevit_C.peak_gflops(str(dtype).split(".")[1], threads, 0.2)
+    rows = []
+    for (B, H, N, D, Dv), count in sorted(attention_shapes(fast, batch).items()):
+        qkv = torch.randn(B, N, H * (2 * D + Dv)).to(dtype)
+        q, k, v = qkv.split((H * D, H * D, H * Dv), -1)
+        q, k, v = (t.view(B, N, H, -1).transpose(1, 2) for t in (q, k, v))
+        calls = {"sparsevit": lambda: torch.ops.sparsevit_C.attention_cpu(q, k, v, None, D ** -0.5, -1),
+                 "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)}
+        reps = max(1, int(2e9 / (4 * B * H * N * N * D)))
+        times = {name: [] for name in calls}
+        with torch.inference_mode():
+            for _ in range(runs):
+                for name, call in calls.items():
+                    t0 = clock()
+                    for _ in range(reps):
+                        call()
+                    times[name].append((clock() - t0) / reps)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        gflops = 2 * B * H * N * N * (D + Dv) / med["sparsevit"] / 1e9  # QK^T + PV
+        rows.append({"shape": [B, H, N, D, Dv], "modules": count, "ms": 1e3 * med["sparsevit"],
+                     "sdpa_ms": 1e3 * med["sdpa"], "gflops": gflops, "pct_peak": 100 * gflops / peak})
+    print(f"\nattention alone ({threads} thread(s), {dtype}, peak probe {peak:.0f} GF/s):")
+    print("| B, H, N, Dqk, Dv | modules | ms | GF/s | % of peak | SDPA ms |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['modules']} | {r['ms']:.3f} | {r['gflops']:.0f} | {r['pct_peak']:.0f}% | "
+              f"{r['sdpa_ms']:.3f} |")
+    return {"peak_gflops": peak, "shapes": rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deit_small_patch16_224")
@@ -121,6 +171,9 @@ def main(argv=None):
     p.add_argument("--plan", default="", help="a plan name of bench/peers.py (overrides --scenario)")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also time the model with the fused residual add+norm off, interleaved")
+    p.add_argument("--attention-peak", action="store_true",
+                   help="also time the fused attention alone on the model's shapes against the peak probe "
+                        "(at 1 thread: CPU time)")
     p.add_argument("--json", default="", help="also write the result to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -149,6 +202,9 @@ def main(argv=None):
         result["interleaved_ms"] = med
     if args.compare_unfused:
         result["fusion_ms"] = compare_unfused(models[args.backend][0], models[args.backend][1], args.iters * 4)
+    if args.attention_peak:
+        result["attention_peak"] = attention_peak(models[args.backend][0], args.batch, getattr(torch, args.dtype),
+                                                  args.threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

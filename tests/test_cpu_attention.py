@@ -94,6 +94,24 @@ def test_thread_split_gives_the_same_rows(dtype):
 
 
 @needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dv", [16, 64, 40])
+def test_v_read_in_place_from_qkv_rows(isa, dv):
+    """fp32 V whose rows are whole vectors is read where it lies (rows of the qkv output, with a row
+    stride that is not its width); other widths and bf16 are packed. All match float64 on every ISA."""
+    if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    B, N, H, D = 2, 29, 3, 24
+    for dtype in DTYPES:
+        qkv = torch.randn(B, N, H * (2 * D + dv) + 5).to(dtype)  # +5: rows not packed back to back
+        q, k, v = qkv[..., :H * (2 * D + dv)].split((H * D, H * D, H * dv), -1)
+        q, k, v = (t.view(B, N, H, -1).transpose(1, 2) for t in (q, k, v))
+        bias = torch.randn(1, H, N, N)
+        out = torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, 0.3, isa)
+        _check(out, q, k, v, bias, 0.3, f"isa={isa} {dtype} dv={dv}")
+
+
+@needs_cpp
 def test_strided_inputs_and_masks():
     """q/k/v as timm makes them (permuted views of one qkv tensor); a Swin-style -100 mask; a bool mask."""
     B, N, H, D = 2, 17, 3, 24

@@ -133,13 +133,34 @@ static inline vf vexp2(vf t) {
 }
 
 // ---- packing ------------------------------------------------------------------------------------
+// Rows [j0, j1) of this head's K and V into the cache ahead of the packing loops. They are strided
+// rows of the qkv output (a few MB at batch 8: L3, not L2), and without this the packing waits on
+// each row in turn (perf: over half of the packing time on the V loads), about a seventh of the
+// kernel; issued a block ahead, the misses overlap.
+static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, int64_t j0, int64_t j1, bool with_v) {
+  const int64_t es = p->bf16 ? 2 : 4, kbytes = p->Dqk * es, vbytes = p->Dv * es;
+  const char* K = (const char*)p->k + (b * p->sk[0] + h * p->sk[1]) * es;
+  const char* V = (const char*)p->v + (b * p->sv[0] + h * p->sv[1]) * es;
+  for (int64_t j = j0; j < j1 && j < p->N; ++j) {
+    const char* kr = K + j * p->sk[2] * es;
+    const char* vr = V + j * p->sv[2] * es;
+    for (int64_t off = 0; off < kbytes; off += 64) _mm_prefetch(kr + off, _MM_HINT_T0);
+    _mm_prefetch(kr + kbytes - 1, _MM_HINT_T0);  // rows need not start on a cache line
+    if (!with_v) continue;
+    for (int64_t off = 0; off < vbytes; off += 64) _mm_prefetch(vr + off, _MM_HINT_T0);
+    _mm_prefetch(vr + vbytes - 1, _MM_HINT_T0);
+  }
+}
+
 // fp32 K^T [Dqk][Np] and V [Np][Dvp], zero past N keys and past Dv channels (bf16 widened).
 #if SPV_AVX512
 static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
   const int64_t kb = b * p->sk[0] + h * p->sk[1], vb = b * p->sv[0] + h * p->sv[1];
+  prefetch_kv_rows(p, b, h, 0, 32, vp != nullptr);
   for (int64_t j0 = 0; j0 < Np; j0 += 16) {
     const int nk = (int)(N - j0 < 16 ? N - j0 : 16);
+    prefetch_kv_rows(p, b, h, j0 + 32, j0 + 48, vp != nullptr);
     for (int64_t d0 = 0; d0 < D; d0 += 16) {  // 16 keys x 16 channels transposed in registers
       const int nd = (int)(D - d0 < 16 ? D - d0 : 16);
       vf r[16];
@@ -150,7 +171,7 @@ static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, fl
       for (int d = 0; d < 16; ++d)
         if (d < nd) vstore(kt + (d0 + d) * Np + j0, r[d]);
     }
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < 16 && vp != nullptr; ++i) {
       float* dst = vp + (j0 + i) * Dvp;
       for (int64_t c = 0; c < Dvp; c += 16) {
         const int n = i < nk ? (int)(Dv - c < 16 ? Dv - c : 16) : 0;
@@ -163,13 +184,16 @@ static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, fl
 static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
   const int64_t kb = b * p->sk[0] + h * p->sk[1], vb = b * p->sv[0] + h * p->sv[1];
+  prefetch_kv_rows(p, b, h, 0, 16, vp != nullptr);
   for (int64_t j = 0; j < Np; ++j) {
+    if (j % 8 == 0) prefetch_kv_rows(p, b, h, j + 16, j + 24, vp != nullptr);
     if (j >= N) {
       for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = 0.f;
-      for (int64_t d = 0; d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
+      for (int64_t d = 0; vp != nullptr && d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
       continue;
     }
     for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = load_elem(p->k, kb + j * p->sk[2] + d, p->bf16);
+    if (vp == nullptr) continue;
     for (int64_t d = 0; d < Dv; ++d) vp[j * Dvp + d] = load_elem(p->v, vb + j * p->sv[2] + d, p->bf16);
     for (int64_t d = Dv; d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
   }
@@ -183,8 +207,10 @@ static void pack_kv_bf16(const AttnParams* p, int64_t b, int64_t h, uint16_t* kt
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp, Dw = (D + 1) / 2;
   const uint16_t* K = (const uint16_t*)p->k + b * p->sk[0] + h * p->sk[1];
   const uint16_t* V = (const uint16_t*)p->v + b * p->sv[0] + h * p->sv[1];
+  prefetch_kv_rows(p, b, h, 0, 32, true);
   for (int64_t j0 = 0; j0 < Np; j0 += 16) {
     const int nk = (int)(N - j0 < 16 ? N - j0 : 16);
+    prefetch_kv_rows(p, b, h, j0 + 32, j0 + 48, true);  // V rows too: the V loop below reads them
     for (int64_t w0 = 0; w0 < Dw; w0 += 16) {  // 16 keys x 16 channel pairs
       const int ne = (int)(D - 2 * w0 < 32 ? D - 2 * w0 : 32);
       const __mmask32 m = ne >= 32 ? 0xffffffffu : (1u << ne) - 1u;
@@ -225,7 +251,7 @@ struct Block {
                     // constant offsets reaches every row (unscaled, zero past D and past nq rows)
   int64_t Dp, nd;   // D rounded up to STEP; channel steps Dp / STEP
   const elem* vp;   // packed V: key step jj at vp + jj * vrow, channel c at + c * STEP
-  int64_t vrow;     // Dvp * STEP
+  int64_t vrow;     // Dvp * STEP, or V's own row stride when fp32 V is read in place (see run_head)
   float* s;         // [QB][ss] fp32 scores, then fp32 probabilities (F32Dot)
   elem* pm;         // probabilities P @ V reads: s itself (F32Dot) or a bf16 copy [QB][ss]
   int64_t ss;       // row stride of s and pm
@@ -463,19 +489,22 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
   float* o = qs + (QB * Dp + 15) / 16 * 16;
   Block<Dot> c;
   c.p = p;
+  // fp32 V whose rows are whole vectors is read in place by P @ V (rows of the qkv output, in the
+  // cache after the first query block): a packed copy only pays for padding or widening bf16.
+  const bool v_in_place = Dot::STEP == 1 && !p->bf16 && p->Dv % W == 0;
 #if SPV_NATIVE_BF16
   if (Dot::STEP == 2) pack_kv_bf16(p, b, h, (uint16_t*)kt, (uint16_t*)vp);
-  else pack_kv_f32(p, b, h, kt, vp);
+  else pack_kv_f32(p, b, h, kt, v_in_place ? nullptr : vp);
 #else
-  pack_kv_f32(p, b, h, kt, vp);
+  pack_kv_f32(p, b, h, kt, v_in_place ? nullptr : vp);
 #endif
   c.kt = (const elem*)kt;
   c.kt_row = p->Np * Dot::STEP;
   c.Dp = Dot::STEP == 2 ? Dp : p->Dqk;
   c.nd = c.Dp / Dot::STEP;
   c.qs = (const elem*)qs;
-  c.vp = (const elem*)vp;
-  c.vrow = p->Dvp * Dot::STEP;
+  c.vp = v_in_place ? (const elem*)((const float*)p->v + b * p->sv[0] + h * p->sv[1]) : (const elem*)vp;
+  c.vrow = v_in_place ? p->sv[2] : p->Dvp * Dot::STEP;
   c.s = s;
   c.pm = Dot::STEP == 2 ? (elem*)pm : (elem*)s;
   c.ss = ss;

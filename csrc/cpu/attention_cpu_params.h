@@ -8,7 +8,7 @@ namespace sparsevit_cpu {
 
 // out[b,h,i,:] = softmax_j(scale * q[b,h,i,:] . k[b,h,j,:] + bias[b,h,i,j]) @ v[b,h,:,:], fp32 softmax.
 // One work item is (b, h, query rows [i0, i1)): it packs K^T and V of its head once (fp32, or bf16
-// pairs for vdpbf16ps), then per query_block queries walks the keys in blocks of key_block: scores
+// pairs for vdpbf16ps; fp32 V with whole-vector rows is read in place instead), then per query_block queries walks the keys in blocks of key_block: scores
 // with keys in the vector lanes, an online softmax (running max and sum per query), and P @ V with
 // head channels in the lanes into an fp32 accumulator rescaled as the max grows.
 struct AttnParams {

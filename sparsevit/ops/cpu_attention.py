@@ -16,6 +16,7 @@ original head dim's scale.
 * a fake implementation so it traces under ``torch.compile``. Inference only (no autograd formula:
   training goes through ``sparsevit::attention``).
 """
+import functools
 from typing import List, Optional
 
 import torch
@@ -37,13 +38,23 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Ten
     return (torch.softmax(s, dim=-1) @ v.to(acc)).to(q.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_missing_reason() -> Optional[str]:
+    """Why this process has no compiled CPU attention (None: it has one). Fixed for the process, and
+    asked on every attention call, so asked of the extension once."""
+    if not _ext.has_op("attention_cpu"):
+        return _ext.unavailable_reason("attention_cpu")
+    if not torch.ops.sparsevit_C.attention_cpu_isa(-1):
+        return "CPU lacks AVX2+FMA"
+    return None
+
+
 def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = None) -> List[str]:
     """Why the compiled CPU attention cannot take these inputs (empty list: it can)."""
     reasons = []
-    if not _ext.has_op("attention_cpu"):
-        reasons.append(_ext.unavailable_reason("attention_cpu"))
-    elif not torch.ops.sparsevit_C.attention_cpu_isa(-1):
-        reasons.append("CPU lacks AVX2+FMA")
+    missing = _kernel_missing_reason()
+    if missing:
+        reasons.append(missing)
     if any(t.device.type != "cpu" for t in (q, k, v)):
         reasons.append(f"q on {q.device}: the fused attention is CPU only")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:

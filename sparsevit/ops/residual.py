@@ -107,9 +107,12 @@ def residual_scatter_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, 
 
 
 # dtypes the fused kernel runs for inside models: it beats add + layer_norm in float32 (1.2x at DeiT-S
-# width, batch 8, bench/profile_forward.py --compare-unfused); its bfloat16 path is correct (tested)
-# but measured 0.9-1.0x of ATen's bf16 add + layer_norm, so bf16 keeps the separate ops.
-FUSED_ADD_NORM_DTYPES = (torch.float32,)
+# width, batch 8, bench/profile_forward.py --compare-unfused), and in bfloat16 for full-width rows (a
+# plain pre-norm block), which have an AVX-512 row (1.3x ATen's bf16 add + layer_norm at [8, 197, 384],
+# one thread, CPU time). bf16 rows with a write or read subset (P3B plans) take the generic row,
+# which measured 0.9-1.0x of ATen, so they keep the separate ops.
+FUSED_ADD_NORM_DTYPES = (torch.float32, torch.bfloat16)
+_FULL_WIDTH_ONLY_DTYPES = (torch.bfloat16,)
 _fusion = {"enabled": True}
 
 
@@ -124,9 +127,13 @@ def add_norm_fusion(enabled: bool):
         _fusion["enabled"] = before
 
 
-def _fused_add_norm_ok(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether the C++ add+norm kernel takes these inputs (eager CPU inference, same dtype; traced
-    graphs keep the separate ops, which the compilers and exporters know)."""
+def _fused_add_norm_ok(x: torch.Tensor, y: torch.Tensor, write: Optional[torch.Tensor],
+                       read: Optional[torch.Tensor]) -> bool:
+    """Whether the C++ add+norm kernel takes these inputs (eager CPU inference, same dtype, and for
+    bf16 full-width rows only; traced graphs keep the separate ops, which the compilers and exporters
+    know)."""
+    if x.dtype in _FULL_WIDTH_ONLY_DTYPES and (write is not None or read is not None):
+        return False
     return (_fusion["enabled"] and x.dtype in FUSED_ADD_NORM_DTYPES and y.device.type == "cpu"
             and eager_cpu_call_ok(x, y) and _ext.has_op("residual_add_layernorm"))
 
@@ -137,8 +144,9 @@ def residual_add_layernorm(x: torch.Tensor, y: torch.Tensor, write: Optional[tor
     """``(x2, layer_norm(x2)[..., read])`` with ``x2 = x`` plus ``y`` added into channels ``write``.
 
     The write-back of a branch into the residual stream and the next branch's norm in one pass over
-    each row (C++ kernel, CPU, dtypes :data:`FUSED_ADD_NORM_DTYPES`, statistics in float32 over the
-    full row; the kernel itself also takes bfloat16: ``torch.ops.sparsevit_C.residual_add_layernorm``). ``write`` /
+    each row (C++ kernel, CPU, dtypes :data:`FUSED_ADD_NORM_DTYPES` (bfloat16: without ``write`` and
+    ``read``; the kernel itself takes them: ``torch.ops.sparsevit_C.residual_add_layernorm``),
+    statistics in float32 over the full row). ``write`` /
     ``read`` are ``None`` for all channels; ``weight``/``bias`` have one entry per read channel.
     ``inplace=True`` updates and returns ``x`` itself. Elsewhere (other dtypes, autograd, autocast, mixed dtypes,
     other devices, and under torch.compile/export/tracing, whose graphs keep the separate ops) it is
@@ -151,7 +159,7 @@ def residual_add_layernorm(x: torch.Tensor, y: torch.Tensor, write: Optional[tor
     if y.shape[-1] != width or y.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"residual_add_layernorm: y {tuple(y.shape)} does not fit x {tuple(x.shape)} with "
                          f"{width} written channels; y's last dim must equal len(write) (or x's width).")
-    if _fused_add_norm_ok(x, y) and (not inplace or x.is_contiguous()):
+    if _fused_add_norm_ok(x, y, write, read) and (not inplace or x.is_contiguous()):
         C = torch.ops.sparsevit_C
         if inplace:
             return x, C.residual_add_layernorm_(x, y.contiguous(), write, weight, bias, read, float(eps))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsevit.ops.attention import attention as sparse_attention
 from sparsevit.ops.fine_mlp import fused_mlp_forward
 from sparsevit.ops.residual import layernorm_gather, residual_add_layernorm, residual_scatter_add
 
@@ -127,10 +128,14 @@ class SparseAttention(nn.Module):
                 shared_rel_pos_bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
         B, N, _ = x.shape
         H, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
-        q, k, v = self.qkv(x).split((H * dqk, H * dqk, H * dv), dim=-1)
-        q = q.view(B, N, H, dqk).transpose(1, 2)
-        k = k.view(B, N, H, dqk).transpose(1, 2)
-        v = v.view(B, N, H, dv).transpose(1, 2)
+        qkv = self.qkv(x)
+        if dqk == dv:  # one view + permute instead of a split and three view/transposes (batch-1 overhead)
+            q, k, v = qkv.view(B, N, 3, H, dqk).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = qkv.split((H * dqk, H * dqk, H * dv), dim=-1)
+            q = q.view(B, N, H, dqk).transpose(1, 2)
+            k = k.view(B, N, H, dqk).transpose(1, 2)
+            v = v.view(B, N, H, dv).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         bias = self.rel_pos_bias()
@@ -155,9 +160,7 @@ class SparseAttention(nn.Module):
         if bias is not None and bias.dtype != q.dtype and bias.dtype != torch.bool:
             bias = bias.to(q.dtype)
         if self.attention_kernel == "sparsevit" and not is_causal:
-            from sparsevit.ops import attention
-
-            out = attention(q, k, v, bias, self.scale)
+            out = sparse_attention(q, k, v, bias, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, N, H * dv)
@@ -287,14 +290,17 @@ class SparseBlock(nn.Module):
                 shared_rel_pos_bias: Optional[torch.Tensor] = None, carry: Optional[NormCarry] = None) -> torch.Tensor:
         normed = carry.take(x) if carry is not None else None
         h = None  # the MLP's normed input, when the attention write-back computed it
-        owned = False  # the block input belongs to the caller: never update it in place
+        # Whether x may be updated in place. A carried norm means x is the previous block's output,
+        # made inside the sequence and seen by nobody else (the chained path runs without hooks);
+        # any other input belongs to the caller. In-place saves a copy of the residual stream.
+        owned = normed is not None and not torch.is_grad_enabled()
         if self.attn is not None:
             y = self.attn(self.attn_io.norm(x) if normed is None else normed, attn_mask=attn_mask,
                           is_causal=is_causal, shared_rel_pos_bias=shared_rel_pos_bias)
             if self.mlp is not None:
-                x, h = self.attn_io.add_then_norm(x, y, self.mlp_io)
+                x, h = self.attn_io.add_then_norm(x, y, self.mlp_io, inplace=owned)
             else:
-                x = self.attn_io.add(x, y)
+                x = self.attn_io.add(x, y, inplace=owned)
             owned = True
         elif self.attn_const is not None:
             x, owned = self.attn_const(x), True
@@ -395,13 +401,20 @@ class SparseSwinBlock(nn.Module):
         return x
 
 
-def _any_hooks(modules) -> bool:
-    """Whether a forward hook (on one of ``modules`` or global) could see or change a block's output."""
+def _any_hooks(blocks) -> bool:
+    """Whether a forward hook could see or change a block's output or input (global hooks, or hooks
+    on the blocks themselves), which would make a carried norm stale.
+
+    Hooks inside a block need no check: the carried norm is computed after the block's last
+    submodule call, from the block's output, and the next block's submodules only ever receive
+    that norm, which the unfused path would compute the same way. Only the blocks are walked (not
+    every submodule): this runs on every forward, and at batch 1 a walk of all modules costs about
+    as much as a small kernel."""
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for blk in modules for m in blk.modules())
+    return any(blk._forward_hooks or blk._forward_pre_hooks for blk in blocks)
 
 
 def chain_block_norms(model: nn.Module) -> bool:
