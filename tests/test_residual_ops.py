@@ -240,6 +240,34 @@ def test_chained_block_norms_match_masked_model_and_unfused(seed):
         assert rel_err(pre_hooked, pre_unfused) < 1e-5 and rel_err(pre_hooked, out) > 1e-3
 
 
+def test_hooks_on_bypassed_norms_fire_and_count():
+    """The fused add+norm and the chained blocks compute the full-width norms without calling the
+    LayerNorm modules; a hook on one of those modules makes them call it, so the hook fires once per
+    forward and its change to the norm's output reaches the result, as in the masked timm model."""
+    import sparsevit
+    from helpers import IMG, make_model, random_plan, rel_err
+
+    model = make_model("vit_tiny")
+    plan = random_plan(model, 1, kinds=("heads", "mlp"))
+    fast = sparsevit.accelerate(model, plan, verify=False)
+    masked = sparsevit.masked_model(model, plan)
+    x = torch.randn(2, 3, IMG["vit_tiny"], IMG["vit_tiny"])
+    pairs = [(fast.blocks[1].attn_io.full_norm, masked.blocks[1].norm1),   # carried from block 0
+             (fast.blocks[0].mlp_io.full_norm, masked.blocks[0].norm2)]    # fused with the attention add
+    with torch.inference_mode():
+        plain = fast(x)
+        for fast_norm, masked_norm in pairs:
+            calls = []
+            hooks = [m.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+                     for m in (fast_norm, masked_norm)]
+            try:
+                out, ref = fast(x), masked(x)
+            finally:
+                for h in hooks:
+                    h.remove()
+            assert len(calls) == 2 and rel_err(out, ref) < 1e-4 and rel_err(out, plain) > 1e-3
+
+
 def test_bf16_model_takes_fused_add_norm(monkeypatch):
     """A bf16 accelerated ViT (full-width residual) runs its residual adds on the fused kernel and
     agrees with the same model on the separate ops and with the fp32 masked dense model."""

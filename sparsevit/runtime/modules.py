@@ -227,9 +227,19 @@ class BranchIO(nn.Module):
             return n.weight, n.bias, None, n.eps
         return self.norm_weight, self.norm_bias, self.read, self.eps
 
+    def norm_hooked(self) -> bool:
+        """Whether the norm is a module with forward hooks: the fused paths, which compute the norm
+        without calling it, must then call it so that the hooks fire and can change its output."""
+        n = self.full_norm
+        return n is not None and bool(n._forward_hooks or n._forward_pre_hooks)
+
     def add_then_norm(self, x: torch.Tensor, y: torch.Tensor, reader: "BranchIO",
                       inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(x2, reader.norm(x2))`` with ``x2 = self.add(x, y, inplace)``, in one pass over each row."""
+        """``(x2, reader.norm(x2))`` with ``x2 = self.add(x, y, inplace)``, in one pass over each row
+        (two steps when the reader's norm has hooks)."""
+        if reader.norm_hooked():
+            x2 = self.add(x, y, inplace)
+            return x2, reader.norm(x2)
         weight, bias, read, eps = reader.norm_values()
         return residual_add_layernorm(x, y, self.write, weight, bias, read, eps, inplace=inplace)
 
@@ -405,16 +415,17 @@ def _any_hooks(blocks) -> bool:
     """Whether a forward hook could see or change a block's output or input (global hooks, or hooks
     on the blocks themselves), which would make a carried norm stale.
 
-    Hooks inside a block need no check: the carried norm is computed after the block's last
-    submodule call, from the block's output, and the next block's submodules only ever receive
-    that norm, which the unfused path would compute the same way. Only the blocks are walked (not
-    every submodule): this runs on every forward, and at batch 1 a walk of all modules costs about
-    as much as a small kernel."""
+    Of the modules inside a block only the attention norm needs a check: the carried norm stands in
+    for its call. The others run as they would unchained (the carry is computed after the block's
+    last submodule call, from the block's output). Not every submodule is walked: this runs on every
+    forward, and at batch 1 a walk of all modules costs about as much as a small kernel."""
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(blk._forward_hooks or blk._forward_pre_hooks for blk in blocks)
+    return any(blk._forward_hooks or blk._forward_pre_hooks
+               or (isinstance(blk, SparseBlock) and blk.attn_io is not None and blk.attn_io.norm_hooked())
+               for blk in blocks)
 
 
 def chain_block_norms(model: nn.Module) -> bool:
