@@ -9,11 +9,10 @@ disturbs less than a wall clock; other processes still evict caches, so numbers 
     python bench/fine_mlp.py --threads 2 --tokens 197 --sparsity 0.9
 """
 import argparse
-import statistics
-import time
 
 import torch
 
+from cpu_kernels import time_interleaved  # bench/ is the script's folder, so on sys.path
 from sparsevit.formats.fine import FineSparseWeight
 from sparsevit.ops.fine_linear import fine_linear
 from sparsevit.ops.fine_mlp import fine_mlp
@@ -31,17 +30,7 @@ def bench(tokens, sparsity, dtype, rounds):
     x = torch.randn(tokens, 384, generator=g).to(dtype)
     fns = {"two calls": lambda: fine_linear(fine_linear(x, w1, b1, "gelu"), w2, b2),
            "fused": lambda: fine_mlp(x, w1, b1, "gelu", w2, b2)}
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    for fn in fns.values():
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = clock()
-            fn()
-            times[k].append((clock() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: 1e3 * t for k, t in time_interleaved(fns, rounds).items()}
 
 
 def main():

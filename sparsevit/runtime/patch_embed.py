@@ -16,7 +16,7 @@ from torch import nn
 
 from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 from sparsevit.runtime.dense_linear import DenseLinear
-from sparsevit.runtime.linear import interleaved_median_ms
+from sparsevit.runtime.linear import kernel_choice_ms
 from sparsevit.runtime.report import LayerDecision, Report
 
 # dense Linear kernels tried against the convolution (names of sparsevit.ops.dense_cpu)
@@ -119,7 +119,7 @@ def choose_patch_embed(model: nn.Module, batch_hint: int, report: Report) -> Non
         except Exception as e:  # a kernel that cannot run here is reported, not used
             failed.append(f"{kernel}: {e}")
     with torch.inference_mode():
-        ms = interleaved_median_ms({k: (lambda m=m: m(x)) for k, m in options.items()})
+        ms = kernel_choice_ms({k: (lambda m=m: m(x)) for k, m in options.items()})
     best = min(ms, key=ms.get)
     listing = ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
     reason = f"fastest at batch {batch_hint}: {best} (ms: {listing})" + (f"; not run: {'; '.join(failed)}" if failed else "")
