@@ -108,6 +108,9 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   int64_t chunks = 1;
   while ((heads * chunks) % nth != 0 && chunks < n_qblocks) ++chunks;
   const int64_t n_items = heads * chunks;
+  // Items are taken in order from a shared counter, so a thread's next head is about nth heads on
+  // (exactly so at one thread); with split heads the next item is often the same head: no guess.
+  p.next_head_stride = chunks == 1 ? nth : 0;
   const int64_t per_thread = (kern->scratch_floats(&p) + 15) / 16 * 16;
   at::Tensor scratch = at::empty({nth * per_thread + 16}, q.options().dtype(at::kFloat));
   float* base = scratch.data_ptr<float>();

@@ -137,6 +137,7 @@ static inline vf vexp2(vf t) {
 // rows of the qkv output (a few MB at batch 8: L3, not L2), and without this the packing waits on
 // each row in turn (perf: over half of the packing time on the V loads), about a seventh of the
 // kernel; issued a block ahead, the misses overlap.
+template <int HINT = _MM_HINT_T0>
 static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, int64_t j0, int64_t j1, bool with_v) {
   const int64_t es = p->bf16 ? 2 : 4, kbytes = p->Dqk * es, vbytes = p->Dv * es;
   const char* K = (const char*)p->k + (b * p->sk[0] + h * p->sk[1]) * es;
@@ -144,11 +145,11 @@ static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, i
   for (int64_t j = j0; j < j1 && j < p->N; ++j) {
     const char* kr = K + j * p->sk[2] * es;
     const char* vr = V + j * p->sv[2] * es;
-    for (int64_t off = 0; off < kbytes; off += 64) _mm_prefetch(kr + off, _MM_HINT_T0);
-    _mm_prefetch(kr + kbytes - 1, _MM_HINT_T0);  // rows need not start on a cache line
+    for (int64_t off = 0; off < kbytes; off += 64) _mm_prefetch(kr + off, (enum _mm_hint)HINT);
+    _mm_prefetch(kr + kbytes - 1, (enum _mm_hint)HINT);  // rows need not start on a cache line
     if (!with_v) continue;
-    for (int64_t off = 0; off < vbytes; off += 64) _mm_prefetch(vr + off, _MM_HINT_T0);
-    _mm_prefetch(vr + vbytes - 1, _MM_HINT_T0);
+    for (int64_t off = 0; off < vbytes; off += 64) _mm_prefetch(vr + off, (enum _mm_hint)HINT);
+    _mm_prefetch(vr + vbytes - 1, (enum _mm_hint)HINT);
   }
 }
 
@@ -157,10 +158,10 @@ static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, i
 static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
   const int64_t kb = b * p->sk[0] + h * p->sk[1], vb = b * p->sv[0] + h * p->sv[1];
-  prefetch_kv_rows(p, b, h, 0, 32, vp != nullptr);
+  prefetch_kv_rows(p, b, h, 0, 32, true);  // V too, even when read in place (run_head)
   for (int64_t j0 = 0; j0 < Np; j0 += 16) {
     const int nk = (int)(N - j0 < 16 ? N - j0 : 16);
-    prefetch_kv_rows(p, b, h, j0 + 32, j0 + 48, vp != nullptr);
+    prefetch_kv_rows(p, b, h, j0 + 32, j0 + 48, true);
     for (int64_t d0 = 0; d0 < D; d0 += 16) {  // 16 keys x 16 channels transposed in registers
       const int nd = (int)(D - d0 < 16 ? D - d0 : 16);
       vf r[16];
@@ -184,9 +185,9 @@ static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, fl
 static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
   const int64_t kb = b * p->sk[0] + h * p->sk[1], vb = b * p->sv[0] + h * p->sv[1];
-  prefetch_kv_rows(p, b, h, 0, 16, vp != nullptr);
+  prefetch_kv_rows(p, b, h, 0, 16, true);
   for (int64_t j = 0; j < Np; ++j) {
-    if (j % 8 == 0) prefetch_kv_rows(p, b, h, j + 16, j + 24, vp != nullptr);
+    if (j % 8 == 0) prefetch_kv_rows(p, b, h, j + 16, j + 24, true);
     if (j >= N) {
       for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = 0.f;
       for (int64_t d = 0; vp != nullptr && d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
@@ -513,6 +514,11 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
   const int64_t qbase = b * p->sq[0] + h * p->sq[1];
   const int64_t out_base = b * p->so[0] + h * p->so[1];
   const int64_t row_bytes = p->Dqk * (p->bf16 ? 2 : 4);
+  // The head this thread likely runs next (see AttnParams::next_head_stride): its K and V rows are
+  // strided rows of the qkv output in L3 or memory, and packing them waits on each miss in turn
+  // (about a tenth of the kernel). Spread over this head's query blocks, the fetches overlap compute.
+  const int64_t next_head = p->next_head_stride > 0 ? b * p->H + h + p->next_head_stride : INT64_MAX;
+  const int64_t n_blocks = (i1 - i0 + QB - 1) / QB, rows_per_block = (p->N + n_blocks - 1) / n_blocks;
   for (int64_t i = i0; i < i1; i += QB) {
     c.nq = (int)(i1 - i < QB ? i1 - i : QB);
     // The next block's query rows are strided (a view of the qkv output): fetch them ahead, the
@@ -521,6 +527,10 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
       for (int64_t off = 0; off < row_bytes; off += 64)
         _mm_prefetch((const char*)p->q + (qbase + r * p->sq[2]) * (p->bf16 ? 2 : 4) + off, _MM_HINT_T0);
     c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
+    if (next_head < p->B * p->H) {  // this block's share of the next head's K and V rows, into L2
+      const int64_t r0 = (i - i0) / QB * rows_per_block;
+      prefetch_kv_rows<_MM_HINT_T1>(p, next_head / p->H, next_head % p->H, r0, r0 + rows_per_block, true);
+    }
     query_block<Dot>(c, qbase + i * p->sq[2], out_base + i * p->so[2]);
   }
 }

@@ -25,6 +25,8 @@ struct AttnParams {
   int64_t Np, Dvp;          // N and Dv rounded up to the vector width
   float scale;
   int bf16;                 // q/k/v/out dtype: 0 fp32, 1 bf16
+  int64_t next_head_stride;  // > 0: a work item of head (b, h) prefetches K/V of head b*H + h + this
+                             // (the head its thread most likely takes next); 0: no such prefetch
 };
 
 struct AttnKernels {
