@@ -104,11 +104,11 @@ static inline vf mask_tail(vf x, int n) {
 // 2^t for t <= 0 (the softmax's shifted scores), NaN kept; exactly 0 for t = -inf (masked keys).
 // 2^t = 2^floor(t) * 2^f with f = t - floor(t) in [0, 1): a minimax polynomial of 2^f (degree 5:
 // about 1.5 ulp; degree 3: 1e-4, below bf16's rounding). On AVX-512 vreduceps gives f and vscalefps
-// applies 2^floor(t) straight from t, one op each.
+// applies 2^floor(t) straight from t, one op each, and need no clamp: vreduceps gives 0 for -inf and
+// for large t (already integers), and vscalefps of a finite p by -inf or by t < -150 is 0.
 template <int DEG>
 static inline vf vexp2(vf t) {
 #if SPV_AVX512
-  t = vmax(vset1(-160.f), t);  // second operand: a NaN t stays NaN; scalef by 2^-160 underflows to 0
   const vf f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
 #else
   t = vmax(vset1(-127.f), t);  // floor(t) = -127 gives a zero exponent field below: 0
