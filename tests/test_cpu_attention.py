@@ -184,3 +184,28 @@ def test_long_sequences_use_several_key_blocks(dtype):
         err = (out[:, :, keep].double() - ref[:, :, keep]).abs().max().item()
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert err <= tol * max(1.0, ref[:, :, keep].abs().max().item()), f"isa={isa} {dtype}: err {err:.3g}"
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_far_below_the_row_max_weighs_exactly_zero(dtype):
+    """Finite biases far below the row max (Swin's -100 masks, -1e30, scores whose base-2 shift
+    lands in and below fp32's subnormal range) give the weights softmax gives: exactly 0 where the
+    reference's exp underflows, no NaN, every ISA level (AVX-512's exp2 has no clamp, see
+    attention_cpu_impl.h)."""
+    g = torch.Generator().manual_seed(7)
+    B, H, N, D = 2, 3, 45, 16
+    q, k, v = _qkv(B, H, N, D, D, dtype, seed=7)
+    bias = torch.randn(1, H, N, N, generator=g)
+    bias[..., 3::7] = -100.0
+    bias[..., 5::11] = -1e30
+    bias[..., 1::13] = -95.0  # 2^-137: subnormal before the row sum
+    bias[..., 0, :] = -1e30
+    bias[..., 0, 4] = 0.0  # one key left: that row copies v's row 4
+    for isa in ISAS:
+        if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
+            continue
+        out = torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, D ** -0.5, isa)
+        assert not torch.isnan(out).any(), f"isa={isa}"
+        _check(out, q, k, v, bias, D ** -0.5, f"isa={isa} {dtype}")
+        assert torch.equal(out[:, :, 0], v[:, :, 4]), f"isa={isa}: a single unmasked key must copy its value row"
