@@ -351,13 +351,18 @@ static float softmax_row(const Block<Dot>& c, int qi, int64_t nkp, vf mxv, RowSt
   return corr;
 }
 
-// O[q0 .. q0+MQ)[channel vectors dvb ..] = O * corr + P[., keys) @ V[keys, .] over nsteps key steps.
+// O[q0 .. q0+MQ)[channel vectors dvb ..] = O * corr + P[., keys) @ V[keys, .] over nsteps key steps;
+// corr == nullptr for the first key block: O starts at 0 (neither cleared nor read).
 template <class Dot, int MQ, int NV>
 __attribute__((noinline)) static void pv_tile(const Block<Dot>& c, int q0, int64_t dvb, const typename Dot::elem* pm,
                     const typename Dot::elem* vb, int64_t nsteps, const float* corr) {
   vf acc[MQ][NV];
   float* o = c.o + q0 * c.p->Dvp + dvb;
   for (int qi = 0; qi < MQ; ++qi) {
+    if (corr == nullptr) {
+      for (int n = 0; n < NV; ++n) acc[qi][n] = vzero();
+      continue;
+    }
     const vf cr = vset1(corr[q0 + qi]);
     for (int n = 0; n < NV; ++n) acc[qi][n] = vmul(vload(o + qi * c.p->Dvp + n * W), cr);
   }
@@ -452,7 +457,6 @@ template <class Dot>
 static void query_block(Block<Dot>& c, int64_t qrow0, int64_t out0) {
   const AttnParams* p = c.p;
   load_queries(p, qrow0, c.nq, c.Dp, (typename Dot::elem*)c.qs);
-  memset(c.o, 0, sizeof(float) * QB * p->Dvp);
   RowState st[QB];
   for (int qi = 0; qi < QB; ++qi) st[qi] = RowState{-INFINITY, 0.f};
   for (int64_t j0 = 0; j0 < p->Np; j0 += KB) {
@@ -464,7 +468,7 @@ static void query_block(Block<Dot>& c, int64_t qrow0, int64_t out0) {
     for (int qi = 0; qi < QB; ++qi)
       corr[qi] = softmax_row<Dot, Dot::STEP == 2 ? 3 : 5>(c, qi, nkp, mx[qi], &st[qi]);
     const int64_t nk = p->N - j0 < nkp ? p->N - j0 : nkp;
-    pv<Dot>(c, c.vp + j0 / Dot::STEP * c.vrow, (nk + Dot::STEP - 1) / Dot::STEP, corr);
+    pv<Dot>(c, c.vp + j0 / Dot::STEP * c.vrow, (nk + Dot::STEP - 1) / Dot::STEP, j0 == 0 ? nullptr : corr);
   }
   store_rows(p, c.o, st, out0, c.nq);
 }
