@@ -245,7 +245,7 @@ def timing_cache():
     _TIMING_CACHE.update(saved)
 
 
-def _accelerate_with_fake_timings(monkeypatch, fused_wins: bool, sparsity=0.7):
+def _accelerate_with_fake_timings(monkeypatch, fused_wins: bool, sparsity=0.7, dtype=None):
     """A small DeiT pruned unstructured, accelerated with the measuring chooser on fake timings:
     every layer on its own is fastest dense; the fused fine_mlp pair is faster or slower than that."""
     import sparsevit
@@ -269,15 +269,16 @@ def _accelerate_with_fake_timings(monkeypatch, fused_wins: bool, sparsity=0.7):
     monkeypatch.setattr(mlp_pair, "kernel_choice_ms", pair)
     model = make_model("deit_small")
     plan = sparsevit.prune(model, method="magnitude_unstructured", criterion="l1", sparsity=sparsity, progress=False)
-    fast = sparsevit.accelerate(model, plan, batch_hint=3)
+    fast = sparsevit.accelerate(model, plan, batch_hint=3, dtype=dtype)
     return model, plan, fast, pair_calls
 
 
 @needs_cpp
 @pytest.mark.parametrize("fused_wins", [True, False])
-def test_mlp_pair_choice_times_the_fused_op(monkeypatch, timing_cache, fused_wins):
+def test_mlp_pair_choice_times_the_fused_op(monkeypatch, timing_cache, tmp_path, fused_wins):
     """Each MLP layer alone loses to dense, the pair is timed fused against the per-layer pair: the
-    faster wins, both report entries say so, and the model matches the masked dense model."""
+    faster wins, both report entries say so, the model matches the masked dense model, and a saved
+    model loads back with the same formats."""
     import sparsevit
     from sparsevit.runtime.linear import SparseLinear
 
@@ -303,6 +304,12 @@ def test_mlp_pair_choice_times_the_fused_op(monkeypatch, timing_cache, fused_win
         out = fast(x)
     scale = ref64.abs().max().item()
     assert (out.double() - ref64).abs().max().item() < 1e-4 * scale
+    sparsevit.save(fast, tmp_path / "m.sparsevit")
+    loaded = sparsevit.load(tmp_path / "m.sparsevit")
+    assert [m.fmt for m in (loaded.blocks[0].mlp.fc1, loaded.blocks[0].mlp.fc2) if isinstance(m, SparseLinear)] \
+        == ["fine:1x1"] * 2 * fused_wins
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
 
 
 @needs_cpp
@@ -312,3 +319,21 @@ def test_mlp_pair_choice_leaves_dense_mlps_alone(monkeypatch, timing_cache):
     assert pair_calls == []
     d = fast.sparsevit_report.by_name()["blocks.0.mlp.fc1"][-1]
     assert d.fmt == "dense" and "fused fine_mlp pair not timed: a layer keeps more than" in d.reason, d.reason
+
+
+@needs_cpp
+def test_mlp_pair_choice_in_bfloat16(monkeypatch, timing_cache):
+    """bf16: the fused pair (column pairs, vdpbf16ps where the CPU has it) replaces dense per-layer
+    choices the same way, and the model stays within bf16's error of the fp32 masked model."""
+    import sparsevit
+    from sparsevit.runtime.linear import SparseLinear
+
+    model, plan, fast, pair_calls = _accelerate_with_fake_timings(monkeypatch, True, dtype=torch.bfloat16)
+    assert pair_calls == [2]
+    mlp = fast.blocks[1].mlp
+    assert all(isinstance(m, SparseLinear) and m.fmt == "fine:1x1" for m in (mlp.fc1, mlp.fc2))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = sparsevit.masked_model(model, plan)(x)
+        out = fast(x.bfloat16()).float()
+    assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()
