@@ -231,3 +231,109 @@ def test_accelerated_model_with_unstructured_masks_takes_it(dtype, monkeypatch):
     else:
         scale = ref64.abs().max().item()
         assert (out.double() - ref64).abs().max().item() < 0.05 * scale
+
+
+@pytest.fixture
+def timing_cache():
+    """An empty chooser timing cache for the test, restored afterwards."""
+    from sparsevit.runtime.linear import _TIMING_CACHE
+
+    saved = dict(_TIMING_CACHE)
+    _TIMING_CACHE.clear()
+    yield
+    _TIMING_CACHE.clear()
+    _TIMING_CACHE.update(saved)
+
+
+def _accelerate_with_fake_timings(monkeypatch, fused_wins: bool, sparsity=0.7, dtype=None):
+    """A small DeiT pruned unstructured, accelerated with the measuring chooser on fake timings:
+    every layer on its own is fastest dense; the fused fine_mlp pair is faster or slower than that."""
+    import sparsevit
+    import sparsevit.runtime.linear as linear
+    import sparsevit.runtime.mlp_pair as mlp_pair
+    from helpers import make_model
+
+    monkeypatch.setenv("SPARSEVIT_CHOOSE", "measure")
+    pair_calls = []
+
+    def per_layer(fns, device="cpu"):
+        return {ck: 1.0 if ck[0].startswith("dense ") else 2.0 for ck in fns}
+
+    def pair(fns, device="cpu"):
+        for fn in fns.values():  # the timed callables must run
+            fn()
+        pair_calls.append(len(fns))
+        return {k: (1.0 if fused_wins else 3.0) if k[-1] == "fused" else 2.0 for k in fns}
+
+    monkeypatch.setattr(linear, "kernel_choice_ms", per_layer)
+    monkeypatch.setattr(mlp_pair, "kernel_choice_ms", pair)
+    model = make_model("deit_small")
+    plan = sparsevit.prune(model, method="magnitude_unstructured", criterion="l1", sparsity=sparsity, progress=False)
+    fast = sparsevit.accelerate(model, plan, batch_hint=3, dtype=dtype)
+    return model, plan, fast, pair_calls
+
+
+@needs_cpp
+@pytest.mark.parametrize("fused_wins", [True, False])
+def test_mlp_pair_choice_times_the_fused_op(monkeypatch, timing_cache, tmp_path, fused_wins):
+    """Each MLP layer alone loses to dense, the pair is timed fused against the per-layer pair: the
+    faster wins, both report entries say so, the model matches the masked dense model, and a saved
+    model loads back with the same formats."""
+    import sparsevit
+    from sparsevit.runtime.linear import SparseLinear
+
+    model, plan, fast, pair_calls = _accelerate_with_fake_timings(monkeypatch, fused_wins)
+    assert pair_calls == [2], "one timing for both blocks (same shapes, densities, choices: cached)"
+    report = fast.sparsevit_report.by_name()
+    for i, blk in enumerate(fast.blocks):
+        mods = (blk.mlp.fc1, blk.mlp.fc2)
+        decisions = [report[f"blocks.{i}.mlp.{n}"][-1] for n in ("fc1", "fc2")]
+        assert all(isinstance(m, SparseLinear) and m.fmt == "fine:1x1" for m in mods) == fused_wins, mods
+        for d in decisions:
+            assert set(d.est_ms) >= {"mlp pair per-layer", "mlp pair fused fine_mlp"}
+            if fused_wins:
+                assert d.fmt == "fine:1x1" and "fused as sparsevit::fine_mlp" in d.reason, d.reason
+                assert "per-layer choice was: dense" in d.reason, d.reason
+            else:
+                assert d.fmt == "dense" and "kept per layer" in d.reason, d.reason
+        qkv = report[f"blocks.{i}.attn.qkv"][-1]
+        assert qkv.fmt == "dense" and "mlp pair" not in qkv.reason
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref64 = sparsevit.masked_model(model, plan).double()(x.double())
+        out = fast(x)
+    scale = ref64.abs().max().item()
+    assert (out.double() - ref64).abs().max().item() < 1e-4 * scale
+    sparsevit.save(fast, tmp_path / "m.sparsevit")
+    loaded = sparsevit.load(tmp_path / "m.sparsevit")
+    assert [m.fmt for m in (loaded.blocks[0].mlp.fc1, loaded.blocks[0].mlp.fc2) if isinstance(m, SparseLinear)] \
+        == ["fine:1x1"] * 2 * fused_wins
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+@needs_cpp
+def test_mlp_pair_choice_leaves_dense_mlps_alone(monkeypatch, timing_cache):
+    """Above the fine-grained density limit the pair is not timed, and the report says why."""
+    _, _, fast, pair_calls = _accelerate_with_fake_timings(monkeypatch, True, sparsity=0.3)
+    assert pair_calls == []
+    d = fast.sparsevit_report.by_name()["blocks.0.mlp.fc1"][-1]
+    assert d.fmt == "dense" and "fused fine_mlp pair not timed: a layer keeps more than" in d.reason, d.reason
+
+
+@needs_cpp
+def test_mlp_pair_choice_in_bfloat16(monkeypatch, timing_cache):
+    """bf16: the fused pair (column pairs, vdpbf16ps where the CPU has it) replaces dense per-layer
+    choices the same way, and the model stays within bf16's error of the fp32 masked model."""
+    import sparsevit
+    from sparsevit.runtime.linear import SparseLinear
+
+    model, plan, fast, pair_calls = _accelerate_with_fake_timings(monkeypatch, True, dtype=torch.bfloat16)
+    assert pair_calls == [2]
+    mlp = fast.blocks[1].mlp
+    assert all(isinstance(m, SparseLinear) and m.fmt == "fine:1x1" for m in (mlp.fc1, mlp.fc2))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = sparsevit.masked_model(model, plan)(x)
+        out = fast(x.bfloat16()).float()
+    assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()

@@ -13,6 +13,7 @@ from torch import nn
 from sparsevit.models.base import BlockInfo, ResolvedBlock
 from sparsevit.models.masking import MaskedLayerNorm
 from sparsevit.runtime.linear import LinearFactory
+from sparsevit.runtime.mlp_pair import choose_mlp_pair
 from sparsevit.runtime.modules import (BranchIO, ConstBranch, SparseAttention, SparseBlock, SparseMlp, SparseSwinBlock,
                                        ZeroPaddedLayerNorm, head_norm)
 from sparsevit.runtime.report import LayerDecision, Report
@@ -122,9 +123,10 @@ def _build_mlp(bb: _BranchBuilder):
                                 tuple(b.fc1.weight.shape), bb.tokens, activation=v.act_kind)
     fc2, _ = bb.make_linear(bb.names["fc2"], fc2_w, fc2_b, bb.mask_of("fc2", r.mlp_out, r.hidden),
                             tuple(b.fc2.weight.shape), bb.tokens)
+    norm = None if v.norm is None else ZeroPaddedLayerNorm(v.norm)
+    fc1, fc2 = choose_mlp_pair(bb.make_linear, (bb.names["fc1"], bb.names["fc2"]), fc1, fc2, norm)
     io = bb.io(b.norm2, r.mlp_in, r.mlp_out)
     _report_io(report, f"{b.fqn}.mlp", io, len(r.mlp_in), len(r.mlp_out), len(r.residual), v.fc1_weight)
-    norm = None if v.norm is None else ZeroPaddedLayerNorm(v.norm)
     return io, SparseMlp(fc1, None if fused else v.act, fc2, norm), None
 
 

@@ -713,6 +713,10 @@ class LinearFactory:
         self.block_hint = None if block_hint is None else tuple(int(b) for b in block_hint)
         self.nm_hint = None if nm_hint is None else tuple(int(v) for v in nm_hint)
         self.formats = dict(formats or {})
+        # what each chosen layer was and what was decided, by name: the MLP pair choice
+        # (:mod:`sparsevit.runtime.mlp_pair`) reconsiders fc1 and fc2 together
+        self.specs: Dict[str, LayerSpec] = {}
+        self.decisions: Dict[str, LayerDecision] = {}
 
     def __call__(self, name: str, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                  shape_before: tuple, tokens: int, activation: Optional[str] = None):
@@ -734,6 +738,7 @@ class LinearFactory:
         decision.shape_before = shape_before
         decision.shape_after = tuple(weight.shape)
         self.report.append(decision)
+        self.specs[name], self.decisions[name] = spec, decision
         return module, activation is not None
 
     def _dense(self, name, weight, bias, mask, shape_before, activation):
