@@ -161,7 +161,7 @@ static inline vf vhalf_x_one_plus(vf v, vi sign, vf s) {
 
 // GELU, erf form: 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz-Stegun 7.1.26 (the formula ATen's
 // and oneDNN's vectorised GELUs use; a rational x P(x^2) / Q(x^2) without the Gaussian costs fewer
-// ops but, evaluated in fp32, leaves ~1.5e-7 absolute error on Phi near 0.5 and so 2-3x today's
+// ops but, evaluated in fp32, leaves ~1.5e-7 absolute error on Phi near 0.5 and so 2-3x this form's
 // error on the negative tail x Phi(x); see bench/gelu_accuracy.py). The 1/sqrt 2 is folded into the
 // constants (a = |x|, not |x|/sqrt 2), exp(-a^2/2) is 2^(-a^2 log2(e)/2) by vexp2 (reduce + scalef
 // on AVX-512), 1 - r e and the final 0.5 x (1 + erf) are one fused op each.
@@ -184,8 +184,9 @@ static inline vf vgelu_erf(vf v) {
 
 // GELU, tanh form: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). tanh on |u| as
 // 1 - 2 e / (1 + e) with e = exp(-2|u|) = 2^(-2 log2(e) |u|) in (0, 1]. |u| is clamped to 10
-// (tanh(10) rounds to 1.0f, and so does 1 - 2e/(1+e) there): e stays above 2e-9, far from the
-// denormals whose handling costs microcode assists on large pre-activations; the saturated tails
+// (tanh(10) rounds to 1.0f, and so does 1 - 2e/(1+e) there): e stays above 2e-9, away from the
+// underflow and denormal results that made the unclamped form's epilogue ~1.5x slower on a DeiT-S
+// fc1 (bench/gelu_epilogue.py, large pre-activations); the saturated tails
 // are exactly +-1 and GELU's negative tail exactly -0; min keeps a NaN (its second operand).
 static inline vf vgelu_tanh(vf v) {
   const vf u = vmul(vset1(0.79788456080286536f), vfma(vset1(0.044715f), vmul(vmul(v, v), v), v));
