@@ -101,36 +101,7 @@ static inline vf mask_tail(vf x, int n) {
 #endif
 }
 
-// 2^t for t <= 0 (the softmax's shifted scores), NaN kept; exactly 0 for t = -inf (masked keys).
-// 2^t = 2^floor(t) * 2^f with f = t - floor(t) in [0, 1): a minimax polynomial of 2^f (degree 5:
-// about 1.5 ulp; degree 3: 1e-4, below bf16's rounding). On AVX-512 vreduceps gives f and vscalefps
-// applies 2^floor(t) straight from t, one op each, and need no clamp: vreduceps gives 0 for -inf and
-// for large t (already integers), and vscalefps of a finite p by -inf or by t < -150 is 0.
-template <int DEG>
-static inline vf vexp2(vf t) {
-#if SPV_AVX512
-  const vf f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-#else
-  t = vmax(vset1(-127.f), t);  // floor(t) = -127 gives a zero exponent field below: 0
-  const vf n = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), f = vsub(t, n);
-#endif
-  vf p;
-  if (DEG >= 5) {
-    p = vfma(vset1(1.867130515165627e-3f), f, vset1(9.017028845846653e-3f));
-    p = vfma(p, f, vset1(5.579991266131401e-2f));
-    p = vfma(p, f, vset1(2.4016444385051727e-1f));
-    p = vfma(p, f, vset1(6.931512951850891e-1f));
-  } else {
-    p = vfma(vset1(7.7067069709301e-2f), f, vset1(2.2764495015144348e-1f));
-    p = vfma(p, f, vset1(6.951168179512024e-1f));
-  }
-  p = vfma(p, f, vset1(1.0f));
-#if SPV_AVX512
-  return _mm512_scalef_ps(p, t);  // p * 2^floor(t)
-#else
-  return vmul(p, vcasti(vslli23(vaddi(vcvti(n), vset1i(127)))));
-#endif
-}
+// vexp2 (2^t, the softmax's exponential) lives in sparse_fine_simd.h, shared with the GELU epilogue.
 
 // ---- packing ------------------------------------------------------------------------------------
 // Rows [j0, j1) of this head's K and V into the cache ahead of the packing loops. They are strided

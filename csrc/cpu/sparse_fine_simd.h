@@ -34,6 +34,7 @@ static inline vi vslli16(vi a) { return _mm512_slli_epi32(a, 16); }
 static inline vi vslli23(vi a) { return _mm512_slli_epi32(a, 23); }
 static inline vi vandi(vi a, vi b) { return _mm512_and_si512(a, b); }
 static inline vi vxori(vi a, vi b) { return _mm512_xor_si512(a, b); }
+static inline vi vori(vi a, vi b) { return _mm512_or_si512(a, b); }
 static inline float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 #else
@@ -64,6 +65,7 @@ static inline vi vslli16(vi a) { return _mm256_slli_epi32(a, 16); }
 static inline vi vslli23(vi a) { return _mm256_slli_epi32(a, 23); }
 static inline vi vandi(vi a, vi b) { return _mm256_and_si256(a, b); }
 static inline vi vxori(vi a, vi b) { return _mm256_xor_si256(a, b); }
+static inline vi vori(vi a, vi b) { return _mm256_or_si256(a, b); }
 static inline float vhsum(vf a) {
   float t[W];
   vstore(t, a);
@@ -94,69 +96,112 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kep
   return (uint16_t)(u >> 16);
 }
 
-// exp(x) with a degree-6 polynomial after range reduction by ln 2 (about 1 ulp; NaN stays NaN
-// because min/max return the second operand, x, when it is NaN).
-static inline vf vexp(vf x) {
-  x = vmin(vset1(88.3f), vmax(vset1(-87.0f), x));
-  vf n = vround(vmul(x, vset1(1.44269504088896341f)));
-  vf r = vfma(n, vset1(-0.693359375f), x);
-  r = vfma(n, vset1(2.12194440e-4f), r);
-  vf q = vset1(1.9875691500e-4f);
-  q = vfma(q, r, vset1(1.3981999507e-3f));
-  q = vfma(q, r, vset1(8.3334519073e-3f));
-  q = vfma(q, r, vset1(4.1665795894e-2f));
-  q = vfma(q, r, vset1(1.6666665459e-1f));
-  q = vfma(q, r, vset1(5.0000001201e-1f));
-  q = vfma(q, vmul(r, r), vadd(r, vset1(1.0f)));
-  vi e = vslli23(vaddi(vcvti(n), vset1i(127)));
-  return vmul(q, vcasti(e));
+// 2^t for t <= 0 (the softmax's shifted scores, GELU's Gaussian), NaN kept; exactly 0 for t = -inf
+// (masked keys). 2^t = 2^floor(t) * 2^f with f = t - floor(t) in [0, 1): a minimax polynomial of 2^f
+// (relative-error fits; degree 6: about 1 ulp, for GELU; degree 5: about 1.5-2 ulp; degree 3: 1e-4,
+// below bf16's rounding). On AVX-512 vreduceps gives f and vscalefps applies 2^floor(t) straight
+// from t, one op each, and need no clamp: vreduceps gives 0 for -inf and for large |t| (already
+// integers), and vscalefps of a finite p by -inf or by t < -150 is 0 (tests/test_cpu_attention.py's
+// far-below-the-max case checks it on every ISA level).
+template <int DEG>
+static inline vf vexp2(vf t) {
+#if SPV_AVX512
+  const vf f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+  t = vmax(vset1(-127.f), t);  // floor(t) = -127 gives a zero exponent field below: 0
+  const vf n = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), f = vsub(t, n);
+#endif
+  vf p;
+  if (DEG >= 6) {
+    p = vfma(vset1(2.161263e-4f), f, vset1(1.2467921e-3f));
+    p = vfma(p, f, vset1(9.675444e-3f));
+    p = vfma(p, f, vset1(5.5485282e-2f));
+    p = vfma(p, f, vset1(2.4022931e-1f));
+    p = vfma(p, f, vset1(6.9314706e-1f));
+  } else if (DEG >= 5) {
+    p = vfma(vset1(1.867130515165627e-3f), f, vset1(9.017028845846653e-3f));
+    p = vfma(p, f, vset1(5.579991266131401e-2f));
+    p = vfma(p, f, vset1(2.4016444385051727e-1f));
+    p = vfma(p, f, vset1(6.931512951850891e-1f));
+  } else {
+    p = vfma(vset1(7.7067069709301e-2f), f, vset1(2.2764495015144348e-1f));
+    p = vfma(p, f, vset1(6.951168179512024e-1f));
+  }
+  p = vfma(p, f, vset1(1.0f));
+#if SPV_AVX512
+  return _mm512_scalef_ps(p, t);  // p * 2^floor(t)
+#else
+  return vmul(p, vcasti(vslli23(vaddi(vcvti(n), vset1i(127)))));
+#endif
 }
 
-// 1 / d for finite d >= 1: the approximate reciprocal refined by one Newton step (relative error
-// ~2^-24 from rcp14, ~2^-22 from AVX2's rcp), a few cycles where a division occupies the divider
-// for many (the GELU epilogue of an MLP Linear is otherwise a visible share of the layer).
+// 1 / d for finite d >= 1: the approximate reciprocal refined by Newton steps, a few cycles where a
+// division occupies the divider for many (the GELU epilogue of an MLP Linear is otherwise a visible
+// share of the layer). One step takes rcp14's 2^-14 to ~2^-24; AVX2's rcp (1.5 * 2^-12) needs two,
+// or erf's error near 0 grows by a tenth.
 static inline vf vrecip_ge1(vf d) {
   vf r = vrcp_approx(d);
-  return vfma(r, vfma(vsub(vzero(), d), r, vset1(1.0f)), r);
+  const vf neg_d = vsub(vzero(), d);
+  r = vfma(r, vfma(neg_d, r, vset1(1.0f)), r);
+#if !SPV_AVX512
+  r = vfma(r, vfma(neg_d, r, vset1(1.0f)), r);
+#endif
+  return r;
 }
 
-static inline vf verf(vf x) {  // Abramowitz-Stegun 7.1.26 (the formula ATen's vectorised erf uses)
-  vi sign = vandi(vcastf(x), vset1i((int32_t)0x80000000u));
-  // |x| clamped to 4 (erf(4) rounds to 1.0f, as does the formula): no infinity reaches the
-  // reciprocal and no denormal the product below; min keeps a NaN (its second operand).
-  vf a = vmin(vset1(4.0f), vcasti(vxori(vcastf(x), sign)));
-  vf t = vrecip_ge1(vfma(vset1(0.3275911f), a, vset1(1.0f)));
+static inline vi vsign_bits(vf x) { return vandi(vcastf(x), vset1i((int32_t)0x80000000u)); }
+static inline vf vxor_sign(vf x, vi sign) { return vcasti(vxori(vcastf(x), sign)); }
+
+// 0.5 v (1 + s) for s in [-1, 1] (erf or tanh, carrying v's sign) as one fused op, h + h s: one
+// rounding where add-then-multiply has two. GELU(v) = v Phi(v) has v's sign, so v's sign bit is
+// set on the result: h + h (-1) is +0 where the negative tail must be -0 (as v * 0 is).
+static inline vf vhalf_x_one_plus(vf v, vi sign, vf s) {
+  const vf h = vmul(v, vset1(0.5f));
+  return vcasti(vori(vcastf(vfma(h, s, h)), sign));
+}
+
+// GELU, erf form: 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz-Stegun 7.1.26 (the formula ATen's
+// and oneDNN's vectorised GELUs use; a rational x P(x^2) / Q(x^2) without the Gaussian costs fewer
+// ops but, evaluated in fp32, leaves ~1.5e-7 absolute error on Phi near 0.5 and so 2-3x this form's
+// error on the negative tail x Phi(x); see bench/gelu_accuracy.py). The 1/sqrt 2 is folded into the
+// constants (a = |x|, not |x|/sqrt 2), exp(-a^2/2) is 2^(-a^2 log2(e)/2) by vexp2 (reduce + scalef
+// on AVX-512), 1 - r e and the final 0.5 x (1 + erf) are one fused op each.
+static inline vf vgelu_erf(vf v) {
+  const vi sign = vsign_bits(v);
+  // |x| clamped to 4 sqrt 2 (erf(4) rounds to 1.0f, as does the formula): no denormal reaches the
+  // product below and the negative tail is exactly -0; min keeps a NaN (its second operand).
+  const vf a = vmin(vset1(5.65685424949238f), vxor_sign(v, sign));
+  const vf t = vrecip_ge1(vfma(vset1(0.3275911f * 0.70710678118654752f), a, vset1(1.0f)));
   vf r = vset1(1.061405429f);
   r = vfma(r, t, vset1(-1.453152027f));
   r = vfma(r, t, vset1(1.421413741f));
   r = vfma(r, t, vset1(-0.284496736f));
   r = vfma(r, t, vset1(0.254829592f));
   r = vmul(r, t);
-  vf y = vsub(vset1(1.0f), vmul(r, vexp(vsub(vzero(), vmul(a, a)))));
-  return vcasti(vxori(vcastf(y), sign));
+  const vf gauss = vexp2<6>(vmul(a, vmul(a, vset1(-0.72134752044448170f))));  // -log2(e) / 2
+  const vf erf_abs = vfma(vsub(vzero(), r), gauss, vset1(1.0f));
+  return vhalf_x_one_plus(v, sign, vxor_sign(erf_abs, sign));
 }
 
-static inline vf vtanh(vf u) {  // sign(u) * (1 - 2 / (exp(2|u|) + 1))
-  // On |u|, so that the saturated tails are exactly +-1 (the small term vanishes when subtracted
-  // from 1, whatever the reciprocal's last bits) and GELU's negative tail exactly -0. |u| is clamped
-  // to 10 (tanh(10) rounds to 1.0f; tanh(9) does not quite): exp stays below 4.9e8; min keeps a NaN.
-  vi sign = vandi(vcastf(u), vset1i((int32_t)0x80000000u));
-  vf a = vmin(vset1(10.0f), vcasti(vxori(vcastf(u), sign)));
-  vf t = vsub(vset1(1.0f), vmul(vset1(2.0f), vrecip_ge1(vadd(vexp(vadd(a, a)), vset1(1.0f)))));
-  return vcasti(vxori(vcastf(t), sign));
+// GELU, tanh form: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). tanh on |u| as
+// 1 - 2 e / (1 + e) with e = exp(-2|u|) = 2^(-2 log2(e) |u|) in (0, 1]. |u| is clamped to 10
+// (tanh(10) rounds to 1.0f, and so does 1 - 2e/(1+e) there): e stays above 2e-9, away from the
+// underflow and denormal results that made the unclamped form's epilogue ~1.5x slower on a DeiT-S
+// fc1 (bench/gelu_epilogue.py, large pre-activations); the saturated tails
+// are exactly +-1 and GELU's negative tail exactly -0; min keeps a NaN (its second operand).
+static inline vf vgelu_tanh(vf v) {
+  const vf u = vmul(vset1(0.79788456080286536f), vfma(vset1(0.044715f), vmul(vmul(v, v), v), v));
+  const vi sign = vsign_bits(u);
+  const vf a = vmin(vset1(10.0f), vxor_sign(u, sign));
+  const vf e = vexp2<6>(vmul(a, vset1(-2.8853900817779268f)));  // -2 log2(e)
+  const vf th = vfma(vmul(vset1(-2.0f), e), vrecip_ge1(vadd(e, vset1(1.0f))), vset1(1.0f));
+  return vhalf_x_one_plus(v, sign, vxor_sign(th, sign));  // u has v's sign
 }
 
 // act: 0 identity, 1 GELU (erf form, nn.GELU()), 2 GELU (tanh form).
 static inline vf vact(vf v, int act) {
-  if (act == 1) {
-    vf e = verf(vmul(v, vset1(0.70710678118654752f)));
-    return vmul(vmul(v, vset1(0.5f)), vadd(e, vset1(1.0f)));
-  }
-  if (act == 2) {
-    vf v3 = vmul(vmul(v, v), v);
-    vf u = vmul(vset1(0.79788456080286536f), vfma(vset1(0.044715f), v3, v));
-    return vmul(vmul(v, vset1(0.5f)), vadd(vtanh(u), vset1(1.0f)));
-  }
+  if (act == 1) return vgelu_erf(v);
+  if (act == 2) return vgelu_tanh(v);
   return v;
 }
 
