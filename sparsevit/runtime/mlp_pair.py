@@ -20,7 +20,7 @@ from torch import nn
 from sparsevit.ops.fine_mlp import fused_mlp_forward, not_fusable_reasons
 from sparsevit.ops.linear_kernels import get_kernel
 from sparsevit.runtime.linear import (_MAX_FINE_DENSITY, _TIMING_CACHE, LayerSpec, LinearFactory, SparseLinear,
-                                      _build, block_density, kernel_choice_ms)
+                                      _build, fine_stored_density, kernel_choice_ms)
 from sparsevit.runtime.report import LayerDecision
 
 __all__ = ["choose_mlp_pair"]
@@ -43,8 +43,9 @@ def _why_not_considered(factory: LinearFactory, names, norm: Optional[nn.Module]
     specs = [factory.specs[n] for n in names]
     if specs[0].device.type != "cpu":
         return "the fused op runs on CPU only"
-    if any(block_density(s.keep, (1, 1)) > _MAX_FINE_DENSITY for s in specs):
-        return f"a layer keeps more than {_MAX_FINE_DENSITY} of its weights (too dense for the fine-grained kernel)"
+    if any(fine_stored_density(s.keep, 1, s.dtype) > _MAX_FINE_DENSITY for s in specs):
+        return (f"a layer's fine-grained format would store more than {_MAX_FINE_DENSITY} of its weights "
+                "(too dense for the fine-grained kernel)")
     return None
 
 
