@@ -172,8 +172,8 @@ def test_sparse_mlp_module_takes_the_fused_kernel_only_where_it_applies(monkeypa
     mlp = SparseMlp(s1, None, s2)
     x = torch.randn(2, 37, 24, generator=g)
     calls = []
-    real = fm._fine_mlp_cpu
-    monkeypatch.setattr(fm, "_fine_mlp_cpu", lambda *a: calls.append(1) or real(*a))
+    real = fm._cpp_fine_mlp
+    monkeypatch.setattr(fm, "_cpp_fine_mlp", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         y = mlp(x)
         assert calls == [1], "eager fp32 inference should take the fused kernel"
@@ -212,8 +212,8 @@ def test_accelerated_model_with_unstructured_masks_takes_it(dtype, monkeypatch):
     fmts = {d.name: d.fmt for d in fast.sparsevit_report if d.name.endswith(("mlp.fc1", "mlp.fc2"))}
     assert fmts and all(f.startswith("fine") for f in fmts.values()), fmts
     calls = []
-    real = fm._fine_mlp_cpu
-    monkeypatch.setattr(fm, "_fine_mlp_cpu", lambda *a: calls.append(1) or real(*a))
+    real = fm._cpp_fine_mlp
+    monkeypatch.setattr(fm, "_cpp_fine_mlp", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(3, 3, 32, 32)
     masked = sparsevit.masked_model(model, plan)
     with torch.no_grad():

@@ -52,11 +52,20 @@ def _kernel_takes(x, values1, values2) -> bool:
     return _ext.has_op("fine_mlp") and cpp_kernel_takes(x, values1) and cpp_kernel_takes(x, values2)
 
 
+def _cpp_fine_mlp(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features):
+    return torch.ops.sparsevit_C.fine_mlp(x, v1, c1, s1, b1, hidden, v1.shape[1], ACT_CODE[act1], v2, c2, s2,
+                                          b2, out_features, in_features, v2.shape[1], -1)
+
+
 def _fine_mlp_cpu(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features):
-    if _kernel_takes(x, v1, v2):
-        return torch.ops.sparsevit_C.fine_mlp(x, v1, c1, s1, b1, hidden, v1.shape[1], ACT_CODE[act1], v2, c2, s2,
-                                              b2, out_features, in_features, v2.shape[1], -1)
-    return _reference_mlp(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features)
+    args = (x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features)
+    return _cpp_fine_mlp(*args) if _kernel_takes(x, v1, v2) else _reference_mlp(*args)
+
+
+def _op_args(x2d, w1: FineSparseWeight, b1, act: str, w2: FineSparseWeight, b2) -> tuple:
+    """The op's arguments, in its schema's order."""
+    return (x2d, w1.values, w1.col_indices, w1.row_ptr, w1.seg_ptr, b1, w1.shape[0], act, w2.values,
+            w2.col_indices, w2.row_ptr, w2.seg_ptr, b2, w2.shape[0], w1.shape[1])
 
 
 _fine_mlp_op.register_kernel("cpu")(_fine_mlp_cpu)
@@ -93,8 +102,7 @@ def fine_mlp(x: torch.Tensor, w1: FineSparseWeight, b1: Optional[torch.Tensor], 
     check_linear_inputs(x.new_empty(0, w2.shape[1]), w2, b2, None, FineSparseWeight, how)
     lead = x.shape[:-1]
     x2d = token_rows(x, w1.shape[1])
-    args = (x2d, w1.values, w1.col_indices, w1.row_ptr, w1.seg_ptr, b1, w1.shape[0], act, w2.values,
-            w2.col_indices, w2.row_ptr, w2.seg_ptr, b2, w2.shape[0], w1.shape[1])
+    args = _op_args(x2d, w1, b1, act, w2, b2)
     direct = eager_cpu_call_ok(x2d, w1.values, b1) and eager_cpu_call_ok(x2d, w2.values, b2)
     y = _fine_mlp_cpu(*args) if direct else _fine_mlp_op(*args)
     return y.reshape(*lead, w2.shape[0])
@@ -117,9 +125,6 @@ def fused_mlp_forward(fc1, act, norm, fc2, x: torch.Tensor) -> Optional[torch.Te
         return None
     if not _kernel_takes(x, fc1.values, fc2.values):
         return None
-    w1, w2 = fc1.weight, fc2.weight
-    x2d = token_rows(x, w1.shape[1])
-    y = _fine_mlp_cpu(x2d, w1.values, w1.col_indices, w1.row_ptr, w1.seg_ptr, fc1.bias, w1.shape[0],
-                      fc1.activation or "none", w2.values, w2.col_indices, w2.row_ptr, w2.seg_ptr, fc2.bias,
-                      w2.shape[0], w1.shape[1])
-    return y.reshape(*x.shape[:-1], w2.shape[0])
+    x2d = token_rows(x, fc1.in_features)
+    y = _cpp_fine_mlp(*_op_args(x2d, fc1.weight, fc1.bias, fc1.activation or "none", fc2.weight, fc2.bias))
+    return y.reshape(*x.shape[:-1], fc2.out_features)
