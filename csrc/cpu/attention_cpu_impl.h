@@ -124,15 +124,42 @@ static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, i
   }
 }
 
-// fp32 K^T [Dqk][Np] and V [Np][Dvp], zero past N keys and past Dv channels (bf16 widened).
+// Cache lines to fetch, handed out a few at a time between the tiles of a query block: issued in one
+// burst (a hundred lines or more), most software prefetches did not arrive in time (measured: packing
+// from rows fetched that way cost as much as packing cold rows), a few per tile do.
+struct LineQueue {
+  enum { MAX_ROWS = 96 };
+  const char* row[MAX_ROWS];  // first cache line of each row
+  int lines[MAX_ROWS];        // cache lines the row spans
+  int n = 0, at = 0, line = 0, per_call = 4;
+  void add(const void* p, int64_t bytes) {
+    const uintptr_t a = (uintptr_t)p & ~(uintptr_t)63, e = ((uintptr_t)p + bytes + 63) & ~(uintptr_t)63;
+    if (n == MAX_ROWS) {  // no room (not on the shapes pieces have): fetch it now
+      for (uintptr_t x = a; x < e; x += 64) _mm_prefetch((const char*)x, _MM_HINT_T0);
+      return;
+    }
+    row[n] = (const char*)a;
+    lines[n++] = (int)((e - a) / 64);
+  }
+  void issue() {
+    for (int k = 0; k < per_call && at < n; ++k) {
+      _mm_prefetch(row[at] + 64 * line, _MM_HINT_T0);
+      if (++line == lines[at]) line = 0, ++at;
+    }
+  }
+  void flush() { per_call = 1 << 30; issue(); }
+};
+
+// fp32 K^T [Dqk][Np] and V [Np][Dvp] for keys [j_begin, j_end) (multiples of 16, j_end <= Np), zero
+// past N keys and past Dv channels (bf16 widened).
 #if SPV_AVX512
-static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
+static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp, int64_t j_begin,
+                        int64_t j_end) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
   const int64_t kb = b * p->sk[0] + h * p->sk[1], vb = b * p->sv[0] + h * p->sv[1];
-  prefetch_kv_rows(p, b, h, 0, 32, true);  // V too, even when read in place (run_head)
-  for (int64_t j0 = 0; j0 < Np; j0 += 16) {
-    const int nk = (int)(N - j0 < 16 ? N - j0 : 16);
-    prefetch_kv_rows(p, b, h, j0 + 32, j0 + 48, true);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += 16) {
+    const int nk = (int)(N - j0 < 16 ? (N - j0 > 0 ? N - j0 : 0) : 16);
+    prefetch_kv_rows(p, b, h, j0 + 32, j0 + 48 < j_end ? j0 + 48 : j_end, true);
     for (int64_t d0 = 0; d0 < D; d0 += 16) {  // 16 keys x 16 channels transposed in registers
       const int nd = (int)(D - d0 < 16 ? D - d0 : 16);
       vf r[16];
@@ -143,7 +170,7 @@ static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, fl
       for (int d = 0; d < 16; ++d)
         if (d < nd) vstore(kt + (d0 + d) * Np + j0, r[d]);
     }
-    for (int i = 0; i < 16 && vp != nullptr; ++i) {
+    for (int i = 0; i < 16; ++i) {
       float* dst = vp + (j0 + i) * Dvp;
       for (int64_t c = 0; c < Dvp; c += 16) {
         const int n = i < nk ? (int)(Dv - c < 16 ? Dv - c : 16) : 0;
@@ -153,19 +180,18 @@ static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, fl
   }
 }
 #else
-static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp) {
+static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, float* vp, int64_t j_begin,
+                        int64_t j_end) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp;
   const int64_t kb = b * p->sk[0] + h * p->sk[1], vb = b * p->sv[0] + h * p->sv[1];
-  prefetch_kv_rows(p, b, h, 0, 16, true);
-  for (int64_t j = 0; j < Np; ++j) {
-    if (j % 8 == 0) prefetch_kv_rows(p, b, h, j + 16, j + 24, true);
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    if (j % 8 == 0) prefetch_kv_rows(p, b, h, j + 16, j + 24 < j_end ? j + 24 : j_end, true);
     if (j >= N) {
       for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = 0.f;
-      for (int64_t d = 0; vp != nullptr && d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
+      for (int64_t d = 0; d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
       continue;
     }
     for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = load_elem(p->k, kb + j * p->sk[2] + d, p->bf16);
-    if (vp == nullptr) continue;
     for (int64_t d = 0; d < Dv; ++d) vp[j * Dvp + d] = load_elem(p->v, vb + j * p->sv[2] + d, p->bf16);
     for (int64_t d = Dv; d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
   }
@@ -173,16 +199,17 @@ static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, fl
 #endif
 
 #if SPV_NATIVE_BF16
-// bf16 K^T as channel pairs [ceil(Dqk/2)][Np][2] and V as key pairs [Np/2][Dvp][2], zero-padded.
-// A channel pair is one 32-bit word of a K row, so K^T is the 32-bit transpose of K's words.
-static void pack_kv_bf16(const AttnParams* p, int64_t b, int64_t h, uint16_t* kt, uint16_t* vp) {
+// bf16 K^T as channel pairs [ceil(Dqk/2)][Np][2] and V as key pairs [Np/2][Dvp][2], zero-padded, for
+// keys [j_begin, j_end) (multiples of 16). A channel pair is one 32-bit word of a K row, so K^T is
+// the 32-bit transpose of K's words.
+static void pack_kv_bf16(const AttnParams* p, int64_t b, int64_t h, uint16_t* kt, uint16_t* vp, int64_t j_begin,
+                         int64_t j_end) {
   const int64_t N = p->N, Np = p->Np, D = p->Dqk, Dv = p->Dv, Dvp = p->Dvp, Dw = (D + 1) / 2;
   const uint16_t* K = (const uint16_t*)p->k + b * p->sk[0] + h * p->sk[1];
   const uint16_t* V = (const uint16_t*)p->v + b * p->sv[0] + h * p->sv[1];
-  prefetch_kv_rows(p, b, h, 0, 32, true);
-  for (int64_t j0 = 0; j0 < Np; j0 += 16) {
-    const int nk = (int)(N - j0 < 16 ? N - j0 : 16);
-    prefetch_kv_rows(p, b, h, j0 + 32, j0 + 48, true);  // V rows too: the V loop below reads them
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += 16) {
+    const int nk = (int)(N - j0 < 16 ? (N - j0 > 0 ? N - j0 : 0) : 16);
+    prefetch_kv_rows(p, b, h, j0 + 32, j0 + 48 < j_end ? j0 + 48 : j_end, true);  // V rows too
     for (int64_t w0 = 0; w0 < Dw; w0 += 16) {  // 16 keys x 16 channel pairs
       const int ne = (int)(D - 2 * w0 < 32 ? D - 2 * w0 : 32);
       const __mmask32 m = ne >= 32 ? 0xffffffffu : (1u << ne) - 1u;
@@ -197,7 +224,7 @@ static void pack_kv_bf16(const AttnParams* p, int64_t b, int64_t h, uint16_t* kt
         if (w < nw) vstore((float*)(kt + ((w0 + w) * Np + j0) * 2), r[w]);
     }
   }
-  for (int64_t j = 0; j < Np; j += 2) {  // interleave rows j and j+1 channel by channel
+  for (int64_t j = j_begin; j < j_end; j += 2) {  // interleave rows j and j+1 channel by channel
     uint16_t* dst = vp + j * Dvp;
     for (int64_t c = 0; c < Dvp; c += 16) {
       const int n = (int)(Dv - c < 16 ? Dv - c : 16);
@@ -231,6 +258,7 @@ struct Block {
   float scale2;     // scale * log2(e): scores are kept in base-2 units
   int64_t bias_row0;  // bias offset of (b, h, first query of the block)
   int nq;             // valid queries in the block
+  LineQueue* fetch;   // lines to prefetch between tiles (the next head's next piece), or nullptr
 };
 
 // S[q0 .. q0+MQ)[keys jv0 .. jv0 + NJ*W) of the current key block (s already offset to jv0), with
@@ -274,7 +302,10 @@ static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
   const int64_t nvec = nkp / W;
   int64_t v = 0;
   for (; v + QK_NJ <= nvec; v += QK_NJ)
-    for (int q0 = 0; q0 < QB; q0 += QK_MQ) score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, c.s + q0 * c.ss + v * W, mx);
+    for (int q0 = 0; q0 < QB; q0 += QK_MQ) {
+      if (c.fetch) c.fetch->issue();
+      score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, c.s + q0 * c.ss + v * W, mx);
+    }
   const int rem = (int)(nvec - v);
   float* s = c.s + v * W;
   const int64_t jv = j0 + v * W;
@@ -357,6 +388,7 @@ static void pv(const Block<Dot>& c, const typename Dot::elem* vb, int64_t nsteps
   const int64_t nvec = c.p->Dvp / W;
   for (int64_t v0 = 0; v0 < nvec;) {
     const int64_t left = nvec - v0;
+    if (c.fetch) c.fetch->issue();
 #if SPV_AVX512
     if (left >= 4) {
       for (int q0 = 0; q0 < QB; q0 += 6) pv_tile<Dot, 6, 4>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
@@ -425,9 +457,8 @@ static void load_queries(const AttnParams* p, int64_t qrow0, int nq, int64_t Dp,
 #endif
 
 template <class Dot>
-static void query_block(Block<Dot>& c, int64_t qrow0, int64_t out0) {
+static void query_block(Block<Dot>& c, int64_t out0) {
   const AttnParams* p = c.p;
-  load_queries(p, qrow0, c.nq, c.Dp, (typename Dot::elem*)c.qs);
   RowState st[QB];
   for (int qi = 0; qi < QB; ++qi) st[qi] = RowState{-INFINITY, 0.f};
   for (int64_t j0 = 0; j0 < p->Np; j0 += KB) {
@@ -444,70 +475,139 @@ static void query_block(Block<Dot>& c, int64_t qrow0, int64_t out0) {
   store_rows(p, c.o, st, out0, c.nq);
 }
 
-// Floats of scratch one work item needs (64-byte aligned pieces).
-static int64_t scratch_floats(const AttnParams* p) {
-  const int64_t ss = p->Np < KB ? p->Np : KB, Dp = (p->Dqk + 1) / 2 * 2;
-  const int64_t pieces[] = {Dp * p->Np, p->Np * p->Dvp, QB * ss, QB * ss, QB * Dp, QB * p->Dvp};
-  int64_t total = 0;
-  for (int64_t n : pieces) total += (n + 15) / 16 * 16;
-  return total;
+// ---- per-thread scratch: two head buffers, so that the next head is packed while this one runs ----
+// A head buffer holds everything the tiles read of one head: K^T, V and the queries of every block
+// (Q^T per block), packed from the strided rows of the qkv output. Those rows sit in L3 or memory,
+// and packing a head at its start waited on the misses (measured: pack + query loads ~15% of the
+// kernel at batch 8, ~4% when the rows were in L2); packing the next head in pieces between this
+// head's query blocks, each piece fetched a block ahead, overlaps the misses with the tiles.
+enum { HEADER_FLOATS = 16 };  // int64 ready_head (+1; 0: none, the caller zeroes it), int32 its buffer
+
+static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+static int64_t n_qblocks(const AttnParams* p) { return (p->N + QB - 1) / QB; }
+static int64_t dp_of(const AttnParams* p) { return (p->Dqk + 1) / 2 * 2; }
+static int64_t head_buffer_floats(const AttnParams* p) {
+  return round16(dp_of(p) * p->Np) + round16(p->Np * p->Dvp) + round16(n_qblocks(p) * QB * dp_of(p));
 }
 
+// Floats of scratch one thread needs (64-byte aligned pieces).
+static int64_t scratch_floats(const AttnParams* p) {
+  const int64_t ss = p->Np < KB ? p->Np : KB;
+  return HEADER_FLOATS + 2 * head_buffer_floats(p) + 2 * round16(QB * ss) + round16(QB * p->Dvp);
+}
+
+struct HeadBuffer {
+  float* kt;  // K^T (F32Dot: [Dqk][Np]; Bf16Dot: channel pairs [Dp/2][Np][2])
+  float* vp;  // V (F32Dot: [Np][Dvp]; Bf16Dot: key pairs [Np/2][Dvp][2])
+  float* qs;  // query block k at qs + k * QB * Dp: [Dp / STEP][QB][STEP] elements (see load_queries)
+};
+
+static HeadBuffer head_buffer(const AttnParams* p, float* scratch, int which) {
+  HeadBuffer hb;
+  hb.kt = scratch + HEADER_FLOATS + which * head_buffer_floats(p);
+  hb.vp = hb.kt + round16(dp_of(p) * p->Np);
+  hb.qs = hb.vp + round16(p->Np * p->Dvp);
+  return hb;
+}
+
+// Piece `part` of `parts` of head (b, h): its share of the 16-key groups of K and V and of the query
+// blocks [k0, k1), packed into hb; or, with `fetch`, only the piece's rows queued for prefetching.
+template <class Dot>
+static void pack_piece(const AttnParams* p, int64_t b, int64_t h, const HeadBuffer& hb, int64_t k0, int64_t k1,
+                       int64_t part, int64_t parts, LineQueue* fetch) {
+  const int64_t groups = p->Np / 16 + (p->Np % 16 != 0), nb = k1 - k0;
+  const int64_t j0 = groups * part / parts * 16, j1e = groups * (part + 1) / parts * 16;
+  const int64_t j1 = j1e < p->Np ? j1e : p->Np;
+  const int64_t qb0 = k0 + nb * part / parts, qb1 = k0 + nb * (part + 1) / parts;
+  const int64_t qbase = b * p->sq[0] + h * p->sq[1], es = p->bf16 ? 2 : 4, Dp = dp_of(p);
+  if (fetch != nullptr) {
+    const char* K = (const char*)p->k + (b * p->sk[0] + h * p->sk[1]) * es;
+    const char* V = (const char*)p->v + (b * p->sv[0] + h * p->sv[1]) * es;
+    for (int64_t j = j0; j < j1 && j < p->N; ++j) {
+      fetch->add(K + j * p->sk[2] * es, p->Dqk * es);
+      fetch->add(V + j * p->sv[2] * es, p->Dv * es);
+    }
+    for (int64_t r = qb0 * QB; r < qb1 * QB && r < p->N; ++r)
+      fetch->add((const char*)p->q + (qbase + r * p->sq[2]) * es, p->Dqk * es);
+    return;
+  }
+  if (parts == 1) prefetch_kv_rows(p, b, h, j0, j0 + 32, true);  // a whole head at once: its first rows
+#if SPV_NATIVE_BF16
+  if (Dot::STEP == 2) pack_kv_bf16(p, b, h, (uint16_t*)hb.kt, (uint16_t*)hb.vp, j0, j1);
+  else pack_kv_f32(p, b, h, hb.kt, hb.vp, j0, j1);
+#else
+  pack_kv_f32(p, b, h, hb.kt, hb.vp, j0, j1);
+#endif
+  for (int64_t k = qb0; k < qb1; ++k) {
+    for (int64_t r = (k + 1) * QB; r < (k + 2) * QB && r < qb1 * QB && r < p->N; ++r)  // the next block's rows
+      for (int64_t off = 0; off < p->Dqk * es; off += 64)
+        _mm_prefetch((const char*)p->q + (qbase + r * p->sq[2]) * es + off, _MM_HINT_T0);
+    const int nq = (int)(p->N - k * QB < QB ? p->N - k * QB : QB);
+    load_queries(p, qbase + k * QB * p->sq[2], nq, Dot::STEP == 2 ? Dp : p->Dqk,
+                 (typename Dot::elem*)(hb.qs + k * QB * Dp));
+  }
+}
+
+// Rows [i0, i1) of head (b, h). A whole head whose buffer the previous item of this thread packed is
+// not packed again; while its blocks run, the head this thread likely takes next
+// (AttnParams::next_head_stride) is packed into the other buffer.
 template <class Dot>
 static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int64_t i1, float* scratch) {
   typedef typename Dot::elem elem;
-  const int64_t ss = p->Np < KB ? p->Np : KB, Dp = (p->Dqk + 1) / 2 * 2;
-  float* kt = scratch;
-  float* vp = kt + (Dp * p->Np + 15) / 16 * 16;
-  float* s = vp + (p->Np * p->Dvp + 15) / 16 * 16;
-  float* pm = s + (QB * ss + 15) / 16 * 16;
-  float* qs = pm + (QB * ss + 15) / 16 * 16;
-  float* o = qs + (QB * Dp + 15) / 16 * 16;
+  const int64_t ss = p->Np < KB ? p->Np : KB, Dp = dp_of(p), head = b * p->H + h;
+  int64_t ready;
+  int32_t which;
+  memcpy(&ready, scratch, 8);
+  memcpy(&which, scratch + 2, 4);
+  const bool whole = i0 == 0 && i1 == p->N;
+  const int64_t k0 = i0 / QB, k1 = (i1 + QB - 1) / QB;
+  if (!(whole && ready == head + 1)) {
+    which = 0;
+    pack_piece<Dot>(p, b, h, head_buffer(p, scratch, which), k0, k1, 0, 1, nullptr);
+  }
+  const HeadBuffer cur = head_buffer(p, scratch, which), nxt = head_buffer(p, scratch, 1 - which);
+  const int64_t next = whole && p->next_head_stride > 0 ? head + p->next_head_stride : -1;
+  const bool pipelined = next >= 0 && next < p->B * p->H;
   Block<Dot> c;
   c.p = p;
-  // fp32 V whose rows are whole vectors is read in place by P @ V (rows of the qkv output, in the
-  // cache after the first query block): a packed copy only pays for padding or widening bf16.
-  const bool v_in_place = Dot::STEP == 1 && !p->bf16 && p->Dv % W == 0;
-#if SPV_NATIVE_BF16
-  if (Dot::STEP == 2) pack_kv_bf16(p, b, h, (uint16_t*)kt, (uint16_t*)vp);
-  else pack_kv_f32(p, b, h, kt, v_in_place ? nullptr : vp);
-#else
-  pack_kv_f32(p, b, h, kt, v_in_place ? nullptr : vp);
-#endif
-  c.kt = (const elem*)kt;
+  c.kt = (const elem*)cur.kt;
   c.kt_row = p->Np * Dot::STEP;
   c.Dp = Dot::STEP == 2 ? Dp : p->Dqk;
   c.nd = c.Dp / Dot::STEP;
-  c.qs = (const elem*)qs;
-  c.vp = v_in_place ? (const elem*)((const float*)p->v + b * p->sv[0] + h * p->sv[1]) : (const elem*)vp;
-  c.vrow = v_in_place ? p->sv[2] : p->Dvp * Dot::STEP;
+  c.vp = (const elem*)cur.vp;
+  c.vrow = p->Dvp * Dot::STEP;
+  float* s = scratch + HEADER_FLOATS + 2 * head_buffer_floats(p);
   c.s = s;
-  c.pm = Dot::STEP == 2 ? (elem*)pm : (elem*)s;
+  c.pm = Dot::STEP == 2 ? (elem*)(s + round16(QB * ss)) : (elem*)s;
   c.ss = ss;
-  c.o = o;
+  c.o = s + 2 * round16(QB * ss);
   c.scale2 = p->scale * LOG2E;
-  const int64_t qbase = b * p->sq[0] + h * p->sq[1];
   const int64_t out_base = b * p->so[0] + h * p->so[1];
-  const int64_t row_bytes = p->Dqk * (p->bf16 ? 2 : 4);
-  // The head this thread likely runs next (see AttnParams::next_head_stride): its K and V rows are
-  // strided rows of the qkv output in L3 or memory, and packing them waits on each miss in turn
-  // (about a tenth of the kernel). Spread over this head's query blocks, the fetches overlap compute.
-  const int64_t next_head = p->next_head_stride > 0 ? b * p->H + h + p->next_head_stride : INT64_MAX;
-  const int64_t n_blocks = (i1 - i0 + QB - 1) / QB, rows_per_block = (p->N + n_blocks - 1) / n_blocks;
-  for (int64_t i = i0; i < i1; i += QB) {
-    c.nq = (int)(i1 - i < QB ? i1 - i : QB);
-    // The next block's query rows are strided (a view of the qkv output): fetch them ahead, the
-    // hardware prefetcher does not see a 12-row burst after each block's compute.
-    for (int64_t r = i + QB; r < i + 2 * QB && r < i1; ++r)
-      for (int64_t off = 0; off < row_bytes; off += 64)
-        _mm_prefetch((const char*)p->q + (qbase + r * p->sq[2]) * (p->bf16 ? 2 : 4) + off, _MM_HINT_T0);
-    c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
-    if (next_head < p->B * p->H) {  // this block's share of the next head's K and V rows, into L2
-      const int64_t r0 = (i - i0) / QB * rows_per_block;
-      prefetch_kv_rows<_MM_HINT_T1>(p, next_head / p->H, next_head % p->H, r0, r0 + rows_per_block, true);
+  const int64_t parts = k1 - k0;
+  LineQueue fetch;
+  c.fetch = pipelined ? &fetch : nullptr;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t i = k * QB;
+    if (pipelined) {  // this block's piece of the next head: fetched during the block, packed after it
+      fetch.n = fetch.at = fetch.line = 0;
+      pack_piece<Dot>(p, next / p->H, next % p->H, nxt, 0, n_qblocks(p), k - k0, parts, &fetch);
+      int total = 0;
+      for (int r = 0; r < fetch.n; ++r) total += fetch.lines[r];
+      fetch.per_call = total / 6 + 1;
     }
-    query_block<Dot>(c, qbase + i * p->sq[2], out_base + i * p->so[2]);
+    c.nq = (int)(i1 - i < QB ? i1 - i : QB);
+    c.qs = (const elem*)(cur.qs + k * QB * Dp);
+    c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
+    query_block<Dot>(c, out_base + i * p->so[2]);
+    if (pipelined) {
+      fetch.flush();
+      pack_piece<Dot>(p, next / p->H, next % p->H, nxt, 0, n_qblocks(p), k - k0, parts, nullptr);
+    }
   }
+  ready = pipelined ? next + 1 : 0;
+  which = 1 - which;
+  memcpy(scratch, &ready, 8);
+  memcpy(scratch + 2, &which, 4);
 }
 
 static void run(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int64_t i1, float* scratch) {
