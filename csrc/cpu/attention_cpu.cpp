@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string.h>
+
 #include <algorithm>
 #include <atomic>
 #include <string>
@@ -109,12 +111,15 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   while ((heads * chunks) % nth != 0 && chunks < n_qblocks) ++chunks;
   const int64_t n_items = heads * chunks;
   // Items are taken in order from a shared counter, so a thread's next head is about nth heads on
-  // (exactly so at one thread); with split heads the next item is often the same head: no guess.
+  // (exactly so at one thread), and a thread packs that head while it runs this one (a wrong guess
+  // costs that packing, never a wrong result); with split heads the next item is often the same
+  // head: no guess.
   p.next_head_stride = chunks == 1 ? nth : 0;
   const int64_t per_thread = (kern->scratch_floats(&p) + 15) / 16 * 16;
   at::Tensor scratch = at::empty({nth * per_thread + 16}, q.options().dtype(at::kFloat));
   float* base = scratch.data_ptr<float>();
   base += (16 - ((uintptr_t)base / 4) % 16) % 16;  // 64-byte align
+  for (int64_t t = 0; t < nth; ++t) memset(base + t * per_thread, 0, 64);  // no head packed yet (AttnKernels::run)
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(nth, n_items), 1, [&](int64_t b0, int64_t e0) {
     float* mine = base + (int64_t)at::get_thread_num() * per_thread;

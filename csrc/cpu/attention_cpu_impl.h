@@ -38,6 +38,17 @@ enum { MAX_ACC = 12, QK_MQ = 4, QK_NJ = 3 };  // 16 ymm
 #endif
 static const float LOG2E = 1.44269504088896341f;
 
+// K^T is stored in panels as wide as one score tile (PANEL keys; the last of a key block narrower),
+// each panel [channel steps][its width] contiguous: a tile then streams one contiguous block (16 KiB at
+// head dim 64) instead of its columns of rows Np apart, which made the score tiles ~1.6x slower than
+// the P @ V tiles of the same FLOPs. Index of key j's slot in channel-step row dd (rows of them):
+enum { PANEL = QK_NJ * W };
+static inline int64_t kt_slot(int64_t Np, int64_t rows, int64_t dd, int64_t j) {
+  const int64_t jb = j / KB * KB, nkp = Np - jb < KB ? Np - jb : KB, jj = j - jb, p0 = jj / PANEL * PANEL;
+  const int64_t width = nkp - p0 < PANEL ? nkp - p0 : PANEL;
+  return (jb + p0) * rows + dd * width + (jj - p0);
+}
+
 // ---- element types of the packed operands -------------------------------------------------------
 struct F32Dot {
   typedef float elem;
@@ -168,7 +179,7 @@ static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, fl
       transpose16(r);
 #pragma GCC unroll 16
       for (int d = 0; d < 16; ++d)
-        if (d < nd) vstore(kt + (d0 + d) * Np + j0, r[d]);
+        if (d < nd) vstore(kt + kt_slot(Np, D, d0 + d, j0), r[d]);
     }
     for (int i = 0; i < 16; ++i) {
       float* dst = vp + (j0 + i) * Dvp;
@@ -187,11 +198,11 @@ static void pack_kv_f32(const AttnParams* p, int64_t b, int64_t h, float* kt, fl
   for (int64_t j = j_begin; j < j_end; ++j) {
     if (j % 8 == 0) prefetch_kv_rows(p, b, h, j + 16, j + 24 < j_end ? j + 24 : j_end, true);
     if (j >= N) {
-      for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = 0.f;
+      for (int64_t d = 0; d < D; ++d) kt[kt_slot(Np, D, d, j)] = 0.f;
       for (int64_t d = 0; d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
       continue;
     }
-    for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = load_elem(p->k, kb + j * p->sk[2] + d, p->bf16);
+    for (int64_t d = 0; d < D; ++d) kt[kt_slot(Np, D, d, j)] = load_elem(p->k, kb + j * p->sk[2] + d, p->bf16);
     for (int64_t d = 0; d < Dv; ++d) vp[j * Dvp + d] = load_elem(p->v, vb + j * p->sv[2] + d, p->bf16);
     for (int64_t d = Dv; d < Dvp; ++d) vp[j * Dvp + d] = 0.f;
   }
@@ -221,7 +232,7 @@ static void pack_kv_bf16(const AttnParams* p, int64_t b, int64_t h, uint16_t* kt
       const int nw = (ne + 1) / 2;
 #pragma GCC unroll 16
       for (int w = 0; w < 16; ++w)
-        if (w < nw) vstore((float*)(kt + ((w0 + w) * Np + j0) * 2), r[w]);
+        if (w < nw) vstore((float*)(kt + kt_slot(Np, Dw, w0 + w, j0) * 2), r[w]);
     }
   }
   for (int64_t j = j_begin; j < j_end; j += 2) {  // interleave rows j and j+1 channel by channel
@@ -244,8 +255,7 @@ template <class Dot>
 struct Block {
   typedef typename Dot::elem elem;
   const AttnParams* p;
-  const elem* kt;   // packed K^T: row dd (channel step) at kt + dd * kt_row, key j at + j * STEP
-  int64_t kt_row;   // Np * STEP
+  const elem* kt;   // packed K^T in panels: key j of channel step dd at kt + kt_slot(Np, nd, dd, j) * STEP
   const elem* qs;   // [nd][QB][STEP] queries of the block, channel-step major so that one pointer with
                     // constant offsets reaches every row (unscaled, zero past D and past nq rows)
   int64_t Dp, nd;   // D rounded up to STEP; channel steps Dp / STEP
@@ -262,17 +272,18 @@ struct Block {
 };
 
 // S[q0 .. q0+MQ)[keys jv0 .. jv0 + NJ*W) of the current key block (s already offset to jv0), with
-// the epilogue (scale, bias, tail mask) and the running row max mx[q0 ..].
+// the epilogue (scale, bias, tail mask) and the running row max mx[q0 ..]. k: the keys' K^T panel,
+// krow elements from one channel step to the next.
 template <class Dot, int MQ, int NJ>
-__attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, int64_t jv0, float* s, vf* mx) {
+__attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, int64_t jv0, const typename Dot::elem* k,
+                                                 int64_t krow, float* s, vf* mx) {
   vf acc[MQ][NJ];
   for (int qi = 0; qi < MQ; ++qi)
     for (int n = 0; n < NJ; ++n) acc[qi][n] = vzero();
-  const typename Dot::elem* k = c.kt + jv0 * Dot::STEP;
   const typename Dot::elem* q = c.qs + q0 * Dot::STEP;
-  for (int64_t dd = 0; dd < c.nd; ++dd, q += QB * Dot::STEP) {
+  for (int64_t dd = 0; dd < c.nd; ++dd, q += QB * Dot::STEP, k += krow) {
     vf kv[NJ];
-    for (int n = 0; n < NJ; ++n) kv[n] = in_register(Dot::load(k + dd * c.kt_row + n * W * Dot::STEP));
+    for (int n = 0; n < NJ; ++n) kv[n] = in_register(Dot::load(k + n * W * Dot::STEP));
     for (int qi = 0; qi < MQ; ++qi) {
       const vf qb = Dot::bcast(q + qi * Dot::STEP);
       for (int n = 0; n < NJ; ++n) acc[qi][n] = Dot::dot(acc[qi][n], kv[n], qb);
@@ -280,6 +291,20 @@ __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, in
   }
   const AttnParams* p = c.p;
   const vf sc = vset1(c.scale2);
+  if (p->bias == nullptr && jv0 + NJ * W <= p->N) {  // the common case, unrolled so acc stays in registers
+#pragma GCC unroll 12
+    for (int qi = 0; qi < MQ; ++qi) {
+      vf m = mx[q0 + qi];
+#pragma GCC unroll 4
+      for (int n = 0; n < NJ; ++n) {
+        const vf x = vmul(acc[qi][n], sc);
+        vstore(s + qi * c.ss + n * W, x);
+        m = vmax(m, x);
+      }
+      mx[q0 + qi] = m;
+    }
+    return;
+  }
   for (int qi = 0; qi < MQ; ++qi) {
     const bool bias = p->bias && q0 + qi < c.nq;
     vf m = mx[q0 + qi];
@@ -296,26 +321,28 @@ __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, in
   }
 }
 
-// Scores of the whole block against keys [j0, j0 + nkp) (nkp a multiple of W) into s[QB][ss].
+// Scores of the whole block against keys [j0, j0 + nkp) (nkp a multiple of W) into s[QB][ss]: one
+// K^T panel per group of QK_NJ key vectors, the narrower last panel by the tiles below.
 template <class Dot>
 static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
-  const int64_t nvec = nkp / W;
+  const int64_t nvec = nkp / W, step = Dot::STEP;
+  const typename Dot::elem* panel = c.kt + j0 * c.nd * step;
   int64_t v = 0;
-  for (; v + QK_NJ <= nvec; v += QK_NJ)
+  for (; v + QK_NJ <= nvec; v += QK_NJ, panel += PANEL * c.nd * step)
     for (int q0 = 0; q0 < QB; q0 += QK_MQ) {
       if (c.fetch) c.fetch->issue();
-      score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, c.s + q0 * c.ss + v * W, mx);
+      score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, panel, PANEL * step, c.s + q0 * c.ss + v * W, mx);
     }
   const int rem = (int)(nvec - v);
   float* s = c.s + v * W;
-  const int64_t jv = j0 + v * W;
+  const int64_t jv = j0 + v * W, krow = rem * W * step;
   if (rem == 1) {
-    score_tile<Dot, QB, 1>(c, 0, jv, s, mx);
+    score_tile<Dot, QB, 1>(c, 0, jv, panel, krow, s, mx);
   } else if (rem == 2) {
-    if (QB * 2 <= MAX_ACC) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, s, mx);
-    else for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, s + q0 * c.ss, mx);
+    if (QB * 2 <= MAX_ACC) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, panel, krow, s, mx);
+    else for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
   } else if (rem == 3) {
-    for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, s + q0 * c.ss, mx);
+    for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
   }
 }
 
@@ -571,7 +598,6 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
   Block<Dot> c;
   c.p = p;
   c.kt = (const elem*)cur.kt;
-  c.kt_row = p->Np * Dot::STEP;
   c.Dp = Dot::STEP == 2 ? Dp : p->Dqk;
   c.nd = c.Dp / Dot::STEP;
   c.vp = (const elem*)cur.vp;

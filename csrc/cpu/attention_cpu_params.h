@@ -7,10 +7,11 @@
 namespace sparsevit_cpu {
 
 // out[b,h,i,:] = softmax_j(scale * q[b,h,i,:] . k[b,h,j,:] + bias[b,h,i,j]) @ v[b,h,:,:], fp32 softmax.
-// One work item is (b, h, query rows [i0, i1)): it packs K^T and V of its head once (fp32, or bf16
-// pairs for vdpbf16ps; fp32 V with whole-vector rows is read in place instead), then per query_block queries walks the keys in blocks of key_block: scores
-// with keys in the vector lanes, an online softmax (running max and sum per query), and P @ V with
-// head channels in the lanes into an fp32 accumulator rescaled as the max grows.
+// One work item is (b, h, query rows [i0, i1)): K^T, V and the queries of its blocks packed (fp32, or
+// bf16 pairs for vdpbf16ps), then per query_block queries the keys are walked in blocks of key_block:
+// scores with keys in the vector lanes, an online softmax (running max and sum per query), and P @ V
+// with head channels in the lanes into an fp32 accumulator rescaled as the max grows. A thread's
+// scratch holds two packed heads: while one runs, the head it will likely take next is packed.
 struct AttnParams {
   const void* q;            // [B, H, N, Dqk], last dim contiguous, strides below in elements
   const void* k;            // [B, H, N, Dqk]
@@ -25,8 +26,8 @@ struct AttnParams {
   int64_t Np, Dvp;          // N and Dv rounded up to the vector width
   float scale;
   int bf16;                 // q/k/v/out dtype: 0 fp32, 1 bf16
-  int64_t next_head_stride;  // > 0: a work item of head (b, h) prefetches K/V of head b*H + h + this
-                             // (the head its thread most likely takes next); 0: no such prefetch
+  int64_t next_head_stride;  // > 0: a whole-head work item of head (b, h) packs head b*H + h + this
+                             // (the head its thread most likely takes next) as it runs; 0: no guess
 };
 
 struct AttnKernels {
@@ -35,7 +36,9 @@ struct AttnKernels {
   int key_block;    // keys per online-softmax block (a multiple of width)
   int query_block;  // queries per register block: work items should start at multiples of it
   int64_t (*scratch_floats)(const AttnParams* p);  // scratch one work item needs, in floats
-  // Rows [i0, i1) of head (b, h); scratch: scratch_floats(p) floats, 64-byte aligned.
+  // Rows [i0, i1) of head (b, h); scratch: scratch_floats(p) floats, 64-byte aligned, the same for
+  // every item one thread runs in one call, its first 64 bytes zeroed before the thread's first item
+  // (they say which head the previous item packed ahead).
   void (*run)(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int64_t i1, float* scratch);
 };
 
