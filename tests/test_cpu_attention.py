@@ -209,3 +209,45 @@ def test_far_below_the_row_max_weighs_exactly_zero(dtype):
         assert not torch.isnan(out).any(), f"isa={isa}"
         _check(out, q, k, v, bias, D ** -0.5, f"isa={isa} {dtype}")
         assert torch.equal(out[:, :, 0], v[:, :, 4]), f"isa={isa}: a single unmasked key must copy its value row"
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_next_head_packed_ahead_whatever_the_guess(isa, dtype):
+    """Each thread packs the head it guesses it takes next while it runs the current one; the guess
+    is wrong whenever threads run out of step (more threads than cores here), and a wrong guess must
+    only cost time: every thread count gives the same bits, which match float64. Shapes: a panel
+    edge (N = 65: one full 64-key panel + 1 key) and DeiT-S's 197 tokens, more heads than threads."""
+    if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    before = torch.get_num_threads()
+    try:
+        for shape in [(3, 4, 65, 24, 40), (2, 6, 197, 64, 64)]:
+            q, k, v = _qkv(*shape, dtype, seed=11)
+            bias = torch.randn(1, shape[1], shape[2], shape[2])
+            outs = []
+            for threads in (1, 2, 4, 5):
+                torch.set_num_threads(threads)
+                outs.append(torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, 0.2, isa))
+            _check(outs[0], q, k, v, bias, 0.2, f"isa={isa} {dtype} {shape}")
+            for threads, out in zip((2, 4, 5), outs[1:]):
+                assert torch.equal(out, outs[0]), f"isa={isa} {dtype} {shape}: {threads} threads differ"
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_back_to_back_calls_never_reuse_a_packed_head(dtype):
+    """The per-thread scratch says which head a thread packed ahead; a new call (new inputs, likely the
+    same scratch memory) must start with none: alternating inputs of one shape, each result checked."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        inputs = [_qkv(2, 3, 29, 16, 16, dtype, seed=s) for s in (20, 21)]
+        for q, k, v in inputs * 3:
+            _check(torch.ops.sparsevit_C.attention_cpu(q, k, v, None, 0.25, -1), q, k, v, None, 0.25,
+                   f"{dtype} back to back")
+    finally:
+        torch.set_num_threads(before)

@@ -278,7 +278,9 @@ template <class Dot, int MQ, int NJ>
 __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, int64_t jv0, const typename Dot::elem* k,
                                                  int64_t krow, float* s, vf* mx) {
   vf acc[MQ][NJ];
+#pragma GCC unroll 12
   for (int qi = 0; qi < MQ; ++qi)
+#pragma GCC unroll 4
     for (int n = 0; n < NJ; ++n) acc[qi][n] = vzero();
   const typename Dot::elem* q = c.qs + q0 * Dot::STEP;
   for (int64_t dd = 0; dd < c.nd; ++dd, q += QB * Dot::STEP, k += krow) {
@@ -305,9 +307,11 @@ __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, in
     }
     return;
   }
+#pragma GCC unroll 12
   for (int qi = 0; qi < MQ; ++qi) {
     const bool bias = p->bias && q0 + qi < c.nq;
     vf m = mx[q0 + qi];
+#pragma GCC unroll 4
     for (int n = 0; n < NJ; ++n) {
       const int64_t jv = jv0 + n * W;
       const int valid = (int)(p->N - jv < W ? p->N - jv : W);
@@ -387,13 +391,11 @@ __attribute__((noinline)) static void pv_tile(const Block<Dot>& c, int q0, int64
                     const typename Dot::elem* vb, int64_t nsteps, const float* corr) {
   vf acc[MQ][NV];
   float* o = c.o + q0 * c.p->Dvp + dvb;
+#pragma GCC unroll 12
   for (int qi = 0; qi < MQ; ++qi) {
-    if (corr == nullptr) {
-      for (int n = 0; n < NV; ++n) acc[qi][n] = vzero();
-      continue;
-    }
-    const vf cr = vset1(corr[q0 + qi]);
-    for (int n = 0; n < NV; ++n) acc[qi][n] = vmul(vload(o + qi * c.p->Dvp + n * W), cr);
+    const vf cr = vset1(corr == nullptr ? 0.f : corr[q0 + qi]);
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) acc[qi][n] = corr == nullptr ? vzero() : vmul(vload(o + qi * c.p->Dvp + n * W), cr);
   }
   const typename Dot::elem* v = vb + dvb * Dot::STEP;
   const typename Dot::elem* pq = pm + q0 * c.ss;
@@ -405,7 +407,9 @@ __attribute__((noinline)) static void pv_tile(const Block<Dot>& c, int q0, int64
       for (int n = 0; n < NV; ++n) acc[qi][n] = Dot::dot(acc[qi][n], vv[n], pb);
     }
   }
+#pragma GCC unroll 12
   for (int qi = 0; qi < MQ; ++qi)
+#pragma GCC unroll 4
     for (int n = 0; n < NV; ++n) vstore(o + qi * c.p->Dvp + n * W, acc[qi][n]);
 }
 
