@@ -139,7 +139,7 @@ static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, i
 // burst (a hundred lines or more), most software prefetches did not arrive in time (measured: packing
 // from rows fetched that way cost as much as packing cold rows), a few per tile do.
 struct LineQueue {
-  enum { MAX_ROWS = 96 };
+  enum { MAX_ROWS = 128 };
   const char* row[MAX_ROWS];  // first cache line of each row
   int lines[MAX_ROWS];        // cache lines the row spans
   int n = 0, at = 0, line = 0, per_call = 4;
@@ -159,6 +159,12 @@ struct LineQueue {
     }
   }
   void flush() { per_call = 1 << 30; issue(); }
+  void reset() { n = at = line = 0; }
+  void spread(int calls) {  // per_call so that `calls` calls of issue() fetch every line
+    int total = 0;
+    for (int r = 0; r < n; ++r) total += lines[r];
+    per_call = total / calls + 1;
+  }
 };
 
 // fp32 K^T [Dqk][Np] and V [Np][Dvp] for keys [j_begin, j_end) (multiples of 16, j_end <= Np), zero
@@ -268,6 +274,7 @@ struct Block {
   float scale2;     // scale * log2(e): scores are kept in base-2 units
   int64_t bias_row0;  // bias offset of (b, h, first query of the block)
   int nq;             // valid queries in the block
+  int rows;           // rows the tiles compute: QB, or 6 where nq <= 6 (AVX-512; 197 = 16 * 12 + 5)
   LineQueue* fetch;   // lines to prefetch between tiles (the next head's next piece), or nullptr
 };
 
@@ -333,7 +340,7 @@ static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
   const typename Dot::elem* panel = c.kt + j0 * c.nd * step;
   int64_t v = 0;
   for (; v + QK_NJ <= nvec; v += QK_NJ, panel += PANEL * c.nd * step)
-    for (int q0 = 0; q0 < QB; q0 += QK_MQ) {
+    for (int q0 = 0; q0 < c.rows; q0 += QK_MQ) {
       if (c.fetch) c.fetch->issue();
       score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, panel, PANEL * step, c.s + q0 * c.ss + v * W, mx);
     }
@@ -341,12 +348,13 @@ static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
   float* s = c.s + v * W;
   const int64_t jv = j0 + v * W, krow = rem * W * step;
   if (rem == 1) {
-    score_tile<Dot, QB, 1>(c, 0, jv, panel, krow, s, mx);
+    if (c.rows == QB) score_tile<Dot, QB, 1>(c, 0, jv, panel, krow, s, mx);
+    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 1>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
   } else if (rem == 2) {
-    if (QB * 2 <= MAX_ACC) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, panel, krow, s, mx);
-    else for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
+    if (QB * 2 <= MAX_ACC && c.rows == QB) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, panel, krow, s, mx);
+    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
   } else if (rem == 3) {
-    for (int q0 = 0; q0 < QB; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
+    for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
   }
 }
 
@@ -422,19 +430,20 @@ static void pv(const Block<Dot>& c, const typename Dot::elem* vb, int64_t nsteps
     if (c.fetch) c.fetch->issue();
 #if SPV_AVX512
     if (left >= 4) {
-      for (int q0 = 0; q0 < QB; q0 += 6) pv_tile<Dot, 6, 4>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
+      for (int q0 = 0; q0 < c.rows; q0 += 6) pv_tile<Dot, 6, 4>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
       v0 += 4;
     } else if (left == 3) {
-      for (int q0 = 0; q0 < QB; q0 += 6) pv_tile<Dot, 6, 3>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
+      for (int q0 = 0; q0 < c.rows; q0 += 6) pv_tile<Dot, 6, 3>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
       v0 += 3;
     } else
 #endif
     if (left >= 2) {
-      if (QB * 2 <= MAX_ACC) pv_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, v0 * W, c.pm, vb, nsteps, corr);
-      else for (int q0 = 0; q0 < QB; q0 += 6) pv_tile<Dot, 6, 2>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
+      if (QB * 2 <= MAX_ACC && c.rows == QB) pv_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, v0 * W, c.pm, vb, nsteps, corr);
+      else for (int q0 = 0; q0 < c.rows; q0 += 6) pv_tile<Dot, 6, 2>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
       v0 += 2;
     } else {
-      pv_tile<Dot, QB, 1>(c, 0, v0 * W, c.pm, vb, nsteps, corr);
+      if (c.rows == QB) pv_tile<Dot, QB, 1>(c, 0, v0 * W, c.pm, vb, nsteps, corr);
+      else for (int q0 = 0; q0 < c.rows; q0 += 6) pv_tile<Dot, 6, 1>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
       v0 += 1;
     }
   }
@@ -498,7 +507,7 @@ static void query_block(Block<Dot>& c, int64_t out0) {
     for (int qi = 0; qi < QB; ++qi) mx[qi] = vset1(-INFINITY);
     scores<Dot>(c, j0, nkp, mx);
     float corr[QB];
-    for (int qi = 0; qi < QB; ++qi)
+    for (int qi = 0; qi < c.rows; ++qi)
       corr[qi] = softmax_row<Dot, Dot::STEP == 2 ? 3 : 5>(c, qi, nkp, mx[qi], &st[qi]);
     const int64_t nk = p->N - j0 < nkp ? p->N - j0 : nkp;
     pv<Dot>(c, c.vp + j0 / Dot::STEP * c.vrow, (nk + Dot::STEP - 1) / Dot::STEP, j0 == 0 ? nullptr : corr);
@@ -613,26 +622,26 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
   c.o = s + 2 * round16(QB * ss);
   c.scale2 = p->scale * LOG2E;
   const int64_t out_base = b * p->so[0] + h * p->so[1];
-  const int64_t parts = k1 - k0;
+  const int64_t parts = k1 - k0, es = p->bf16 ? 2 : 4;
   LineQueue fetch;
-  c.fetch = pipelined ? &fetch : nullptr;
+  c.fetch = &fetch;
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t i = k * QB;
-    if (pipelined) {  // this block's piece of the next head: fetched during the block, packed after it
-      fetch.n = fetch.at = fetch.line = 0;
-      pack_piece<Dot>(p, next / p->H, next % p->H, nxt, 0, n_qblocks(p), k - k0, parts, &fetch);
-      int total = 0;
-      for (int r = 0; r < fetch.n; ++r) total += fetch.lines[r];
-      fetch.per_call = total / 6 + 1;
-    }
     c.nq = (int)(i1 - i < QB ? i1 - i : QB);
+    c.rows = SPV_AVX512 && c.nq <= 6 ? 6 : QB;
+    // Fetched a few lines per tile while the block runs: the block's output rows (written at its end;
+    // measured ~6% of the kernel in store misses without this), and the next head's piece packed
+    // after the next block (the first block fetches the first two pieces).
+    fetch.reset();
+    for (int qi = 0; qi < c.nq; ++qi) fetch.add((char*)p->out + (out_base + (i + qi) * p->so[2]) * es, p->Dv * es);
+    for (int64_t piece = k == k0 ? 0 : k - k0 + 1; pipelined && piece <= k - k0 + 1 && piece < parts; ++piece)
+      pack_piece<Dot>(p, next / p->H, next % p->H, nxt, 0, n_qblocks(p), piece, parts, &fetch);
+    fetch.spread(6);
     c.qs = (const elem*)(cur.qs + k * QB * Dp);
     c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
     query_block<Dot>(c, out_base + i * p->so[2]);
-    if (pipelined) {
-      fetch.flush();
-      pack_piece<Dot>(p, next / p->H, next % p->H, nxt, 0, n_qblocks(p), k - k0, parts, nullptr);
-    }
+    fetch.flush();
+    if (pipelined) pack_piece<Dot>(p, next / p->H, next % p->H, nxt, 0, n_qblocks(p), k - k0, parts, nullptr);
   }
   ready = pipelined ? next + 1 : 0;
   which = 1 - which;
