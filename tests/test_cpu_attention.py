@@ -96,9 +96,9 @@ def test_thread_split_gives_the_same_rows(dtype):
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dv", [16, 64, 40])
-def test_v_read_in_place_from_qkv_rows(isa, dv):
-    """fp32 V whose rows are whole vectors is read where it lies (rows of the qkv output, with a row
-    stride that is not its width); other widths and bf16 are packed. All match float64 on every ISA."""
+def test_v_packed_from_qkv_rows(isa, dv):
+    """V as rows of the qkv output (a row stride that is not its width, whole and partial vectors),
+    fp32 and bf16: packed from where it lies, matches float64 on every ISA."""
     if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
         pytest.skip(f"CPU lacks ISA level {isa}")
     B, N, H, D = 2, 29, 3, 24

@@ -4,8 +4,9 @@
 // ATTN_NS, ATTN_ENTRY, ATTN_NAME, SPV_AVX512 and SPV_NATIVE_BF16 and wraps the include in
 // `#pragma GCC target(...)`. See attention_cpu_params.h for the work split.
 //
-// Per (batch, head) K^T and V are packed once; then per block of QB queries the keys are walked in
-// blocks of KB with an online (flash) softmax in fp32. Both products are register-tiled:
+// Per (batch, head) K^T, V and the queries are packed once (the next head's in pieces while this one
+// runs, see run_head); then per block of QB queries the keys are walked in blocks of KB with an
+// online (flash) softmax in fp32. Both products are register-tiled:
 //   scores  S[q][keys] : queries x key vectors (keys in the lanes), accumulated over head channels;
 //   P @ V   O[q][chan] : queries x channel vectors (channels in the lanes), accumulated over keys.
 // The score epilogue scales by scale*log2(e), adds the bias, masks keys past N to -inf and keeps a
@@ -14,6 +15,20 @@
 //   F32Dot  fp32 (bf16 inputs widened while packing): one FMA per channel / key;
 //   Bf16Dot native bf16 (SPV_NATIVE_BF16, vdpbf16ps): K^T packed as channel pairs, V as key pairs,
 //           P rounded to bf16 after the fp32 softmax; two products per lane per instruction.
+//
+// Measured (DeiT-S b8: 48 heads of N=197, head dim 64; 1 thread, CPU time, interleaved medians on a
+// shared host, indicative). Before: packing and query loads waited on the strided qkv rows (~15% of
+// the kernel at b8, ~4% with the rows in L2); the score phase took ~1.6x the P @ V phase of the same
+// FLOPs (the accumulators were spilled to the stack around every tile: the score tile's loop is only
+// 64 steps); softmax ~7% (fp32) / ~12% (bf16); store misses on the output rows ~6%. Kept: the next
+// head packed in pieces between query blocks with its rows prefetched a few lines per tile
+// (LineQueue; issued in one burst they did not arrive in time), the output rows fetched likewise,
+// unrolled tile prologues/epilogues (scores then ~1.1x P @ V), V always packed (in-place V rows made
+// P @ V ~3% slower), K^T in tile-wide panels (~0.5%), 6-row tiles for a last block of <= 6 queries
+// (~3% at N=197). The op on those shapes against the previous kernel, 1 thread: fp32 2.91 vs 3.50
+// ms, bf16 1.59 vs 2.00 ms; b1 unchanged (0.35 ms fp32, 0.20 bf16).
+// Not done: scale folded into Q (one multiply of 128 FMAs), a 16-query block with queries in the
+// lanes (no K^T, no horizontal max; 197 = 12 * 16 + 5 pads as much as 12-query blocks do).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #pragma GCC diagnostic ignored "-Wuninitialized"  // same false positive, through _mm512_max_ps
 #include <immintrin.h>
@@ -266,7 +281,7 @@ struct Block {
                     // constant offsets reaches every row (unscaled, zero past D and past nq rows)
   int64_t Dp, nd;   // D rounded up to STEP; channel steps Dp / STEP
   const elem* vp;   // packed V: key step jj at vp + jj * vrow, channel c at + c * STEP
-  int64_t vrow;     // Dvp * STEP, or V's own row stride when fp32 V is read in place (see run_head)
+  int64_t vrow;     // Dvp * STEP
   float* s;         // [QB][ss] fp32 scores, then fp32 probabilities (F32Dot)
   elem* pm;         // probabilities P @ V reads: s itself (F32Dot) or a bf16 copy [QB][ss]
   int64_t ss;       // row stride of s and pm

@@ -6,8 +6,9 @@ head dims such as 16/24/40/48/64), with an additive float bias broadcastable to 
 (rel-pos bias, Swin masks). ``scale`` defaults to ``Dqk ** -0.5``; after head-dim pruning pass the
 original head dim's scale.
 
-* CPU, float32/bfloat16: ``torch.ops.sparsevit_C.attention_cpu`` (csrc/cpu/attention_cpu*.cpp: K^T
-  and V packed once per (batch, head), then per 12 queries register-tiled Q.K^T with keys in the
+* CPU, float32/bfloat16: ``torch.ops.sparsevit_C.attention_cpu`` (csrc/cpu/attention_cpu*.cpp: K^T,
+  V and the queries packed once per (batch, head), each thread packing the head it takes next while
+  it runs the current one, then per 12 queries register-tiled Q.K^T with keys in the
   vector lanes, an online fp32 softmax, and P @ V with channels in the lanes; bfloat16 runs both
   products on ``vdpbf16ps`` where the CPU has AVX512_BF16, else widens to fp32; AVX-512+BF16,
   AVX-512 or AVX2 chosen at run time, ``cpp_kernel_name()`` says which);
