@@ -27,8 +27,11 @@
 // P @ V ~3% slower), K^T in tile-wide panels (~0.5%), 6-row tiles for a last block of <= 6 queries
 // (~3% at N=197). The op on those shapes against the previous kernel, 1 thread: fp32 2.91 vs 3.50
 // ms, bf16 1.59 vs 2.00 ms; b1 unchanged (0.35 ms fp32, 0.20 bf16).
-// Not done: scale folded into Q (one multiply of 128 FMAs), a 16-query block with queries in the
-// lanes (no K^T, no horizontal max; 197 = 12 * 16 + 5 pads as much as 12-query blocks do).
+// Now (share of the kernel by leaving each part out): score tiles ~37%, P @ V tiles ~36%, softmax
+// ~8% fp32 / ~15% bf16, packing the next head ~6%, output stores ~4%.
+// Dropped: queries copied row-major instead of transposed (no transposes, but the tiles' broadcasts
+// from six rows ran 1-8% slower). Not done: scale folded into Q (one multiply per 128 FMAs); blocks
+// of 16 queries in the lanes (no K^T, no horizontal max, but 197 tokens pad to 208 rows, not 198).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #pragma GCC diagnostic ignored "-Wuninitialized"  // same false positive, through _mm512_max_ps
 #include <immintrin.h>
