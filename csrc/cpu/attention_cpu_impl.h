@@ -20,7 +20,7 @@
 // shared host, indicative). Before: packing and query loads waited on the strided qkv rows (~15% of
 // the kernel at b8, ~4% with the rows in L2); the score phase took ~1.6x the P @ V phase of the same
 // FLOPs (the accumulators were spilled to the stack around every tile: the score tile's loop is only
-// 64 steps); softmax ~7% (fp32) / ~12% (bf16); store misses on the output rows ~6%. Kept: the next
+// 64 steps); softmax ~7% (fp32) / ~12% (bf16); output stores ~6%. Kept: the next
 // head packed in pieces between query blocks with its rows prefetched a few lines per tile
 // (LineQueue; issued in one burst they did not arrive in time), the output rows fetched likewise,
 // unrolled tile prologues/epilogues (scores then ~1.1x P @ V), V always packed (in-place V rows made
@@ -555,7 +555,7 @@ static int64_t scratch_floats(const AttnParams* p) {
 }
 
 struct HeadBuffer {
-  float* kt;  // K^T (F32Dot: [Dqk][Np]; Bf16Dot: channel pairs [Dp/2][Np][2])
+  float* kt;  // K^T in panels (kt_slot; F32Dot: Dqk rows of keys; Bf16Dot: Dp/2 rows of channel pairs)
   float* vp;  // V (F32Dot: [Np][Dvp]; Bf16Dot: key pairs [Np/2][Dvp][2])
   float* qs;  // query block k at qs + k * QB * Dp: [Dp / STEP][QB][STEP] elements (see load_queries)
 };
@@ -648,8 +648,8 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
     c.nq = (int)(i1 - i < QB ? i1 - i : QB);
     c.rows = SPV_AVX512 && c.nq <= 6 ? 6 : QB;
     // Fetched a few lines per tile while the block runs: the block's output rows (written at its end;
-    // measured ~6% of the kernel in store misses without this), and the next head's piece packed
-    // after the next block (the first block fetches the first two pieces).
+    // leaving the stores out saved ~6% of the kernel without this, ~4% with it), and the next head's
+    // piece packed after the next block (the first block fetches the first two pieces).
     fetch.reset();
     for (int qi = 0; qi < c.nq; ++qi) fetch.add((char*)p->out + (out_base + (i + qi) * p->so[2]) * es, p->Dv * es);
     for (int64_t piece = k == k0 ? 0 : k - k0 + 1; pipelined && piece <= k - k0 + 1 && piece < parts; ++piece)
