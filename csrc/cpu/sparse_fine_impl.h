@@ -40,6 +40,12 @@ namespace {
 
 #include "sparse_fine_simd.h"
 
+// Tokens [tile_start[tile], tile_start[tile + 1]) of a tile (see FineParams::tile_start).
+static inline int64_t tile_tok0(const FineParams* p, int64_t tile) { return p->tile_start[tile]; }
+static inline int64_t tile_ntok(const FineParams* p, int64_t tile) {
+  return p->tile_start[tile + 1] - p->tile_start[tile];
+}
+
 // One word step: acc += x_word(TV vectors at xw) * w_word (fp32: one weight; bf16: a column pair).
 template <int TV, int BF16>
 static inline void word_fma(vf acc[TV], const uint32_t* xw, const void* w) {
@@ -92,9 +98,10 @@ static inline void unit_fma(vf first[TV], vf second[TV], const FineParams* p, co
 // acc_mem[row][TT]. The last segment applies bias-free activation (bias seeds the first segment).
 template <int U, int TV, int BF16>
 static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, float* acc_mem) {
-  // fp32 units of one column with TV >= 4 need no second accumulator set (TV chains of 4-cycle
-  // FMAs keep both pipes busy). bf16 pairs keep two sets: one set measured 3-8% slower there.
-  enum { ONE_WORD = !BF16 && U == 1 && TV >= 4 };
+  // fp32 units of one column with TV = 8 need no second accumulator set (8 chains of 4-cycle FMAs
+  // keep both pipes busy); shorter tiles keep two (TV = 5 alone has 5 chains: 2.5 FMAs in flight
+  // per cycle where 8 are needed). bf16 pairs keep two sets: one set measured 3-8% slower there.
+  enum { ONE_WORD = !BF16 && U == 1 && TV >= 8 };
   const int TT = p->TT;
   const int64_t nseg = p->nseg;
   const uint32_t* xt = (const uint32_t*)p->xp + (tile - p->xp_first_tile) * p->tile_words;
@@ -134,8 +141,7 @@ static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r
 // acc_mem[row][TT] (rows [r0, r1), activation applied) -> y[token][row], transposed in registers.
 static void store_tile(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, const float* acc_mem) {
   const int TT = p->TT;
-  const int64_t tok0 = tile * TT;
-  const int64_t ntok = p->T - tok0 < TT ? p->T - tok0 : TT;
+  const int64_t tok0 = tile_tok0(p, tile), ntok = tile_ntok(p, tile);
 #if SPV_AVX512
   for (int64_t ob = r0; ob < r1; ob += 16) {
     const int nr = (int)(r1 - ob < 16 ? r1 - ob : 16);
@@ -214,8 +220,7 @@ static rows_fn pick(int U, int tv, int bf16) {
 }
 
 static void compute(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, float* scratch) {
-  const int64_t ntok = p->T - tile * p->TT < p->TT ? p->T - tile * p->TT : p->TT;
-  const int tv = (int)((ntok + W - 1) / W);  // a short last tile runs fewer vectors
+  const int tv = (int)((tile_ntok(p, tile) + W - 1) / W);  // a short tile runs fewer vectors
   rows_fn fn = pick(p->U, tv, p->bf16);
   if (!fn) return;  // the caller validated U against the dtype; never reached
   fn(p, tile, r0, r1, scratch);
@@ -230,8 +235,7 @@ static void compute(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, f
 // odd row is zero (the pack's padding column).
 static void compute_packed(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, void* out, float* scratch) {
   const int TT = p->TT;
-  const int64_t ntok = p->T - tile * TT < TT ? p->T - tile * TT : TT;
-  const int tv = (int)((ntok + W - 1) / W);
+  const int tv = (int)((tile_ntok(p, tile) + W - 1) / W);
   rows_fn fn = pick(p->U, tv, p->bf16);
   if (!fn) return;  // the caller validated U against the dtype; never reached
   if (!p->bf16) {
@@ -298,16 +302,19 @@ static inline bool word_nonfinite(uint32_t w, int bf16) {
   return (w & 0x7f80u) == 0x7f80u || (w & 0x7f800000u) == 0x7f800000u;
 }
 
-// Packs token tiles: xp[tile][w][TT] = x32[token][w], zero past T tokens / past words_in.
+// Packs token tiles: xp[tile][w][lane] = x32[tile_start[tile] + lane][w], zero past the tile's
+// tokens (up to the next multiple of W) and past words_in.
 static void pack(const FineParams* p, int64_t tb, int64_t te) {
   const int TT = p->TT;
   const uint32_t* x = (const uint32_t*)p->x;
   const int64_t ldw = p->bf16 ? p->ldx / 2 : p->ldx;
   for (int64_t tile = tb; tile < te; ++tile) {
     uint32_t* dst = (uint32_t*)p->xp + (tile - p->xp_first_tile) * p->tile_words;
-    for (int g = 0; g < TT; g += W) {
-      const int64_t tok0 = tile * TT + g;
-      const int nrow = (int)(p->T - tok0 <= 0 ? 0 : (p->T - tok0 < W ? p->T - tok0 : W));
+    // Only the tile's own vectors: lanes past them are never read (compute runs ceil(ntok / W)).
+    const int64_t tile_end = tile_tok0(p, tile) + tile_ntok(p, tile);
+    for (int64_t g = 0; g < tile_ntok(p, tile); g += W) {
+      const int64_t tok0 = tile_tok0(p, tile) + g;
+      const int nrow = (int)(tile_end - tok0 < W ? tile_end - tok0 : W);
 #if SPV_AVX512
       // Non-finite check after the transpose (a lane = a token): the largest |word| per lane,
       // compared once per 16 tokens, instead of a mask test and scalar bookkeeping per loaded row.
@@ -338,7 +345,7 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
       } else {
         bad = _mm512_cmpge_epu32_mask(most, vset1i(0x7f800000));
       }
-      for (int i = 0; i < W; ++i) p->bad_token[tile * TT + g + i] = (uint8_t)((bad >> i) & 1u);
+      for (int i = 0; i < W; ++i) p->bad_token[tok0 + i] = (uint8_t)((bad >> i) & 1u);
 #else
       for (int i = 0; i < W; ++i) {
         bool bad = false;
@@ -350,7 +357,7 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
           }
           dst[w * TT + g + i] = v;
         }
-        p->bad_token[tile * TT + g + i] = bad ? 1 : 0;
+        p->bad_token[tok0 + i] = bad ? 1 : 0;
       }
 #endif
     }
@@ -361,9 +368,17 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
 }  // namespace FINE_NS
 
 const FineKernels* FINE_ENTRY() {
-  // AVX-512 runs up to 8 vectors (128 tokens) per weight broadcast: (TV + 1) loads per TV FMAs.
-  static const FineKernels k = {FINE_NAME, FINE_NS::W, (SPV_AVX512 ? 8 : 4) * FINE_NS::W, FINE_NS::pack, FINE_NS::compute,
-                                FINE_NS::compute_packed, FINE_NS::any_nonfinite};
+  // AVX-512 runs up to 8 vectors (128 tokens) per weight broadcast: (TV + 1) loads per TV FMAs; fp32
+  // defaults to 5 (80 tokens): one 128-column chunk of packed fp32 activations is then 40 KiB and
+  // stays in the 48 KiB L1, where 128 tokens (64 KiB) spill to L2 (see the header comment).
+  static const FineKernels k = {FINE_NAME,
+                                FINE_NS::W,
+                                (SPV_AVX512 ? 8 : 4) * FINE_NS::W,
+                                (SPV_AVX512 ? 5 : 4) * FINE_NS::W,
+                                FINE_NS::pack,
+                                FINE_NS::compute,
+                                FINE_NS::compute_packed,
+                                FINE_NS::any_nonfinite};
   return &k;
 }
 
