@@ -94,6 +94,32 @@ static inline void unit_fma(vf first[TV], vf second[TV], const FineParams* p, co
   }
 }
 
+#if SPV_AVX512
+// fp32: the odd last unit of a visit without a branch on whether it exists. The parity of a row
+// segment's unit count is data-dependent, so that branch mispredicted about every other visit; the
+// unit now runs either way, masked off (k = 0: accumulators unchanged, so a NaN/Inf in the x column
+// it reads never enters) when there is none, reading unit 0 in place of unit ue. The unit index is
+// selected with a mask, not `?:` (which GCC compiled to the same branch). Needs nnz > 0.
+template <int U, int TV>
+static inline void tail_unit_fp32(vf first[TV], vf second[TV], const FineParams* p, const uint32_t* xt,
+                                  int32_t u, int32_t ue) {
+  const int32_t has = -(int32_t)(u < ue);  // all ones or zero
+  const __mmask16 k = (__mmask16)has;
+  const int32_t ui = u & has;
+  const float* wv = (const float*)p->values + (int64_t)ui * U;
+  const float* xr = (const float*)xt + (int64_t)p->col[ui] * p->TT;
+#pragma GCC unroll 8
+  for (int j = 0; j < U; ++j) {
+    vf* acc = (j & 1) ? second : first;
+    const vf wb = vset1(wv[j]);
+#pragma GCC unroll 8
+    for (int v = 0; v < TV; ++v) acc[v] = _mm512_mask3_fmadd_ps(vload(xr + v * W), wb, acc[v], k);
+    xr += p->TT;
+    __asm__("" : "+r"(xr));  // as in unit_fma
+  }
+}
+#endif
+
 // Output rows [r0, r1) of one token tile, one segment (input chunk) at a time; partial sums in
 // acc_mem[row][TT]. The last segment applies bias-free activation (bias seeds the first segment).
 template <int U, int TV, int BF16>
@@ -105,6 +131,8 @@ static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r
   const int TT = p->TT;
   const int64_t nseg = p->nseg;
   const uint32_t* xt = (const uint32_t*)p->xp + (tile - p->xp_first_tile) * p->tile_words;
+  const bool any_units = p->seg[p->out * (nseg + 1) - 1] > 0;  // nnz > 0 (see tail_unit_fp32)
+  (void)any_units;  // AVX2 and bf16 keep the branch
   for (int64_t s = 0; s < nseg; ++s) {
     const bool last = s + 1 == nseg;
     for (int64_t o = r0; o < r1; ++o) {
@@ -127,6 +155,10 @@ static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r
           unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
           unit_fma<U, TV, BF16>(a1, a0, p, xt, u + 1);
         }
+#if SPV_AVX512
+        if (!BF16 && any_units) tail_unit_fp32<U, TV>(a0, a1, p, xt, u, ue);
+        else
+#endif
         if (u < ue) unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
       }
 #pragma GCC unroll 8
