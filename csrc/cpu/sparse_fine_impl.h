@@ -5,8 +5,8 @@
 // the include in `#pragma GCC target(...)`. See sparse_fine_params.h for the formulation and layouts.
 //
 // Why this shape pays on a CPU: with tokens in the vector lanes, a stored weight is one broadcast
-// and TV fused multiply-adds against TV vectors of packed activations that sit in L1 (the chunking
-// in Python keeps 64 tokens x one chunk at 32 KiB). Unstructured nonzeros of different output rows
+// and TV fused multiply-adds against TV vectors of packed activations that sit in L1 (one chunk of
+// 128 columns x the token tile: fp32 80 tokens, 40 KiB; bf16 128 tokens, 32 KiB). Unstructured nonzeros of different output rows
 // share nothing, so no row blocking is attempted; instead each row keeps two accumulator sets that
 // alternate between units, which gives 2*TV independent FMA chains (enough to cover FMA latency).
 // Measured and dropped (bench/cpu_kernels.py, DeiT-S shapes): groups of 4 rows stepping through
@@ -27,6 +27,21 @@
 // faster than two calls (1.13x / 1.09x at 70%). Rechecked with that in place (fp32, 90% and 70%):
 // chunks of 32/64 columns lose 10-45% (more row visits), 256+ lose up to 30% at 70% (x from L2);
 // 128 x 128-token tiles stay.
+// Round 4 (AMD Zen 5 host, DeiT-S qkv + proj + fused MLP x 12 blocks, 1576 tokens, 1 thread, thread
+// CPU time, interleaved, on a shared machine: indicative). The unit loop ran at ~1.0 cycle per FMA
+// vector (ideal 0.5; ~0.65 in an L1-resident micro-benchmark): at 128 tokens a 128-column chunk is
+// 64 KiB and spills the 48 KiB L1 (micro-benchmark: 1.0 there vs 0.65-0.7 at 32-48 KiB). Kept: fp32
+// tiles of 80 tokens (40 KiB chunks) with two accumulator sets below 8 vectors (with one set, 4-5
+// vectors are 4-5 FMA chains, too few for 2 FMAs/cycle at 4-cycle latency, which is why 64-96 token
+// tiles had measured no better): 70% 220 -> 203 ms, 90% 101 -> 99 ms; 96 tokens is within noise of
+// 80, 64 and 112 lose 3-5%; a second accumulator set at 8 vectors changes nothing; bf16 stays at
+// 128 (its chunk is 32 KiB already; 80/96 within noise, 64 loses 12%). The odd last unit of a visit
+// masked instead of branched (fp32 AVX-512): ~2%. Token tiles cut to equal sizes (sparse_fine.cpp
+// plan_tiles): the 2-thread balance, neutral at 1 thread. Dropped: walking 2, 3 or all 128-column
+// segments as one (fewer row visits and accumulator reloads, x from L2: within 5% at 90%, 13-36%
+// slower at 70%), 32-token tiles over all columns (L1-sized, 1.5 loads per FMA: 2-8% slower).
+// The fixed cost (all-zero weight, same shapes, 80-token tiles) is ~24 of ~99 ms at 90%: ~7 ms row
+// visits, the rest the pack of x, the transposing store of y and the hidden tile's seal.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
 #include <stdint.h>
