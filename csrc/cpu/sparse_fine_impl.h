@@ -6,9 +6,10 @@
 //
 // Why this shape pays on a CPU: with tokens in the vector lanes, a stored weight is one broadcast
 // and TV fused multiply-adds against TV vectors of packed activations that sit in L1 (one chunk of
-// 128 columns x the token tile: fp32 80 tokens, 40 KiB; bf16 128 tokens, 32 KiB). Unstructured nonzeros of different output rows
-// share nothing, so no row blocking is attempted; instead each row keeps two accumulator sets that
-// alternate between units, which gives 2*TV independent FMA chains (enough to cover FMA latency).
+// 128 columns x the token tile: fp32 80 tokens, 40 KiB; bf16 128 tokens, 32 KiB). Unstructured
+// nonzeros of different output rows share nothing, so no row blocking is attempted; instead each
+// row keeps two accumulator sets that alternate between units, which gives 2*TV independent FMA
+// chains (enough to cover FMA latency; fp32 single columns at TV = 8 need only one set).
 // Measured and dropped (bench/cpu_kernels.py, DeiT-S shapes): groups of 4 rows stepping through
 // their units together (one loop exit per group; 2-34% slower, its zero padding costs more than
 // the exits), 4 accumulator sets per row (no change); token tiles of 64/96/112 and chunks of
