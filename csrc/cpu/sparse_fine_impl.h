@@ -40,7 +40,8 @@
 // masked instead of branched (fp32 AVX-512): ~2%. Token tiles cut to equal sizes (sparse_fine.cpp
 // plan_tiles): the 2-thread balance, neutral at 1 thread. Dropped: walking 2, 3 or all 128-column
 // segments as one (fewer row visits and accumulator reloads, x from L2: within 5% at 90%, 13-36%
-// slower at 70%), 32-token tiles over all columns (L1-sized, 1.5 loads per FMA: 2-8% slower).
+// slower at 70%), 32-token tiles over all columns (L1-sized, 1.5 loads per FMA: 2-8% slower),
+// software prefetch of the next row's partial sums (L2) at each visit (no change).
 // The fixed cost (all-zero weight, same shapes, 80-token tiles) is ~24 of ~99 ms at 90%: ~7 ms row
 // visits, the rest the pack of x, the transposing store of y and the hidden tile's seal.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
