@@ -260,6 +260,34 @@ def test_token_tiles_and_row_ranges(dtype):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_equal_token_tiles_do_not_change_any_token(dtype):
+    """Tiles are cut to near-equal sizes (whole vectors), and where threads own tiles their count is
+    rounded up to a multiple of the threads: 213 tokens in 2-vector tiles make 7 tiles of 1-2 vectors
+    on 1 thread and 8 on 2. Tiles this narrow keep the same accumulator split whatever their size, so
+    every token's result is bit-identical across the two cuttings, and matches float64; odd and even
+    unit counts per row segment (the masked tail unit) with 3 input chunks."""
+    x, fw, b = _case(213, 70, 300, 1, 0.6, dtype, True, seed=11)
+    x[5, 0] = float("inf")  # the masked tail reads column 0 where a segment has no odd unit
+    width = 8 if "avx2" in torch.ops.sparsevit_C.fine_linear_isa(-1) else 16
+    threads = torch.get_num_threads()
+    ys = []
+    try:
+        for nth in (1, 2):
+            torch.set_num_threads(nth)
+            ys.append(torch.ops.sparsevit_C.fine_linear(x, fw.values, fw.col_indices, fw.seg_ptr, b, 70, 300,
+                                                        fw.unit, 1, -1, 2 * width))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=0, equal_nan=True,
+                               msg=f"{dtype}: 1 and 2 threads (7 and 8 tiles) differ")
+    ref = apply_activation(F.linear(x.double(), fw.to_dense().double(), b.double()), "gelu")
+    assert torch.equal(torch.isnan(ys[0]), torch.isnan(ref)) and torch.equal(torch.isinf(ys[0]), torch.isinf(ref))
+    clean = [t for t in range(213) if t != 5]
+    assert_close_to_ref(ys[0][clean], x[clean], fw, b, "gelu", f"{dtype} equal tiles")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_direct_eager_call_matches_the_op(dtype, monkeypatch):
     """Eager CPU inference calls the compiled kernel without the custom-op dispatcher and gets the
     op's exact result; grad-tracking inputs and dispatch modes still go through the registered op."""

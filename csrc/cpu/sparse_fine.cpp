@@ -9,7 +9,8 @@
 // Ops registered here:
 //   fine_linear(x[T,in], values[nnz,U], col_indices[nnz], seg_ptr[out,nseg+1], bias?, out_features,
 //               in_features, unit, act, isa, token_tile=0) -> y[T,out]
-//               act: 0 none, 1 gelu(erf), 2 gelu(tanh); token_tile: tokens per packed tile (0: max)
+//               act: 0 none, 1 gelu(erf), 2 gelu(tanh); token_tile: tokens per packed tile (0: the
+//               kernel's default: AVX-512 fp32 80, bf16 128; AVX2 32)
 //   fine_mlp(x, fc1 fields, hidden, unit1, act1, fc2 fields, out_features, in_features, unit2, isa,
 //            token_tile=0) -> fc2(act1(fc1(x))), the hidden activation never leaves the packed
 //            layout (see fine_mlp below)
@@ -211,26 +212,45 @@ void run_compute(const FineKernels* kern, const FineParams& p, float* scratch, i
   });
 }
 
-// Tokens per tile: a multiple of the vector width up to the kernel's maximum (0: the maximum).
-// The caller sizes it so one chunk of packed activations (TT x chunk columns) stays in L1.
-int checked_token_tile(const FineKernels* kern, int64_t token_tile) {
+// Tokens per tile: a multiple of the vector width up to the kernel's maximum (0: the kernel's
+// default for the dtype, sized so one chunk of packed activations (TT x chunk columns) stays in L1).
+int checked_token_tile(const FineKernels* kern, int64_t token_tile, bool bf16) {
   const int W = kern->vector_width;
   TORCH_CHECK(token_tile == 0 || (token_tile > 0 && token_tile % W == 0 && token_tile <= kern->token_tile),
               "sparsevit_C::fine_linear: token_tile must be 0 or a multiple of ", W, " up to ",
               kern->token_tile, ", got ", token_tile);
-  return token_tile ? (int)token_tile : kern->token_tile;
+  if (token_tile) return (int)token_tile;
+  return bf16 ? kern->token_tile : kern->fp32_token_tile;
+}
+
+// Token tiles of near-equal size, whole vectors each, at most TT tokens: ceil(T / TT) of them, rounded
+// up to a multiple of the thread count where threads own whole tiles (see run_compute). Full tiles
+// and one short last tile balanced badly: 1576 tokens at 2 threads made 12 tiles of 128 and one of
+// 40, so one thread ran 7 full tiles while the other ran 5 and the short one; 14 tiles of 112-128
+// tokens give both 7 tiles of equal work. Returns tile_start (n_tiles + 1 entries) and sets n_tiles.
+std::vector<int64_t> plan_tiles(FineParams& p, int W, int64_t nth) {
+  const int64_t n_vec = (p.T + W - 1) / W;
+  int64_t n = (p.T + p.TT - 1) / p.TT;
+  if (nth > 1 && n >= 3 * nth) n = std::min(n_vec, (n + nth - 1) / nth * nth);
+  std::vector<int64_t> start(n + 1);
+  for (int64_t i = 0; i < n; ++i) start[i] = i * n_vec / n * W;
+  start[n] = p.T;
+  p.n_tiles = n;
+  return start;
 }
 
 // 128 KiB of partial sums per thread: L2-resident, so chunk-to-chunk reloads stay cheap
 int64_t rows_cap_for(int TT) { return std::max<int64_t>(16, (int64_t)(32768 / TT) / 16 * 16); }
 
-// Everything of one layer's FineParams except y and the scratch pointers (xp, bad_token).
+// Everything of one layer's FineParams except y and the scratch pointers (xp, bad_token); the token
+// tiles' starts go to `tile_start`, which must outlive the call.
 FineParams layer_params(const FineKernels* kern, const at::Tensor& xc, const at::Tensor& vc, const at::Tensor& cc,
                         const at::Tensor& sc, const at::Tensor* bias_f, int64_t out_features,
-                        int64_t in_features, int64_t unit, int64_t act, int64_t token_tile) {
+                        int64_t in_features, int64_t unit, int64_t act, int64_t token_tile,
+                        std::vector<int64_t>& tile_start) {
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
   FineParams p{};
-  p.TT = checked_token_tile(kern, token_tile);
+  p.TT = checked_token_tile(kern, token_tile, bf16);
   const int64_t Kp = (in_features + unit - 1) / unit * unit;
   p.x = xc.data_ptr();
   p.ldx = xc.stride(0);
@@ -244,7 +264,8 @@ FineParams layer_params(const FineKernels* kern, const at::Tensor& xc, const at:
   p.words_in = bf16 ? xc.size(1) / 2 : in_features;
   p.words_pad = bf16 ? Kp / 2 : Kp;
   p.tile_words = p.words_pad * p.TT;
-  p.n_tiles = (p.T + p.TT - 1) / p.TT;
+  tile_start = plan_tiles(p, kern->vector_width, std::max<int64_t>(1, at::get_num_threads()));
+  p.tile_start = tile_start.data();
   p.nseg = sc.size(1) - 1;
   p.U = (int)unit;
   p.bf16 = bf16 ? 1 : 0;
@@ -276,8 +297,9 @@ at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
 
+  std::vector<int64_t> tile_start;
   FineParams p = layer_params(kern, xc, vc, cc, sc, bias.has_value() ? &bias_f : nullptr, out_features,
-                               in_features, unit, act, token_tile);
+                               in_features, unit, act, token_tile, tile_start);
   p.y = y.data_ptr();
   p.ldy = out_features;
 
@@ -325,7 +347,8 @@ void even_bounds(std::vector<int64_t>& rb) {
 bool seal_hidden_tile(const FineKernels* kern, const FineParams& p1, const FineParams& p2, int64_t tile, float* h) {
   const int64_t TT = p1.TT;
   if (p2.words_pad > p2.words_in) memset(h + p2.words_in * TT, 0, (size_t)((p2.words_pad - p2.words_in) * TT * 4));
-  return kern->any_nonfinite(h, p2.words_in, (int)TT, (int)std::min<int64_t>(TT, p1.T - tile * TT), p1.bf16);
+  const int lanes = (int)(p1.tile_start[tile + 1] - p1.tile_start[tile]);
+  return kern->any_nonfinite(h, p2.words_in, (int)TT, lanes, p1.bf16);
 }
 
 // The fused MLP's buffers: hidden tiles (one per thread, or one per token tile), per-thread fc2
@@ -410,11 +433,12 @@ at::Tensor fine_mlp(const at::Tensor& x, const at::Tensor& values1, const at::Te
   at::Tensor b1, b2;
   if (bias1.has_value()) b1 = bias1->to(at::kFloat).contiguous();
   if (bias2.has_value()) b2 = bias2->to(at::kFloat).contiguous();
+  std::vector<int64_t> tiles1, tiles2;  // the same tiles: same tokens, TT and thread count
   FineParams p1 = layer_params(kern, xc, v1, c1, s1, bias1.has_value() ? &b1 : nullptr, hidden, in_features,
-                               unit1, act1, token_tile);
+                               unit1, act1, token_tile, tiles1);
   // fc2 never packs (its x is fc1's packed output): only the fields its compute and store read.
   FineParams p2 = layer_params(kern, xc, v2, c2, s2, bias2.has_value() ? &b2 : nullptr, out_features, hidden,
-                               unit2, 0, token_tile);
+                               unit2, 0, token_tile, tiles2);
   const int64_t Kp2 = (hidden + unit2 - 1) / unit2 * unit2;
   p2.words_in = bf16 ? (hidden + 1) / 2 : hidden;
   p2.words_pad = bf16 ? Kp2 / 2 : Kp2;

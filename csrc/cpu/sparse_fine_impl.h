@@ -5,10 +5,11 @@
 // the include in `#pragma GCC target(...)`. See sparse_fine_params.h for the formulation and layouts.
 //
 // Why this shape pays on a CPU: with tokens in the vector lanes, a stored weight is one broadcast
-// and TV fused multiply-adds against TV vectors of packed activations that sit in L1 (the chunking
-// in Python keeps 64 tokens x one chunk at 32 KiB). Unstructured nonzeros of different output rows
-// share nothing, so no row blocking is attempted; instead each row keeps two accumulator sets that
-// alternate between units, which gives 2*TV independent FMA chains (enough to cover FMA latency).
+// and TV fused multiply-adds against TV vectors of packed activations that sit in L1 (one chunk of
+// 128 columns x the token tile: fp32 80 tokens, 40 KiB; bf16 128 tokens, 32 KiB). Unstructured
+// nonzeros of different output rows share nothing, so no row blocking is attempted; instead each
+// row keeps two accumulator sets that alternate between units, which gives 2*TV independent FMA
+// chains (enough to cover FMA latency; fp32 single columns at TV = 8 need only one set).
 // Measured and dropped (bench/cpu_kernels.py, DeiT-S shapes): groups of 4 rows stepping through
 // their units together (one loop exit per group; 2-34% slower, its zero padding costs more than
 // the exits), 4 accumulator sets per row (no change); token tiles of 64/96/112 and chunks of
@@ -27,6 +28,22 @@
 // faster than two calls (1.13x / 1.09x at 70%). Rechecked with that in place (fp32, 90% and 70%):
 // chunks of 32/64 columns lose 10-45% (more row visits), 256+ lose up to 30% at 70% (x from L2);
 // 128 x 128-token tiles stay.
+// Round 4 (AMD Zen 5 host, DeiT-S qkv + proj + fused MLP x 12 blocks, 1576 tokens, 1 thread, thread
+// CPU time, interleaved, on a shared machine: indicative). The unit loop ran at ~1.0 cycle per FMA
+// vector (ideal 0.5; ~0.65 in an L1-resident micro-benchmark): at 128 tokens a 128-column chunk is
+// 64 KiB and spills the 48 KiB L1 (micro-benchmark: 1.0 there vs 0.65-0.7 at 32-48 KiB). Kept: fp32
+// tiles of 80 tokens (40 KiB chunks) with two accumulator sets below 8 vectors (with one set, 4-5
+// vectors are 4-5 FMA chains, too few for 2 FMAs/cycle at 4-cycle latency, which is why 64-96 token
+// tiles had measured no better): 70% 220 -> 203 ms, 90% 101 -> 99 ms; 96 tokens is within noise of
+// 80, 64 and 112 lose 3-5%; a second accumulator set at 8 vectors changes nothing; bf16 stays at
+// 128 (its chunk is 32 KiB already; 80/96 within noise, 64 loses 12%). The odd last unit of a visit
+// masked instead of branched (fp32 AVX-512): ~2%. Token tiles cut to equal sizes (sparse_fine.cpp
+// plan_tiles): the 2-thread balance, neutral at 1 thread. Dropped: walking 2, 3 or all 128-column
+// segments as one (fewer row visits and accumulator reloads, x from L2: within 5% at 90%, 13-36%
+// slower at 70%), 32-token tiles over all columns (L1-sized, 1.5 loads per FMA: 2-8% slower),
+// software prefetch of the next row's partial sums (L2) at each visit (no change).
+// The fixed cost (all-zero weight, same shapes, 80-token tiles) is ~24 of ~99 ms at 90%: ~7 ms row
+// visits, the rest the pack of x, the transposing store of y and the hidden tile's seal.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
 #include <stdint.h>
@@ -39,6 +56,12 @@ namespace FINE_NS {
 namespace {
 
 #include "sparse_fine_simd.h"
+
+// Tokens [tile_start[tile], tile_start[tile + 1]) of a tile (see FineParams::tile_start).
+static inline int64_t tile_tok0(const FineParams* p, int64_t tile) { return p->tile_start[tile]; }
+static inline int64_t tile_ntok(const FineParams* p, int64_t tile) {
+  return p->tile_start[tile + 1] - p->tile_start[tile];
+}
 
 // One word step: acc += x_word(TV vectors at xw) * w_word (fp32: one weight; bf16: a column pair).
 template <int TV, int BF16>
@@ -88,16 +111,45 @@ static inline void unit_fma(vf first[TV], vf second[TV], const FineParams* p, co
   }
 }
 
+#if SPV_AVX512
+// fp32: the odd last unit of a visit without a branch on whether it exists. The parity of a row
+// segment's unit count is data-dependent, so that branch mispredicted about every other visit; the
+// unit now runs either way, masked off (k = 0: accumulators unchanged, so a NaN/Inf in the x column
+// it reads never enters) when there is none, reading unit 0 in place of unit ue. The unit index is
+// selected with a mask, not `?:` (which GCC compiled to the same branch). Needs nnz > 0.
+template <int U, int TV>
+static inline void tail_unit_fp32(vf first[TV], vf second[TV], const FineParams* p, const uint32_t* xt,
+                                  int32_t u, int32_t ue) {
+  const int32_t has = -(int32_t)(u < ue);  // all ones or zero
+  const __mmask16 k = (__mmask16)has;
+  const int32_t ui = u & has;
+  const float* wv = (const float*)p->values + (int64_t)ui * U;
+  const float* xr = (const float*)xt + (int64_t)p->col[ui] * p->TT;
+#pragma GCC unroll 8
+  for (int j = 0; j < U; ++j) {
+    vf* acc = (j & 1) ? second : first;
+    const vf wb = vset1(wv[j]);
+#pragma GCC unroll 8
+    for (int v = 0; v < TV; ++v) acc[v] = _mm512_mask3_fmadd_ps(vload(xr + v * W), wb, acc[v], k);
+    xr += p->TT;
+    __asm__("" : "+r"(xr));  // as in unit_fma
+  }
+}
+#endif
+
 // Output rows [r0, r1) of one token tile, one segment (input chunk) at a time; partial sums in
 // acc_mem[row][TT]. The last segment applies bias-free activation (bias seeds the first segment).
 template <int U, int TV, int BF16>
 static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, float* acc_mem) {
-  // fp32 units of one column with TV >= 4 need no second accumulator set (TV chains of 4-cycle
-  // FMAs keep both pipes busy). bf16 pairs keep two sets: one set measured 3-8% slower there.
-  enum { ONE_WORD = !BF16 && U == 1 && TV >= 4 };
+  // fp32 units of one column with TV = 8 need no second accumulator set (8 chains of 4-cycle FMAs
+  // keep both pipes busy); shorter tiles keep two (TV = 5 alone has 5 chains: 2.5 FMAs in flight
+  // per cycle where 8 are needed). bf16 pairs keep two sets: one set measured 3-8% slower there.
+  enum { ONE_WORD = !BF16 && U == 1 && TV >= 8 };
   const int TT = p->TT;
   const int64_t nseg = p->nseg;
   const uint32_t* xt = (const uint32_t*)p->xp + (tile - p->xp_first_tile) * p->tile_words;
+  const bool any_units = p->seg[p->out * (nseg + 1) - 1] > 0;  // nnz > 0 (see tail_unit_fp32)
+  (void)any_units;  // AVX2 and bf16 keep the branch
   for (int64_t s = 0; s < nseg; ++s) {
     const bool last = s + 1 == nseg;
     for (int64_t o = r0; o < r1; ++o) {
@@ -120,6 +172,10 @@ static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r
           unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
           unit_fma<U, TV, BF16>(a1, a0, p, xt, u + 1);
         }
+#if SPV_AVX512
+        if (!BF16 && any_units) tail_unit_fp32<U, TV>(a0, a1, p, xt, u, ue);
+        else
+#endif
         if (u < ue) unit_fma<U, TV, BF16>(a0, a1, p, xt, u);
       }
 #pragma GCC unroll 8
@@ -134,8 +190,7 @@ static void rows_kernel(const FineParams* p, int64_t tile, int64_t r0, int64_t r
 // acc_mem[row][TT] (rows [r0, r1), activation applied) -> y[token][row], transposed in registers.
 static void store_tile(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, const float* acc_mem) {
   const int TT = p->TT;
-  const int64_t tok0 = tile * TT;
-  const int64_t ntok = p->T - tok0 < TT ? p->T - tok0 : TT;
+  const int64_t tok0 = tile_tok0(p, tile), ntok = tile_ntok(p, tile);
 #if SPV_AVX512
   for (int64_t ob = r0; ob < r1; ob += 16) {
     const int nr = (int)(r1 - ob < 16 ? r1 - ob : 16);
@@ -214,8 +269,7 @@ static rows_fn pick(int U, int tv, int bf16) {
 }
 
 static void compute(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, float* scratch) {
-  const int64_t ntok = p->T - tile * p->TT < p->TT ? p->T - tile * p->TT : p->TT;
-  const int tv = (int)((ntok + W - 1) / W);  // a short last tile runs fewer vectors
+  const int tv = (int)((tile_ntok(p, tile) + W - 1) / W);  // a short tile runs fewer vectors
   rows_fn fn = pick(p->U, tv, p->bf16);
   if (!fn) return;  // the caller validated U against the dtype; never reached
   fn(p, tile, r0, r1, scratch);
@@ -230,8 +284,7 @@ static void compute(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, f
 // odd row is zero (the pack's padding column).
 static void compute_packed(const FineParams* p, int64_t tile, int64_t r0, int64_t r1, void* out, float* scratch) {
   const int TT = p->TT;
-  const int64_t ntok = p->T - tile * TT < TT ? p->T - tile * TT : TT;
-  const int tv = (int)((ntok + W - 1) / W);
+  const int tv = (int)((tile_ntok(p, tile) + W - 1) / W);
   rows_fn fn = pick(p->U, tv, p->bf16);
   if (!fn) return;  // the caller validated U against the dtype; never reached
   if (!p->bf16) {
@@ -298,16 +351,19 @@ static inline bool word_nonfinite(uint32_t w, int bf16) {
   return (w & 0x7f80u) == 0x7f80u || (w & 0x7f800000u) == 0x7f800000u;
 }
 
-// Packs token tiles: xp[tile][w][TT] = x32[token][w], zero past T tokens / past words_in.
+// Packs token tiles: xp[tile][w][lane] = x32[tile_start[tile] + lane][w], zero past the tile's
+// tokens (up to the next multiple of W) and past words_in.
 static void pack(const FineParams* p, int64_t tb, int64_t te) {
   const int TT = p->TT;
   const uint32_t* x = (const uint32_t*)p->x;
   const int64_t ldw = p->bf16 ? p->ldx / 2 : p->ldx;
   for (int64_t tile = tb; tile < te; ++tile) {
     uint32_t* dst = (uint32_t*)p->xp + (tile - p->xp_first_tile) * p->tile_words;
-    for (int g = 0; g < TT; g += W) {
-      const int64_t tok0 = tile * TT + g;
-      const int nrow = (int)(p->T - tok0 <= 0 ? 0 : (p->T - tok0 < W ? p->T - tok0 : W));
+    // Only the tile's own vectors: lanes past them are never read (compute runs ceil(ntok / W)).
+    const int64_t tile_end = tile_tok0(p, tile) + tile_ntok(p, tile);
+    for (int64_t g = 0; g < tile_ntok(p, tile); g += W) {
+      const int64_t tok0 = tile_tok0(p, tile) + g;
+      const int nrow = (int)(tile_end - tok0 < W ? tile_end - tok0 : W);
 #if SPV_AVX512
       // Non-finite check after the transpose (a lane = a token): the largest |word| per lane,
       // compared once per 16 tokens, instead of a mask test and scalar bookkeeping per loaded row.
@@ -338,7 +394,7 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
       } else {
         bad = _mm512_cmpge_epu32_mask(most, vset1i(0x7f800000));
       }
-      for (int i = 0; i < W; ++i) p->bad_token[tile * TT + g + i] = (uint8_t)((bad >> i) & 1u);
+      for (int i = 0; i < W; ++i) p->bad_token[tok0 + i] = (uint8_t)((bad >> i) & 1u);
 #else
       for (int i = 0; i < W; ++i) {
         bool bad = false;
@@ -350,7 +406,7 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
           }
           dst[w * TT + g + i] = v;
         }
-        p->bad_token[tile * TT + g + i] = bad ? 1 : 0;
+        p->bad_token[tok0 + i] = bad ? 1 : 0;
       }
 #endif
     }
@@ -361,9 +417,17 @@ static void pack(const FineParams* p, int64_t tb, int64_t te) {
 }  // namespace FINE_NS
 
 const FineKernels* FINE_ENTRY() {
-  // AVX-512 runs up to 8 vectors (128 tokens) per weight broadcast: (TV + 1) loads per TV FMAs.
-  static const FineKernels k = {FINE_NAME, FINE_NS::W, (SPV_AVX512 ? 8 : 4) * FINE_NS::W, FINE_NS::pack, FINE_NS::compute,
-                                FINE_NS::compute_packed, FINE_NS::any_nonfinite};
+  // AVX-512 runs up to 8 vectors (128 tokens) per weight broadcast: (TV + 1) loads per TV FMAs; fp32
+  // defaults to 5 (80 tokens): one 128-column chunk of packed fp32 activations is then 40 KiB and
+  // stays in the 48 KiB L1, where 128 tokens (64 KiB) spill to L2 (see the header comment).
+  static const FineKernels k = {FINE_NAME,
+                                FINE_NS::W,
+                                (SPV_AVX512 ? 8 : 4) * FINE_NS::W,
+                                (SPV_AVX512 ? 5 : 4) * FINE_NS::W,
+                                FINE_NS::pack,
+                                FINE_NS::compute,
+                                FINE_NS::compute_packed,
+                                FINE_NS::any_nonfinite};
   return &k;
 }
 

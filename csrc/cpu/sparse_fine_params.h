@@ -29,7 +29,9 @@ struct FineParams {
   const float* bias;      // [out] fp32, or nullptr
   void* xp;               // packed activation tiles, tile_words 32-bit words each
   int64_t xp_first_tile;  // tile whose packed words start at xp (0, or the tile of a one-tile buffer)
-  uint8_t* bad_token;     // [n_tiles * TT] set to 1 for tokens holding a NaN/Inf (pack writes it)
+  uint8_t* bad_token;     // [n_tiles * TT] by token: 1 where it holds a NaN/Inf (pack writes it)
+  const int64_t* tile_start;  // [n_tiles + 1] first token of each tile, multiples of the vector
+                              // width, steps of at most TT tokens, tile_start[n_tiles] = T
   int64_t T, in, out;
   int64_t words_in;       // 32-bit words per token row of x that hold data (fp32: in, bf16: in/2)
   int64_t words_pad;      // words per packed token (fp32: Kp, bf16: Kp/2)
@@ -44,6 +46,7 @@ struct FineKernels {
   const char* name;
   int vector_width;  // fp32 lanes per vector: TT is a multiple of it
   int token_tile;  // largest TT (tokens per packed tile) the kernels take: 8 vectors (AVX2: 4)
+  int fp32_token_tile;  // TT a token_tile of 0 means for fp32 (bf16: token_tile)
   // Packs token tiles [tile_begin, tile_end) of x into p->xp and flags non-finite tokens.
   void (*pack)(const FineParams* p, int64_t tile_begin, int64_t tile_end);
   // y for token tile `tile` and output rows [row_begin, row_end); scratch holds

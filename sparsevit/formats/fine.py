@@ -35,10 +35,10 @@ def unit_width(tile: int, dtype: torch.dtype) -> int:
 
 
 def chunk_columns(dtype: torch.dtype) -> int:
-    """Input columns per kernel chunk (a segment of ``seg_ptr``). With the AVX-512 tile of 128 tokens
-    one chunk of packed activations is 32 KiB (bf16) or 64 KiB (fp32): measured at DeiT-S shapes
-    (``bench/cpu_kernels.py``), 128 columns beat 32/64 (per-row overhead per chunk) and 192/256
-    (cache misses) in both dtypes, within a few % of kept-work rate."""
+    """Input columns per kernel chunk (a segment of ``seg_ptr``). With the AVX-512 token tiles (bf16:
+    128 tokens, fp32: 80) one chunk of packed activations is 32 KiB (bf16) or 40 KiB (fp32): measured
+    at DeiT-S shapes (``bench/cpu_kernels.py``), 128 columns beat 32/64 (per-row overhead per chunk)
+    and 192/256 (cache misses) in both dtypes, within a few % of kept-work rate."""
     return 128
 
 
