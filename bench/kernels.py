@@ -14,6 +14,8 @@ moves with the other core's load; a single probe taken at a slow moment put kern
     python bench/kernels.py --threads 2 --out bench/out/kernels
     python bench/kernels.py --shapes vit_b.fc1 --tokens 197 1576 --blocks 32x32 --dtypes float32 bfloat16
 
+The BSR kernels alone (no op or Python overhead, no torch): bench/bsr_microbench.cpp.
+
 Writes ``<out>.json`` (one record per configuration and method, timm-style ``infer_step_time`` in
 ms and ``infer_samples_per_sec`` in tokens/s) and ``<out>.md`` (one table per dtype/shape/tokens).
 
