@@ -282,7 +282,8 @@ void stage_activations(BsrParams& p, const BsrKernels* kern, const at::Tensor& x
 // 9 and 8). Many small units keep the last one small next to a thread's share.
 // Each group is owned by one thread (group g by thread g % threads), which takes its runs first, so
 // a group's weights stay in that core's L2 (handing units out from one shared counter moved a group
-// between cores whenever the two threads' order drifted: 2-4% of fp32 fc1 / fc2 / qkv at 2 threads);
+// between cores whenever the two threads' order drifted; in a kernel-only 2-thread harness owning
+// gained 1-4% on fp32 DeiT-S shapes of two groups, nothing on one group; indicative, shared host);
 // a thread whose groups are done takes runs of the others' (dynamically, from each group's atomic
 // counter), so one that loses its core to another process does not hold the others up.
 constexpr int64_t kUnitsPerThread = 16;     // at least, where the work allows
