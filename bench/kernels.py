@@ -3,15 +3,18 @@
 Shapes are the Linear layers of ViT-B/16 and DeiT-S (MLP fc1/fc2, attention qkv/proj); tokens are
 197 x batch; weights are random non-zero data under random block masks at the benchmarked block
 shape (exactly round((1 - sparsity) * n_blocks) blocks kept). Every method of one configuration is
-timed in interleaved rounds (so background load hits all of them alike); reported is the median
-after warm-up, the speed-up vs dense torch in the same dtype, and sparsevit's kept work (2 x kept
+timed in interleaved rounds (so background load hits all of them alike; at ``--threads 1`` in the
+thread's CPU time); reported is the median (or ``--stat min``) after warm-up, the speed-up vs dense torch in the same dtype, and sparsevit's kept work (2 x kept
 block area x tokens) as % of the machine's peak: ``torch.ops.sparsevit_C.peak_gflops`` (16
 independent register-only ``vfmadd231ps``/``vdpbf16ps`` zmm chains per thread, see
-bench/cpu_kernels.py), measured once per dtype at the benchmark's thread count.
+bench/cpu_kernels.py), the best of three probes per dtype at the benchmark's thread count (the clock
+moves with the other core's load; a single probe taken at a slow moment put kernels above 100%).
 
     python bench/kernels.py --quick                 # ViT-B fc1/fc2, 197x8 tokens, the target grid
     python bench/kernels.py --threads 2 --out bench/out/kernels
     python bench/kernels.py --shapes vit_b.fc1 --tokens 197 1576 --blocks 32x32 --dtypes float32 bfloat16
+
+The BSR kernels alone (no op or Python overhead, no torch): bench/bsr_microbench.cpp.
 
 Writes ``<out>.json`` (one record per configuration and method, timm-style ``infer_step_time`` in
 ms and ``infer_samples_per_sec`` in tokens/s) and ``<out>.md`` (one table per dtype/shape/tokens).
@@ -87,7 +90,11 @@ def make_methods(x, w, mask, block, wanted=METHODS):
 
 def time_interleaved(fns, warmup, reps, max_s, stat="median"):
     """Median (or min) ms per callable; methods alternate within each round, so background load
-    hits all of them alike. Slow configurations stop after 3 rounds once ``max_s`` is spent."""
+    hits all of them alike. Slow configurations stop after 3 rounds once ``max_s`` is spent. At one
+    thread each call is timed in the thread's CPU time (``time.thread_time``), which time spent
+    waiting for a core another process holds does not count (the wall clock varied 1.2-2.3x over
+    minutes on the shared 2-core host); at more threads in the wall clock."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     times = {k: [] for k in fns}
     for k, f in fns.items():
         for _ in range(warmup):
@@ -95,9 +102,9 @@ def time_interleaved(fns, warmup, reps, max_s, stat="median"):
     t_start = time.perf_counter()
     for r in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((clock() - t0) * 1e3)
         if r >= 2 and time.perf_counter() - t_start > max_s:
             break
     agg = min if stat == "min" else statistics.median
@@ -108,7 +115,8 @@ def measure_peaks(threads):
     """dtype name -> register-loop peak GF/s at `threads` threads (None without the extension)."""
     if not _ext.has_op("peak_gflops"):
         return {}
-    return {d: torch.ops.sparsevit_C.peak_gflops(d, threads, 0.2) for d in ("float32", "bfloat16")}
+    return {d: max(torch.ops.sparsevit_C.peak_gflops(d, threads, 0.1) for _ in range(3))
+            for d in ("float32", "bfloat16")}
 
 
 def run(args, peaks):

@@ -284,3 +284,28 @@ def test_cpp_gelu_extremes(isa, dtype):
         fin = ref.isfinite()
         rtol = 1e-2 if dtype == torch.bfloat16 else 1e-6
         torch.testing.assert_close(y[fin], ref[fin], rtol=rtol, atol=2e-7, msg=f"isa={isa} {dtype} {act}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_last_token_tile_every_fill(isa, dtype):
+    """Every fill of the last token tile (kernel A has a half-width variant for a last tile at most
+    half full), NaN / Inf tokens inside it, 1 and 2 threads, against float64. in=1000 puts a token
+    tile past the L1 budget (activations prefetched in every block row); in=200 stays below it."""
+    if not torch.ops.sparsevit_C.bsr_linear_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    for in_f, block in [(200, (32, 32)), (1000, (32, 32)), (200, (16, 16))]:
+        for T in range(24, 37):
+            x, ws, b = _case(T, 70, in_f, block, dtype, True, density=0.4, seed=T)
+            x[T - 1, 5] = float("nan")
+            x[T - 2, in_f - 1] = float("inf") if T % 2 else -float("inf")
+            ref = F.linear(x.double(), ws.to_dense().double(), b.double())
+            for nth in (1, 2):
+                with _threads(nth):
+                    y = torch.ops.sparsevit_C.bsr_linear(x, ws.packed, ws.col_indices, ws.crow_indices, b, 70, in_f,
+                                                         block[0], block[1], 0, isa)
+                what = f"isa={isa} {dtype} T={T} in={in_f} {block} threads={nth}"
+                assert torch.equal(y.isnan(), ref.isnan()), f"{what}: NaN pattern differs"
+                assert torch.equal(y.isinf(), ref.isinf()), f"{what}: Inf pattern differs"
+                assert_close_to_ref(y[: T - 2], x[: T - 2], ws, b, None, what)  # the finite tokens

@@ -12,6 +12,18 @@
 //    broadcast from the packed activation tile: acc[TT][BHP/W] lives in registers across all kept
 //    blocks of the row, one pass over the weights per token tile.
 //  * kernel B (BHP <= 8, e.g. 1x8 blocks): vectors run over TT = TV*W tokens, weights broadcast.
+//
+// Measured (Zen 5 host, 1 thread, thread CPU time, 32x32 blocks at 70% on DeiT-S shapes, hot caches;
+// indicative, the host is shared): kernel A's inner loop compiles to 2 weight loads + 12
+// vbroadcastss/vpbroadcastd + 24 FMA / vdpbf16ps per k (27 zmm live, no spills) and reaches ~92% of
+// the register-only peak probe on fully dense rows. DeiT-S rows hold 3-4 kept blocks, so per-(row,
+// tile) costs matter: with the next-block prefetch limited to rows whose tile may be out of L1, the
+// half-width last tile and the compare-based non-finite check, kernel A runs at 90-94% (fp32) and
+// 87-93% (bf16) of the best peak probe at 1576 and 197 tokens (before: 86-92% / 83-92%; the kernel
+// alone, called in a loop by a C++ harness, interleaved with the old code, best of 4).
+// 14-token tiles (28 accumulators) gained nothing and pad batch 1 more. With cold caches (64 MiB
+// written between calls) the kernels drop to 45-85%: memory traffic of x and y, which prefetching
+// the next tile's x or claiming y's lines early (prefetchw) did not change.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
 #include <stdint.h>
@@ -65,20 +77,25 @@ static inline __attribute__((always_inline)) bool any_nonfinite(const vf (&acc)[
   }
 #pragma GCC unroll 4
   for (int v = 1; v < NV; ++v) s[0] = vadd(s[0], s[v]);
-  const float h = vhsum(s[0]);
-  return !(h - h == 0.0f);
+  // s - s is 0 in finite lanes, NaN elsewhere: one compare, no horizontal sum (its shuffles share
+  // ports with the FMAs; the check cost 1-2.5% of a DeiT-S row of 3-4 blocks with it).
+  const vf d = vsub(s[0], s[0]);
+#if SPV_AVX512
+  return _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q) != 0;
+#else
+  return _mm256_movemask_ps(_mm256_cmp_ps(d, d, _CMP_UNORD_Q)) != 0;
+#endif
 }
 
 // Writes act(acc) into y (masked for padded rows / tokens) and marks tokens whose pre-activation
 // output is not finite in p->bad_tok: bsr_linear.cpp then redoes those tokens' NaN propagation.
 template <int NV, int TT, int BF16>
-static inline __attribute__((always_inline)) void epilogue_a(const BsrParams* p, int64_t r, int64_t tile,
+static inline __attribute__((always_inline)) void epilogue_a(const BsrParams* p, int64_t r, int64_t tok0,
                                                              vf (&acc)[TT][NV], float* tacc) {
   const int BHP = NV * W;
   const int64_t row0 = r * p->bh;
   int64_t nrow = p->out - row0;
   if (nrow > p->bh) nrow = p->bh;
-  const int64_t tok0 = tile * TT;
   const bool bad = any_nonfinite<NV, TT>(acc);
   if (!bad && nrow == BHP && tok0 + TT <= p->T) {  // full tile: straight from registers
 #pragma GCC unroll 16
@@ -152,8 +169,10 @@ static inline __attribute__((always_inline)) void bf16_pair_step(vf (&acc)[TT][N
   (void)BHP;
 }
 
+// Block row r for tokens [tok0, tok0 + TT) read from xtile (row stride ld). pf: prefetch each next
+// block's activations (the tile may not be in L1 yet, see kBsrL1TileBudget).
 template <int NV, int TT, int BF16>
-static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xtile, int64_t ld) {
+static void kernel_a(const BsrParams* p, int64_t r, int64_t tok0, const void* xtile, int64_t ld, bool pf) {
   // Accumulators start at the bias and stay in registers for up to FLUSH_COLS input columns; longer
   // rows add each such partial sum into an L1-resident [TT x BHP] tile (two-level summation: the
   // rounding error grows with FLUSH_COLS + K/FLUSH_COLS terms instead of K). DeiT-S rows at 30-50%
@@ -188,7 +207,7 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xt
     const float* wp = (const float*)p->wpack + (int64_t)b0 * KP * BHP;
     for (int32_t b = b0; b < b1; ++b, wp += KP * BHP) {
       const float* xb = xt + (int64_t)p->col[b] * bw;
-      if (b + 1 < b1) {  // the next block sits at a random column: fetch its activations early
+      if (pf && b + 1 < b1) {  // the next block sits at a random column: fetch its activations early
         const char* nx = (const char*)(xt + (int64_t)p->col[b + 1] * bw);
         for (int t = 0; t < TT; ++t)
           for (int off = 0; off < bw * 4; off += 64) _mm_prefetch(nx + t * ld * 4 + off, _MM_HINT_T0);
@@ -220,7 +239,7 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xt
     const uint16_t* wp = (const uint16_t*)p->wpack + (int64_t)b0 * KP * BHP;
     for (int32_t b = b0; b < b1; ++b, wp += KP * BHP) {
       const uint16_t* xb = xt + (int64_t)p->col[b] * bw;
-      if (b + 1 < b1) {
+      if (pf && b + 1 < b1) {
         const char* nx = (const char*)(xt + (int64_t)p->col[b + 1] * bw);
         for (int t = 0; t < TT; ++t)
           for (int off = 0; off < bw * 2; off += 64) _mm_prefetch(nx + t * ld * 2 + off, _MM_HINT_T0);
@@ -247,13 +266,14 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tile, const void* xt
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[t][v] = vadd(acc[t][v], vload(tacc + t * BHP + v * W));
   }
-  epilogue_a<NV, TT, BF16>(p, r, tile, acc, tacc);
+  epilogue_a<NV, TT, BF16>(p, r, tok0, acc, tacc);
 }
 
 // ---- kernel B: tokens in vectors, weights broadcast (short blocks such as 1x8) -----------------
 template <int BH, int TV, int BF16>
-static void kernel_b(const BsrParams* p, int64_t r, int64_t tile, const void* xtile, int64_t ld) {
+static void kernel_b(const BsrParams* p, int64_t r, int64_t tok0, const void* xtile, int64_t ld, bool pf) {
   (void)ld;
+  (void)pf;
   const int TT = TV * W;
   alignas(64) float tacc[BH * TT];  // two-level summation, as in kernel A
   for (int i = 0; i < BH; ++i) {
@@ -346,7 +366,6 @@ static void kernel_b(const BsrParams* p, int64_t r, int64_t tile, const void* xt
     }
   }
   const int64_t row0 = r * p->bh;
-  const int64_t tok0 = tile * TT;
   float tmp[W];
   for (int i = 0; i < BH; ++i) {
     if (i >= p->bh || row0 + i >= p->out) break;
@@ -383,7 +402,7 @@ static int token_tile(int BHP, int bf16) {
   return tv_b(BHP) * W;
 }
 
-typedef void (*row_fn)(const BsrParams*, int64_t, int64_t, const void*, int64_t);
+typedef void (*row_fn)(const BsrParams*, int64_t, int64_t, const void*, int64_t, bool);
 
 template <int BF16>
 static row_fn pick(int BHP) {
@@ -413,6 +432,18 @@ static row_fn pick(int BHP) {
   return nullptr;
 }
 
+// Kernel A at half the token tile, for a last tile that holds at most TT/2 tokens (batch 1 on DeiT-S:
+// 197 = 16 * 12 + 5 tokens, so the full-width last tile would be 7/12 padding, ~3.5% of the layer).
+// Only the 32-row blocks of AVX-512 have one; elsewhere the last tile runs at full width.
+template <int BF16>
+static row_fn pick_half(int BHP) {
+#if SPV_AVX512
+  if (BHP == 32) return kernel_a<2, 6, BF16>;
+#endif
+  (void)BHP;
+  return nullptr;
+}
+
 // Where token tile `tile` starts. Kernel B reads the transposed pack; kernel A reads row-major
 // activations: x itself, or (padded columns / last partial tile) a zero-padded copy.
 static const void* tile_ptr(const BsrParams* p, int64_t tile) {
@@ -425,18 +456,22 @@ static const void* tile_ptr(const BsrParams* p, int64_t tile) {
 static void compute(const BsrParams* p, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   row_fn fn = p->bf16 ? pick<1>(p->BHP) : pick<0>(p->BHP);
   if (!fn) return;  // token_tile() returned 0 for this shape; the caller never gets here
+  row_fn half = p->bf16 ? pick_half<1>(p->BHP) : pick_half<0>(p->BHP);
+  if (p->T - (p->n_tiles - 1) * p->TT > p->TT / 2) half = nullptr;  // last tile more than half full
   // Cache blocking: a chunk of block rows whose packed weights fit the L2 budget is reused across
   // all token tiles before moving on, so each weight byte is read from memory once.
   const int64_t esz = p->bf16 ? 2 : 4;
   const int64_t block_bytes = (int64_t)p->KP * p->BHP * esz;
   const int64_t budget = kBsrL2WeightBudget;
+  const bool tile_fits_l1 = (int64_t)p->TT * p->nbc * p->bw * esz <= kBsrL1TileBudget;
   int64_t r = r0;
   while (r < r1) {
     int64_t re = r + 1;
     while (re < r1 && (int64_t)(p->crow[re + 1] - p->crow[r]) * block_bytes <= budget) ++re;
     for (int64_t tile = t0; tile < t1; ++tile) {
       const void* xtile = tile_ptr(p, tile);
-      for (int64_t rr = r; rr < re; ++rr) fn(p, rr, tile, xtile, p->lda);
+      const row_fn f = (half && tile == p->n_tiles - 1) ? half : fn;
+      for (int64_t rr = r; rr < re; ++rr) f(p, rr, tile * p->TT, xtile, p->lda, rr == r || !tile_fits_l1);
     }
     r = re;
   }

@@ -274,14 +274,18 @@ void stage_activations(BsrParams& p, const BsrKernels* kern, const at::Tensor& x
   }
 }
 
-// Work split: units of (a group of block rows) x (a run of token tiles), handed out dynamically (an
-// atomic counter), so a thread that loses its core to another process does not hold the others up.
-// Many small units keep the last one small next to a thread's share (batch 1 on DeiT-S has only 17
-// token tiles: split over tiles alone, 2 threads would get 9 and 8). Block rows are cut into as few
-// groups as keep each group's weights within kBsrL2WeightBudget (one for sliced / pruned DeiT-S
+// Work split: units of (a group of block rows) x (a run of token tiles). Block rows are cut into as
+// few groups as keep each group's weights within kBsrL2WeightBudget (one for sliced / pruned DeiT-S
 // layers), grouped by kept blocks (plus a small per-row cost for the epilogue); token tiles into runs
 // of equal length (a run's cost does not depend on where it is); more row groups only when there are
-// too few runs (batch 1). Each unit then reads its rows' weights from L2 and its tiles once per group.
+// too few runs (batch 1 on DeiT-S has only 17 token tiles: split over tiles alone, 2 threads would get
+// 9 and 8). Many small units keep the last one small next to a thread's share.
+// Each group is owned by one thread (group g by thread g % threads), which takes its runs first, so
+// a group's weights stay in that core's L2 (handing units out from one shared counter moved a group
+// between cores whenever the two threads' order drifted; in a kernel-only 2-thread harness owning
+// gained 1-4% on fp32 DeiT-S shapes of two groups, nothing on one group; indicative, shared host);
+// a thread whose groups are done takes runs of the others' (dynamically, from each group's atomic
+// counter), so one that loses its core to another process does not hold the others up.
 constexpr int64_t kUnitsPerThread = 16;     // at least, where the work allows
 constexpr int64_t kMaxUnitsPerThread = 64;  // at most: each unit costs an atomic and a compute() call
 
@@ -316,14 +320,18 @@ void run_parallel(const BsrParams& p, const BsrKernels* kern) {
   const int64_t runs = (n_tiles + run - 1) / run;
   const int64_t P_r = std::min(nbr, std::max(min_groups, (want + runs - 1) / runs));
   const std::vector<int64_t> rb = row_groups(p, P_r);
-  const int64_t n_units = P_r * runs;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(nth, n_units), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) {
-        const int64_t pr = u % P_r, t0 = (u / P_r) * run, t1 = std::min(n_tiles, t0 + run);
-        if (rb[pr] < rb[pr + 1]) kern->compute(&p, rb[pr], rb[pr + 1], t0, t1);
-      }
+  std::vector<std::atomic<int64_t>> next_run(P_r);  // per row group: the next run to hand out
+  for (auto& n : next_run) n.store(0, std::memory_order_relaxed);
+  const int64_t roles = std::min(nth, P_r * runs);
+  auto drain = [&](int64_t g) {
+    if (rb[g] == rb[g + 1]) return;
+    for (int64_t k = next_run[g].fetch_add(1); k < runs; k = next_run[g].fetch_add(1))
+      kern->compute(&p, rb[g], rb[g + 1], k * run, std::min(n_tiles, (k + 1) * run));
+  };
+  at::parallel_for(0, roles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t role = b; role < e; ++role) {
+      for (int64_t g = role % P_r; g < P_r; g += roles) drain(g);  // own groups
+      for (int64_t i = 1; i < P_r; ++i) drain((role + i) % P_r);   // then help with the others
     }
   });
 }
