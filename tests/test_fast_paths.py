@@ -210,3 +210,78 @@ def test_save_load_round_trips_fine_layers(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded(x), fast(x), rtol=1e-5, atol=1e-5)
         ref = sparsevit.masked_model(model, plan).double()(x.double())
     assert rel_err(loaded(x), ref) < 1e-4
+
+
+# --------------------------------------------------------------------------- lean block sequence
+HAS_BSR = _ext.has_op("bsr_linear") and HAS_ATTN
+
+
+def _block_sparse_vit():
+    """vit_tiny (3 heads, 17 tokens) with 16x16 tiles pruned: every block Linear is a C++ BSR layer."""
+    model = make_model("vit_tiny")
+    plan = sparsevit.prune(model, method="magnitude_unstructured", criterion="l1", sparsity=0.6, block=(16, 16),
+                           progress=False)
+    fast = sparsevit.accelerate(model, plan, backend="cpp", verify=False)
+    lins = [m for blk in fast.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)]
+    assert all(isinstance(m, SparseLinear) and m.kind == "bsr" for m in lins), [type(m).__name__ for m in lins]
+    return model, plan, fast
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
+    """Eager CPU inference runs the blocks as straight op calls: bit-identical to the module path,
+    close to the masked dense model in float64; a hook on an inner Linear, grad mode or a dtype the
+    layers do not hold send the forward down the module path (the hook fires)."""
+    from sparsevit.runtime import modules
+
+    model, plan, fast = _block_sparse_vit()
+    x = torch.randn(3, 3, 32, 32)
+    lean_calls = []
+    real_lean = modules._lean_forward
+    monkeypatch.setattr(modules, "_lean_forward", lambda *a: lean_calls.append(1) or real_lean(*a))
+    with torch.inference_mode():
+        out = fast(x)
+        assert len(lean_calls) == 1
+        with monkeypatch.context() as m:
+            m.setattr(modules, "_lean_parts", lambda blocks, x: None)
+            module_path = fast(x)
+        ref = sparsevit.masked_model(model, plan).double()(x.double())
+    assert torch.equal(out, module_path)
+    assert rel_err(out, ref) < 1e-4
+    seen = []
+    handle = fast.blocks[1].mlp.fc1.register_forward_hook(lambda mod, i, o: seen.append(1))
+    try:
+        with torch.inference_mode():
+            assert torch.equal(fast(x), out)
+    finally:
+        handle.remove()
+    assert seen == [1] and len(lean_calls) == 1
+    with torch.enable_grad():
+        assert rel_err(fast(x).detach(), out) < 1e-6
+    assert len(lean_calls) == 1
+    with torch.inference_mode():
+        x64 = torch.randn(2, 17, 192, dtype=torch.float64)
+        with pytest.raises(Exception):
+            fast.blocks(x64)  # float64 tokens into float32 layers: the module path refuses, as before
+    assert len(lean_calls) == 1
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+def test_lean_path_sees_replaced_modules_and_activation_changes():
+    """The lean path reads the modules at every forward: a Linear replaced after the first forward, or
+    a changed activation, is what the next forward computes."""
+    _, _, fast = _block_sparse_vit()
+    x = torch.randn(1, 17, 192)
+    with torch.inference_mode():
+        before = fast.blocks(x.clone())
+        old = fast.blocks[2].mlp.fc2
+        fast.blocks[2].mlp.fc2 = nn.Linear(old.in_features, old.out_features)
+        replaced = fast.blocks(x.clone())
+        fast.blocks[2].mlp.fc2 = old
+        assert torch.equal(fast.blocks(x.clone()), before) and not torch.equal(replaced, before)
+        fc1 = fast.blocks[0].mlp.fc1
+        dense_fc1 = fc1.to_dense()
+        h = torch.randn(1, 17, fc1.in_features)
+        fc1.activation = "gelu_tanh" if fc1.activation != "gelu_tanh" else "gelu"
+        want = F.gelu(dense_fc1(h), approximate="tanh" if fc1.activation == "gelu_tanh" else "none")
+        assert rel_err(fc1(h), want) < 1e-5

@@ -37,8 +37,8 @@ from sparsevit.formats import (FINE_TILES, BlockSparseWeight, FineSparseWeight, 
                                pack_values, parse_format, tiles)
 from sparsevit.formats.fine import chunk_columns, unit_width
 from sparsevit.ops.bsr import bsr_linear
-from sparsevit.ops.linear_kernels import (CppBSR, KernelInput, eager_cpu_call_ok, get_kernel, registry, resolve,
-                                          walk)
+from sparsevit.ops.linear_kernels import (ACT_CODE, CppBSR, KernelInput, eager_cpu_call_ok, get_kernel, registry,
+                                          resolve, walk)
 from sparsevit.ops.nm import nm_linear
 from sparsevit.runtime.dense_linear import DenseLinear, _check_activation
 from sparsevit.runtime.report import LayerDecision, Report
@@ -100,6 +100,16 @@ class SparseLinear(nn.Module):
         self._meta = (tuple(weight.shape), _format_params(weight))
         self.activation = activation
         self.kernel = kernel
+
+    @property
+    def activation(self) -> Optional[str]:
+        return self._activation
+
+    @activation.setter
+    def activation(self, name: Optional[str]) -> None:
+        _check_activation(name)
+        self._activation = name
+        self._cpp_direct = None  # the direct call carries the activation's code
 
     @property
     def kernel(self) -> str:
@@ -188,17 +198,30 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         direct = self._cpp_direct
         if direct is None:  # decided once per kernel / device / dtype: what the op would pick anyway
-            direct = self._cpp_direct = self.kind == "bsr" and resolve(self._kernel_input(), self.kernel) is CppBSR
-        if direct and eager_cpu_call_ok(x, self.values, self.bias) and x.shape[-1] == self.in_features:
-            (out_f, in_f), (bh, bw) = self._meta
-            return CppBSR.linear(x, self.values, self.col_indices, self.crow_indices, self.packed,
-                                 out_f, in_f, bh, bw, self.bias, self.activation)
+            direct = self._cpp_direct = self._direct_args()
+        if direct:
+            # the C++ op straight from the buffer dict (nn.Module.__getattr__ and the generic wrapper
+            # cost ~14 us a call, 0.7 ms of a batch-1 DeiT-S forward); the op checks every argument
+            bufs = self._buffers
+            values, bias = bufs["values"], bufs["bias"]
+            if x.shape[-1] == direct[1] and eager_cpu_call_ok(x, values, bias):
+                y = torch.ops.sparsevit_C.bsr_linear(x.reshape(-1, direct[1]), bufs["packed"], bufs["col_indices"],
+                                                     bufs["crow_indices"], bias, *direct)
+                return y if x.dim() == 2 else y.view(x.shape[:-1] + (direct[0],))
         if self.is_nm:
             return nm_linear(x, self.weight, self.bias, self.activation, self.kernel)
         if self.is_fine:
             runner = get_kernel("reference" if self.kernel == "reference" else "cpp_fine")
             return runner.run_fine(x, self.weight, self.bias, self.activation)
         return bsr_linear(x, self.weight, self.bias, self.activation, self.kernel)
+
+    def _direct_args(self) -> Optional[tuple]:
+        """The int arguments of ``sparsevit_C::bsr_linear`` after its tensors (out, in, bh, bw, act,
+        isa) when the op would run the C++ BSR kernel here anyway; None otherwise."""
+        if self.kind != "bsr" or resolve(self._kernel_input(), self.kernel) is not CppBSR:
+            return None
+        (out_f, in_f), (bh, bw) = self._meta
+        return (out_f, in_f, bh, bw, ACT_CODE["none" if self.activation is None else self.activation], -1)
 
     def _apply(self, fn, recurse=True):
         before = self.weight if self.is_fine else None
@@ -226,6 +249,8 @@ class SparseLinear(nn.Module):
         # unpickled elsewhere (another machine, a build without the kernel it was built with)
         if "kernel" in state:  # pickled before ``kernel`` became a property
             state["_kernel"] = state.pop("kernel")
+        if "activation" in state:  # pickled before ``activation`` became a property
+            state["_activation"] = state.pop("activation")
         super().__setstate__(state)
         self._keep_kernel_if_runnable()
 
@@ -263,6 +288,7 @@ class SparseLinear(nn.Module):
                                             self._meta[1][1]))
         elif not self.is_nm:
             self.packed = pack_values(self.values)
+        self._cpp_direct = None  # the direct call carries the shape
 
     def _check_incoming(self, state_dict, prefix):
         """Refuses a corrupt sparse weight before anything is copied (a kernel must never read it)."""

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevit.ops.attention import attention as sparse_attention
+from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 from sparsevit.ops.fine_mlp import fused_mlp_forward
 from sparsevit.ops.residual import layernorm_gather, residual_add_layernorm, residual_scatter_add
+from sparsevit.runtime.linear import SparseLinear
 
 
 class ZeroPaddedLayerNorm(nn.Module):
@@ -343,12 +345,101 @@ class SparseBlockSequence(nn.Sequential):
             for blk in blocks:
                 x = blk(x)
             return x
+        parts = _lean_parts(blocks, x)
+        if parts is not None:
+            return _lean_forward(x, parts)
         carry = NormCarry()
         for blk, nxt in zip(blocks, blocks[1:] + [None]):
             fusable = isinstance(nxt, SparseBlock) and nxt.attn is not None
             carry.next_io = nxt.attn_io if fusable else None
             x = blk(x, carry=carry) if isinstance(blk, SparseBlock) else blk(x)
         return x
+
+
+# ------------------------------------------------------------------ the lean eager path (batch 1)
+# At batch 1 a DeiT-S forward spends ~2 ms (of ~9) in Python: module calls, attribute look-ups
+# through nn.Module.__getattr__, and the per-op "plain eager CPU call?" checks, ~84 of them. When the
+# whole sequence qualifies (checked once per forward, from the modules' dicts, so a replaced module,
+# an added hook or a dtype change is seen at the next forward), the blocks run as straight calls of
+# the same compiled ops with the same arguments: the result is bit-identical to the module path.
+class _LeanBlock(tuple):
+    """(block, attn_io, mlp_io, attention module, its qkv / proj op arguments, fc1 / fc2 op arguments)."""
+
+
+def _lean_linear(lin, dtype):
+    """``(module, int args)`` of a SparseLinear the direct C++ BSR call runs, without hooks; else None."""
+    if type(lin) is not SparseLinear or lin._forward_hooks or lin._forward_pre_hooks:
+        return None
+    direct = lin._cpp_direct
+    if direct is None:
+        direct = lin._cpp_direct = lin._direct_args()
+    if not direct or lin._buffers["values"].dtype != dtype:
+        return None
+    return lin, direct
+
+
+def _lean_block(blk, dtype):
+    """The pieces of one block for :func:`_lean_forward`, or None when any part needs the module path."""
+    if type(blk) is not SparseBlock or blk._modules.get("attn_const") is not None or blk._modules.get("mlp_const") is not None:
+        return None
+    attn, mlp = blk._modules.get("attn"), blk._modules.get("mlp")
+    if type(attn) is not SparseAttention or type(mlp) is not SparseMlp:
+        return None
+    am, mm = attn._modules, mlp._modules
+    if (attn.attention_kernel != "sparsevit" or attn.qk_dim != attn.v_dim or am.get("q_norm") is not None
+            or am.get("norm") is not None or attn._parameters.get("relative_position_bias_table") is not None
+            or mm.get("act") is not None or mm.get("norm") is not None):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp)):
+        return None
+    linears = [_lean_linear(m, dtype) for m in (am.get("qkv"), am.get("proj"), mm.get("fc1"), mm.get("fc2"))]
+    if any(lin is None for lin in linears):
+        return None
+    return _LeanBlock((blk, blk._modules.get("attn_io"), blk._modules.get("mlp_io"), attn, *linears))
+
+
+def _lean_parts(blocks, x: torch.Tensor):
+    """Every block's pieces when the whole sequence can take the lean path for ``x`` (plain eager CPU
+    inference, no grad, no hooks (checked by the caller), supported modules only); else None."""
+    if torch.is_grad_enabled() or x.dim() != 3 or not blocks:
+        return None
+    parts = []
+    for blk in blocks:
+        part = _lean_block(blk, x.dtype)
+        if part is None:
+            return None
+        parts.append(part)
+    first = parts[0][4][0]._buffers
+    if not eager_cpu_call_ok(x, first["values"], first["bias"]):
+        return None
+    return parts
+
+
+def _run_linear(lin_args, x2d: torch.Tensor) -> torch.Tensor:
+    lin, direct = lin_args
+    b = lin._buffers
+    return torch.ops.sparsevit_C.bsr_linear(x2d, b["packed"], b["col_indices"], b["crow_indices"], b["bias"], *direct)
+
+
+def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
+    """:class:`SparseBlockSequence`'s forward as straight op calls (see the section comment)."""
+    B, N, _ = x.shape
+    T = B * N
+    normed = parts[0][1].norm(x)
+    owned = False  # x is the caller's: the first write-back makes a new tensor
+    for i, (blk, attn_io, mlp_io, attn, qkv, proj, fc1, fc2) in enumerate(parts):
+        H, d = attn.num_heads, attn.qk_dim
+        q, k, v = _run_linear(qkv, normed.reshape(T, -1)).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out = sparse_attention(q, k, v, None, attn.scale)
+        y = _run_linear(proj, out.transpose(1, 2).reshape(T, H * d)).view(B, N, -1)
+        x, h = attn_io.add_then_norm(x, y, mlp_io, inplace=owned)
+        owned = True
+        y = _run_linear(fc2, _run_linear(fc1, h.reshape(T, -1))).view(B, N, -1)
+        if i + 1 < len(parts):
+            x, normed = mlp_io.add_then_norm(x, y, parts[i + 1][1], inplace=True)
+        else:
+            x = mlp_io.add(x, y, inplace=True)
+    return x
 
 
 def window_partition(x: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
