@@ -215,11 +215,12 @@ class SparseLinear(nn.Module):
             return runner.run_fine(x, self.weight, self.bias, self.activation)
         return bsr_linear(x, self.weight, self.bias, self.activation, self.kernel)
 
-    def _direct_args(self) -> Optional[tuple]:
+    def _direct_args(self) -> tuple:
         """The int arguments of ``sparsevit_C::bsr_linear`` after its tensors (out, in, bh, bw, act,
-        isa) when the op would run the C++ BSR kernel here anyway; None otherwise."""
+        isa) when the op would run the C++ BSR kernel here anyway; ``()`` (decided: no direct call)
+        otherwise, so that forward does not ask again (``None`` means undecided)."""
         if self.kind != "bsr" or resolve(self._kernel_input(), self.kernel) is not CppBSR:
-            return None
+            return ()
         (out_f, in_f), (bh, bw) = self._meta
         return (out_f, in_f, bh, bw, ACT_CODE["none" if self.activation is None else self.activation], -1)
 
