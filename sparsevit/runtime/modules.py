@@ -427,10 +427,10 @@ def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
     T = B * N
     normed = parts[0][1].norm(x)
     owned = False  # x is the caller's: the first write-back makes a new tensor
-    for i, (blk, attn_io, mlp_io, attn, qkv, proj, fc1, fc2) in enumerate(parts):
-        H, d = attn.num_heads, attn.qk_dim
+    for i, (_block, attn_io, mlp_io, attention, qkv, proj, fc1, fc2) in enumerate(parts):
+        H, d = attention.num_heads, attention.qk_dim
         q, k, v = _run_linear(qkv, normed.reshape(T, -1)).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-        out = sparse_attention(q, k, v, None, attn.scale)
+        out = sparse_attention(q, k, v, None, attention.scale)
         y = _run_linear(proj, out.transpose(1, 2).reshape(T, H * d)).view(B, N, -1)
         x, h = attn_io.add_then_norm(x, y, mlp_io, inplace=owned)
         owned = True
