@@ -20,14 +20,10 @@
 #include <random>
 #include <vector>
 
+#include "bsr_avx512bf16.cpp"  // the kernels exactly as the extension builds them
+
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
-#define SPV_NS avx512bf16
-#define SPV_ENTRY bsr_kernels_avx512bf16
-#define SPV_NAME "cpp_bsr_avx512_bf16"
-#define SPV_AVX512 1
-#define SPV_NATIVE_BF16 1
-#include "bsr_kernel_impl.h"
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")  // the peak probe
 
 // GF/s of 16 independent register-only chains (the same loop as torch.ops.sparsevit_C.peak_gflops).
 static double peak_gflops(int bf16) {
