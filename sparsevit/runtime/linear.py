@@ -196,17 +196,11 @@ class SparseLinear(nn.Module):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
-        direct = self._cpp_direct
-        if direct is None:  # decided once per kernel / device / dtype: what the op would pick anyway
-            direct = self._cpp_direct = self._direct_args()
+        direct = self.direct_args()
         if direct:
-            # the C++ op straight from the buffer dict (nn.Module.__getattr__ and the generic wrapper
-            # cost ~14 us a call, 0.7 ms of a batch-1 DeiT-S forward); the op checks every argument
             bufs = self._buffers
-            values, bias = bufs["values"], bufs["bias"]
-            if x.shape[-1] == direct[1] and eager_cpu_call_ok(x, values, bias):
-                y = torch.ops.sparsevit_C.bsr_linear(x.reshape(-1, direct[1]), bufs["packed"], bufs["col_indices"],
-                                                     bufs["crow_indices"], bias, *direct)
+            if x.shape[-1] == direct[1] and eager_cpu_call_ok(x, bufs["values"], bufs["bias"]):
+                y = self.run_direct(x.reshape(-1, direct[1]), direct)
                 return y if x.dim() == 2 else y.view(x.shape[:-1] + (direct[0],))
         if self.is_nm:
             return nm_linear(x, self.weight, self.bias, self.activation, self.kernel)
@@ -214,6 +208,22 @@ class SparseLinear(nn.Module):
             runner = get_kernel("reference" if self.kernel == "reference" else "cpp_fine")
             return runner.run_fine(x, self.weight, self.bias, self.activation)
         return bsr_linear(x, self.weight, self.bias, self.activation, self.kernel)
+
+    def direct_args(self) -> tuple:
+        """:meth:`_direct_args`, decided once per kernel / device / dtype / shape / activation (each
+        change resets it): what the op would pick anyway."""
+        direct = self._cpp_direct
+        if direct is None:
+            direct = self._cpp_direct = self._direct_args()
+        return direct
+
+    def run_direct(self, x2d: Tensor, direct: tuple) -> Tensor:
+        """``sparsevit_C::bsr_linear`` on ``x2d`` ``[tokens, in]`` with the tensors read straight from the
+        buffer dict (nn.Module.__getattr__ and the generic wrapper cost ~14 us a call, 0.7 ms of a
+        batch-1 DeiT-S forward); ``direct`` from :meth:`direct_args`. The op checks every argument."""
+        b = self._buffers
+        return torch.ops.sparsevit_C.bsr_linear(x2d, b["packed"], b["col_indices"], b["crow_indices"], b["bias"],
+                                                *direct)
 
     def _direct_args(self) -> tuple:
         """The int arguments of ``sparsevit_C::bsr_linear`` after its tensors (out, in, bh, bw, act,

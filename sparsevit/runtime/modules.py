@@ -370,9 +370,7 @@ def _lean_linear(lin, dtype):
     """``(module, int args)`` of a SparseLinear the direct C++ BSR call runs, without hooks; else None."""
     if type(lin) is not SparseLinear or lin._forward_hooks or lin._forward_pre_hooks:
         return None
-    direct = lin._cpp_direct
-    if direct is None:
-        direct = lin._cpp_direct = lin._direct_args()
+    direct = lin.direct_args()
     if not direct or lin._buffers["values"].dtype != dtype:
         return None
     return lin, direct
@@ -417,8 +415,7 @@ def _lean_parts(blocks, x: torch.Tensor):
 
 def _run_linear(lin_args, x2d: torch.Tensor) -> torch.Tensor:
     lin, direct = lin_args
-    b = lin._buffers
-    return torch.ops.sparsevit_C.bsr_linear(x2d, b["packed"], b["col_indices"], b["crow_indices"], b["bias"], *direct)
+    return lin.run_direct(x2d, direct)
 
 
 def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
