@@ -285,3 +285,36 @@ def test_lean_path_sees_replaced_modules_and_activation_changes():
         fc1.activation = "gelu_tanh" if fc1.activation != "gelu_tanh" else "gelu"
         want = F.gelu(dense_fc1(h), approximate="tanh" if fc1.activation == "gelu_tanh" else "none")
         assert rel_err(fc1(h), want) < 1e-5
+
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+def test_lean_path_refuses_relative_position_bias(monkeypatch):
+    """The lean path's attention call has no bias: a block whose attention holds a relative-position
+    table takes the module path, which adds it; were the check skipped, the lean path would run and
+    compute something else."""
+    from sparsevit.runtime import modules
+    from sparsevit.runtime.modules import SparseAttention
+
+    _, _, fast = _block_sparse_vit()
+    attn = fast.blocks[1].attn
+    n = 17  # tokens of vit_tiny at 32x32 (16 patches + class token)
+    attn.relative_position_bias_table = nn.Parameter(torch.randn(n * n, attn.num_heads))
+    attn.relative_position_index = torch.arange(n * n).view(n, n)
+    x = torch.randn(2, n, 192)
+    lean_calls = []
+    real_lean = modules._lean_forward
+    monkeypatch.setattr(modules, "_lean_forward", lambda *a: lean_calls.append(1) or real_lean(*a))
+    with torch.inference_mode():
+        out = fast.blocks(x.clone())
+        assert not lean_calls
+        with monkeypatch.context() as m:  # each block on its own: nothing chained, the bias added
+            m.setattr(modules, "_lean_parts", lambda blocks, x: None)
+            unchained = x.clone()
+            for blk in fast.blocks:
+                unchained = blk(unchained)
+        monkeypatch.setattr(SparseAttention, "has_rel_pos_bias", lambda self: False)
+        wrong = fast.blocks(x.clone())
+    assert rel_err(out, unchained) < 1e-6
+    assert lean_calls == [1]  # every other part qualifies: the bias check is what refuses
+    assert rel_err(wrong, out) > 1e-3

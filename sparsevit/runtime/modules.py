@@ -101,8 +101,11 @@ class SparseAttention(nn.Module):
         self.register_buffer("head_index", head_index, persistent=True)
         self.attention_kernel = attention_kernel
 
+    def has_rel_pos_bias(self) -> bool:
+        return self.relative_position_bias_table is not None
+
     def rel_pos_bias(self) -> Optional[torch.Tensor]:
-        if self.relative_position_bias_table is None:
+        if not self.has_rel_pos_bias():
             return None
         if self._rel_cache is not None and not self.training:
             return self._rel_cache
@@ -385,7 +388,7 @@ def _lean_block(blk, dtype):
         return None
     am, mm = attn._modules, mlp._modules
     if (attn.attention_kernel != "sparsevit" or attn.qk_dim != attn.v_dim or am.get("q_norm") is not None
-            or am.get("norm") is not None or attn._parameters.get("relative_position_bias_table") is not None
+            or am.get("norm") is not None or attn.has_rel_pos_bias()
             or mm.get("act") is not None or mm.get("norm") is not None):
         return None
     if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp)):
