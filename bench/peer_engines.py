@@ -19,7 +19,7 @@ only that engine's runtime: torch engines load the model from a safetensors file
 its JSON file (and sparsevit, which builds the masked model), ONNX engines read the exports the
 harness made. One worker per engine lives for the
 whole run; it loads each plan when asked and drops the previous one. Sharing one process let the
-engines' thread pools, allocators and CPU pinning act on each other (see bench/RESULTS.md).
+engines' thread pools, allocators and CPU pinning act on each other (see bench/PEERS.md).
 :class:`WorkerProcess` is the pipe both that worker and DeepSparse's speak (one JSON object a line).
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ run: the JSON's ``cpu`` per cell gives the engine's own CPU per call and what al
 stay idle. ``--isolation none`` runs every engine in the harness's process (how the tables before
 2026-11-22 06:00 were made) to reproduce the interference: in one process the engines' thread pools,
 allocators and pinning act on each other, and sparsevit's kernel chooser measures while others'
-threads may still be busy (see bench/RESULTS.md, "Method: one process per engine").
+threads may still be busy (see bench/PEERS.md, "Method: one process per engine").
 
 Plans (the public pruning API, l1 magnitudes of the random weights):
     dense                 nothing removed
