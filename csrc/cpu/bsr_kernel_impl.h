@@ -23,7 +23,12 @@
 // alone, called in a loop by a C++ harness, interleaved with the old code, best of 4).
 // 14-token tiles (28 accumulators) gained nothing and pad batch 1 more. With cold caches (64 MiB
 // written between calls) the kernels drop to 45-85%: memory traffic of x and y, which prefetching
-// the next tile's x or claiming y's lines early (prefetchw) did not change.
+// the next tile's x or claiming y's lines early (prefetchw) did not change. Cold weights (a layer's
+// first token tile; at batch 1 on DeiT-S that is 1 of 17 tiles, but the whole layer's weight
+// traffic): prefetching the weight stream 8 KiB ahead on that tile gave the combined plan at batch 1,
+// with 64 MiB written before every forward, a 2.6-6% lower minimum over 60 calls in every one of 4
+// alternations at 1 thread (thread CPU time, 12.5-12.8 vs 12.9-13.6 ms) and in 12 of 13 pairs at 2
+// threads; batch 8 did not move beyond the host's noise.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
 #include <stdint.h>
@@ -169,10 +174,22 @@ static inline __attribute__((always_inline)) void bf16_pair_step(vf (&acc)[TT][N
   (void)BHP;
 }
 
-// Block row r for tokens [tok0, tok0 + TT) read from xtile (row stride ld). pf: prefetch each next
-// block's activations (the tile may not be in L1 yet, see kBsrL1TileBudget).
+// Prefetch flags of the row kernels (see compute()).
+enum { PF_X = 1,   // each next block's activations (the tile may not be in L1, see kBsrL1TileBudget)
+       PF_W = 2 }; // the weight stream kBsrWeightPrefetchAhead bytes ahead (the layer's first tile)
+
+// The packed weights of consecutive kept blocks are one contiguous stream (rows follow each other),
+// but each 32x32 fp32 block is one 4 KiB page, where the hardware prefetchers stop: with the weights
+// in DRAM (a layer's first token tile, at batch 1 the whole layer) every block would start with
+// demand misses. Two to four lines per column step, issued only where the weights may be cold.
+static inline __attribute__((always_inline)) void prefetch_weights(const char* at, int bytes) {
+#pragma GCC unroll 4
+  for (int off = 0; off < bytes; off += 64) _mm_prefetch(at + kBsrWeightPrefetchAhead + off, _MM_HINT_T0);
+}
+
+// Block row r for tokens [tok0, tok0 + TT) read from xtile (row stride ld); pf: PF_* flags.
 template <int NV, int TT, int BF16>
-static void kernel_a(const BsrParams* p, int64_t r, int64_t tok0, const void* xtile, int64_t ld, bool pf) {
+static void kernel_a(const BsrParams* p, int64_t r, int64_t tok0, const void* xtile, int64_t ld, int pf) {
   // Accumulators start at the bias and stay in registers for up to FLUSH_COLS input columns; longer
   // rows add each such partial sum into an L1-resident [TT x BHP] tile (two-level summation: the
   // rounding error grows with FLUSH_COLS + K/FLUSH_COLS terms instead of K). DeiT-S rows at 30-50%
@@ -207,7 +224,7 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tok0, const void* xt
     const float* wp = (const float*)p->wpack + (int64_t)b0 * KP * BHP;
     for (int32_t b = b0; b < b1; ++b, wp += KP * BHP) {
       const float* xb = xt + (int64_t)p->col[b] * bw;
-      if (pf && b + 1 < b1) {  // the next block sits at a random column: fetch its activations early
+      if ((pf & PF_X) && b + 1 < b1) {  // the next block sits at a random column: fetch its activations early
         const char* nx = (const char*)(xt + (int64_t)p->col[b + 1] * bw);
         for (int t = 0; t < TT; ++t)
           for (int off = 0; off < bw * 4; off += 64) _mm_prefetch(nx + t * ld * 4 + off, _MM_HINT_T0);
@@ -217,6 +234,7 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tok0, const void* xt
       const int nk = p->col[b] == last_col ? tail_k : KP;
 #pragma GCC unroll 2
       for (int j = 0; j < nk; ++j) {
+        if (pf & PF_W) prefetch_weights((const char*)(wp + j * BHP), BHP * 4);
         vf w[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) w[v] = vload(wp + j * BHP + v * W);
@@ -239,7 +257,7 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tok0, const void* xt
     const uint16_t* wp = (const uint16_t*)p->wpack + (int64_t)b0 * KP * BHP;
     for (int32_t b = b0; b < b1; ++b, wp += KP * BHP) {
       const uint16_t* xb = xt + (int64_t)p->col[b] * bw;
-      if (pf && b + 1 < b1) {
+      if ((pf & PF_X) && b + 1 < b1) {
         const char* nx = (const char*)(xt + (int64_t)p->col[b + 1] * bw);
         for (int t = 0; t < TT; ++t)
           for (int off = 0; off < bw * 2; off += 64) _mm_prefetch(nx + t * ld * 2 + off, _MM_HINT_T0);
@@ -250,7 +268,10 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tok0, const void* xt
       // end) pairs with a zero so that nothing past it is read.
       const int nk = p->col[b] == last_col ? tail_k : bw;
 #pragma GCC unroll 2
-      for (int jp = 0; jp < nk / 2; ++jp) bf16_pair_step<NV, TT, false>(acc, wp + jp * BHP * 2, q, ld, 2 * jp);
+      for (int jp = 0; jp < nk / 2; ++jp) {
+        if (pf & PF_W) prefetch_weights((const char*)(wp + jp * BHP * 2), BHP * 4);
+        bf16_pair_step<NV, TT, false>(acc, wp + jp * BHP * 2, q, ld, 2 * jp);
+      }
       if (nk & 1) bf16_pair_step<NV, TT, true>(acc, wp + (nk / 2) * BHP * 2, q, ld, nk - 1);
       kin += bw;
       if (kin >= FLUSH_COLS && b + 1 < b1) {
@@ -271,7 +292,7 @@ static void kernel_a(const BsrParams* p, int64_t r, int64_t tok0, const void* xt
 
 // ---- kernel B: tokens in vectors, weights broadcast (short blocks such as 1x8) -----------------
 template <int BH, int TV, int BF16>
-static void kernel_b(const BsrParams* p, int64_t r, int64_t tok0, const void* xtile, int64_t ld, bool pf) {
+static void kernel_b(const BsrParams* p, int64_t r, int64_t tok0, const void* xtile, int64_t ld, int pf) {
   (void)ld;
   (void)pf;
   const int TT = TV * W;
@@ -402,7 +423,7 @@ static int token_tile(int BHP, int bf16) {
   return tv_b(BHP) * W;
 }
 
-typedef void (*row_fn)(const BsrParams*, int64_t, int64_t, const void*, int64_t, bool);
+typedef void (*row_fn)(const BsrParams*, int64_t, int64_t, const void*, int64_t, int);
 
 template <int BF16>
 static row_fn pick(int BHP) {
@@ -471,7 +492,11 @@ static void compute(const BsrParams* p, int64_t r0, int64_t r1, int64_t t0, int6
     for (int64_t tile = t0; tile < t1; ++tile) {
       const void* xtile = tile_ptr(p, tile);
       const row_fn f = (half && tile == p->n_tiles - 1) ? half : fn;
-      for (int64_t rr = r; rr < re; ++rr) f(p, rr, tile * p->TT, xtile, p->lda, rr == r || !tile_fits_l1);
+      // The layer's first tile reads the chunk's weights from memory, later ones from L2 (a row
+      // group's runs go to its owning thread first, run 0 first: see bsr_linear.cpp run_parallel).
+      const int pf_w = tile == 0 ? PF_W : 0;
+      for (int64_t rr = r; rr < re; ++rr)
+        f(p, rr, tile * p->TT, xtile, p->lda, pf_w | (rr == r || !tile_fits_l1 ? PF_X : 0));
     }
     r = re;
   }

@@ -25,6 +25,9 @@ enum { kBsrL2WeightBudget = 512 * 1024 };
 // the next block's activations only in the chunk's first row (later rows find them in L1, and the
 // ~24 prefetches per block cost 2-3% at batch 1 on DeiT-S); above it (fc2, 1536 inputs) always.
 enum { kBsrL1TileBudget = 24 * 1024 };
+// How far ahead in the packed weight stream kernel A prefetches on a row chunk's first token tile
+// (bsr_kernel_impl.h prefetch_weights): about one DRAM latency of column steps.
+enum { kBsrWeightPrefetchAhead = 8192 };
 
 struct BsrParams {
   const void* x;        // [T, ldx] fp32 or bf16
