@@ -27,8 +27,9 @@
 // first token tile; at batch 1 on DeiT-S that is 1 of 17 tiles, but the whole layer's weight
 // traffic): prefetching the weight stream 8 KiB ahead on that tile gave the combined plan at batch 1,
 // with 64 MiB written before every forward, a 2.6-6% lower minimum over 60 calls in every one of 4
-// alternations at 1 thread (thread CPU time, 12.5-12.8 vs 12.9-13.6 ms) and in 12 of 13 pairs at 2
-// threads; batch 8 did not move beyond the host's noise.
+// alternations at 1 thread (thread CPU time, 12.5-12.8 vs 12.9-13.6 ms); at 2 threads the host was too
+// noisy to tell (wall clock: prefetching on every unit's first tile was lower in 10 of 11 pairs, this
+// variant in 2 of 4); batch 8 did not move beyond the noise.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
 #include <stdint.h>
