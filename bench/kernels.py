@@ -91,13 +91,18 @@ def make_methods(x, w, mask, block, wanted=METHODS):
     return out
 
 
+def call_clock():
+    """The thread's CPU time at one thread (a shared machine disturbs it less), else the wall clock."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def time_interleaved(fns, warmup, reps, max_s, stat="median"):
     """Median (or min) ms per callable; methods alternate within each round, so background load
     hits all of them alike. Slow configurations stop after 3 rounds once ``max_s`` is spent. At one
     thread each call is timed in the thread's CPU time (``time.thread_time``), which time spent
     waiting for a core another process holds does not count (the wall clock varied 1.2-2.3x over
     minutes on the shared 2-core host); at more threads in the wall clock."""
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    clock = call_clock()
     times = {k: [] for k in fns}
     for k, f in fns.items():
         for _ in range(warmup):
@@ -119,7 +124,7 @@ def time_back_to_back(fn, warmup, reps, stat="median"):
     weights and activations stay in cache between calls, as in a kernel-level benchmark (oneDNN's
     benchdnn times this way by default). In the interleaved rounds the dense call in between evicts
     them, which is closer to a layer inside a model."""
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    clock = call_clock()
     for _ in range(warmup):
         fn()
     times = []
@@ -224,7 +229,7 @@ def run_plan_layers(args, peaks):
     from sparsevit.ops.dense_cpu import dense_candidates
     from sparsevit.runtime.dense_linear import DenseLinear
 
-    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    clock = call_clock()
     records = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
