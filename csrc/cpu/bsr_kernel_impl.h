@@ -183,6 +183,7 @@ enum { PF_X = 1,   // each next block's activations (the tile may not be in L1, 
 // but each 32x32 fp32 block is one 4 KiB page, where the hardware prefetchers stop: with the weights
 // in DRAM (a layer's first token tile, at batch 1 the whole layer) every block would start with
 // demand misses. One to four lines per column step (BHP x 4 bytes), only where the weights may be cold.
+// Near the end of the weights this prefetches past them: harmless, a prefetch never faults.
 static inline __attribute__((always_inline)) void prefetch_weights(const char* at, int bytes) {
 #pragma GCC unroll 4
   for (int off = 0; off < bytes; off += 64) _mm_prefetch(at + kBsrWeightPrefetchAhead + off, _MM_HINT_T0);
