@@ -58,7 +58,8 @@
 // segment-major (each segment pass one sequential stream: -2% at 70%, +6% at 90%); rows visited
 // in order of their unit count per segment (predictable exits, but the weights are then read out of
 // order: +9% / +22%); two rows in one masked loop (one exit per pair: +18-28%); 4 units per
-// iteration (+14-26%: one more data-dependent exit per visit); a compile-time TT (no change); 48 to
+// iteration (+14-26%: one more data-dependent exit per visit); one accumulator set at 80 tokens (no
+// a1 / tail work per visit, but 5 FMA chains: 2-3% slower); a compile-time TT (no change); 48 to
 // 1152 rows per range (within noise).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
