@@ -44,6 +44,23 @@
 // software prefetch of the next row's partial sums (L2) at each visit (no change).
 // The fixed cost (all-zero weight, same shapes, 80-token tiles) is ~24 of ~99 ms at 90%: ~7 ms row
 // visits, the rest the pack of x, the transposing store of y and the hidden tile's seal.
+// Round 5 (bench/fine_kernel_probe.cpp: qkv 384->1152, 1576 tokens, 80-token tiles, 1 thread, thread
+// CPU time, medians on a shared machine: indicative). 90% / 70%: whole call ~2.2 / ~4.3 ms; row kernel
+// 1.59 / 3.73 ms, i.e. 0.36 / 0.28 ns per stored-unit FMA vector against 0.147 at the 217 GF/s peak
+// probe; with the weights L1-hot and one 128-column chunk still 0.32 / 0.26 (so not the weight stream
+// nor x from L2); transposing store 0.15-0.22 ms (0.15 into an L2-resident y: the 16x16 shuffle
+// transpose itself); pack 0.07 / 0.17 ms. An all-zero weight's row kernel costs 0.36 ms, ~18 cycles
+// a visit (partial sums through the L2-resident scratch, the masked tail unit): at 90% a visit holds
+// ~13 units, so that is ~a quarter of the row kernel. A weight with the same unit count in every
+// visit (loop exits predictable) was only 3% (90%) / 9% (70%) faster: mispredicted exits are not the
+// main visit cost. Measured and dropped: weights of 8 or 16 units loaded as one vector and broadcast
+// by a permute (1-2% at 70%, noise at 90%: the loop is not bound by load ports); units stored
+// segment-major (each segment pass one sequential stream: -2% at 70%, +6% at 90%); rows visited
+// in order of their unit count per segment (predictable exits, but the weights are then read out of
+// order: +9% / +22%); two rows in one masked loop (one exit per pair: +18-28%); 4 units per
+// iteration (+14-26%: one more data-dependent exit per visit); one accumulator set at 80 tokens (no
+// a1 / tail work per visit, but 5 FMA chains: 2-3% slower); a compile-time TT (no change); 48 to
+// 1152 rows per range (within noise).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #include <immintrin.h>
 #include <stdint.h>
