@@ -153,36 +153,37 @@ static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, i
   }
 }
 
-// Cache lines to fetch, handed out a few at a time between the tiles of a query block: issued in one
-// burst (a hundred lines or more), most software prefetches did not arrive in time (measured: packing
-// from rows fetched that way cost as much as packing cold rows), a few per tile do.
+// Cache lines to fetch while a query block runs, one every PF_STEPS steps of the tiles' inner loops.
+// Issued in one burst (a hundred lines or more), most software prefetches did not arrive in time
+// (measured: packing from rows fetched that way cost as much as packing cold rows); issued a few dozen
+// at a time between tiles, the prefetch instructions stalled on the full miss buffers (perf: ~2.5% of
+// the kernel on the instruction after them, DeiT-S b8 fp32); one per few steps inside the tiles does
+// neither. A tile takes a run of entries (take) and reads one per PF_STEPS steps; entries past the
+// queued lines name the queue itself (in L1), so that the tiles never test for the end.
+enum { PF_STEPS = 2 };
 struct LineQueue {
-  enum { MAX_ROWS = 128 };
-  const char* row[MAX_ROWS];  // first cache line of each row
-  int lines[MAX_ROWS];        // cache lines the row spans
-  int n = 0, at = 0, line = 0, per_call = 4;
+  enum { MAX_LINES = 1024, PAD = (KB + PF_STEPS - 1) / PF_STEPS };  // PAD: the most one tile takes
+  const char* line[MAX_LINES + PAD];
+  int n = 0, at = 0;
   void add(const void* p, int64_t bytes) {
-    const uintptr_t a = (uintptr_t)p & ~(uintptr_t)63, e = ((uintptr_t)p + bytes + 63) & ~(uintptr_t)63;
-    if (n == MAX_ROWS) {  // no room (not on the shapes pieces have): fetch it now
-      for (uintptr_t x = a; x < e; x += 64) _mm_prefetch((const char*)x, _MM_HINT_T0);
-      return;
-    }
-    row[n] = (const char*)a;
-    lines[n++] = (int)((e - a) / 64);
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)63;
+    const uintptr_t e = ((uintptr_t)p + bytes + 63) & ~(uintptr_t)63;
+    for (; a < e && n < MAX_LINES; a += 64) line[n++] = (const char*)a;
+    for (; a < e; a += 64) _mm_prefetch((const char*)a, _MM_HINT_T0);  // no room (not on the shapes pieces have): now
   }
-  void issue() {
-    for (int k = 0; k < per_call && at < n; ++k) {
-      _mm_prefetch(row[at] + 64 * line, _MM_HINT_T0);
-      if (++line == lines[at]) line = 0, ++at;
-    }
+  void seal() {  // after the last add: the padding the tiles may read past the lines
+    for (int k = n; k < n + PAD; ++k) line[k] = (const char*)line;
   }
-  void flush() { per_call = 1 << 30; issue(); }
-  void reset() { n = at = line = 0; }
-  void spread(int calls) {  // per_call so that `calls` calls of issue() fetch every line
-    int total = 0;
-    for (int r = 0; r < n; ++r) total += lines[r];
-    per_call = total / calls + 1;
+  // Entries for a tile of `steps` inner steps (steps <= KB).
+  const char* const* take(int64_t steps) {
+    const char* const* r = line + (at < n ? at : n);
+    at += (int)((steps + PF_STEPS - 1) / PF_STEPS);
+    return r;
   }
+  void flush() {  // what the tiles did not take, at the end of the block
+    for (; at < n; ++at) _mm_prefetch(line[at], _MM_HINT_T0);
+  }
+  void reset() { n = at = 0; }
 };
 
 // fp32 K^T [Dqk][Np] and V [Np][Dvp] for keys [j_begin, j_end) (multiples of 16, j_end <= Np), zero
@@ -293,7 +294,7 @@ struct Block {
   int64_t bias_row0;  // bias offset of (b, h, first query of the block)
   int nq;             // valid queries in the block
   int rows;           // rows the tiles compute: QB, or 6 where nq <= 6 (AVX-512; 197 = 16 * 12 + 5)
-  LineQueue* fetch;   // lines to prefetch between tiles (the next head's next piece), or nullptr
+  LineQueue* fetch;   // lines the tiles prefetch (the block's output rows, the next head's next piece)
 };
 
 // S[q0 .. q0+MQ)[keys jv0 .. jv0 + NJ*W) of the current key block (s already offset to jv0), with
@@ -302,6 +303,7 @@ struct Block {
 template <class Dot, int MQ, int NJ>
 __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, int64_t jv0, const typename Dot::elem* k,
                                                  int64_t krow, float* s, vf* mx) {
+  const char* const* pf = c.fetch->take(c.nd);
   vf acc[MQ][NJ];
 #pragma GCC unroll 12
   for (int qi = 0; qi < MQ; ++qi)
@@ -309,6 +311,7 @@ __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, in
     for (int n = 0; n < NJ; ++n) acc[qi][n] = vzero();
   const typename Dot::elem* q = c.qs + q0 * Dot::STEP;
   for (int64_t dd = 0; dd < c.nd; ++dd, q += QB * Dot::STEP, k += krow) {
+    if (dd % PF_STEPS == 0) _mm_prefetch(pf[dd / PF_STEPS], _MM_HINT_T0);
     vf kv[NJ];
     for (int n = 0; n < NJ; ++n) kv[n] = in_register(Dot::load(k + n * W * Dot::STEP));
     for (int qi = 0; qi < MQ; ++qi) {
@@ -359,7 +362,6 @@ static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
   int64_t v = 0;
   for (; v + QK_NJ <= nvec; v += QK_NJ, panel += PANEL * c.nd * step)
     for (int q0 = 0; q0 < c.rows; q0 += QK_MQ) {
-      if (c.fetch) c.fetch->issue();
       score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, panel, PANEL * step, c.s + q0 * c.ss + v * W, mx);
     }
   const int rem = (int)(nvec - v);
@@ -425,7 +427,9 @@ __attribute__((noinline)) static void pv_tile(const Block<Dot>& c, int q0, int64
   }
   const typename Dot::elem* v = vb + dvb * Dot::STEP;
   const typename Dot::elem* pq = pm + q0 * c.ss;
+  const char* const* pf = c.fetch->take(nsteps);
   for (int64_t jj = 0; jj < nsteps; ++jj) {
+    if (jj % PF_STEPS == 0) _mm_prefetch(pf[jj / PF_STEPS], _MM_HINT_T0);
     vf vv[NV];
     for (int n = 0; n < NV; ++n) vv[n] = in_register(Dot::load(v + jj * c.vrow + n * W * Dot::STEP));
     for (int qi = 0; qi < MQ; ++qi) {
@@ -445,7 +449,6 @@ static void pv(const Block<Dot>& c, const typename Dot::elem* vb, int64_t nsteps
   const int64_t nvec = c.p->Dvp / W;
   for (int64_t v0 = 0; v0 < nvec;) {
     const int64_t left = nvec - v0;
-    if (c.fetch) c.fetch->issue();
 #if SPV_AVX512
     if (left >= 4) {
       for (int q0 = 0; q0 < c.rows; q0 += 6) pv_tile<Dot, 6, 4>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
@@ -654,7 +657,7 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
     for (int qi = 0; qi < c.nq; ++qi) fetch.add((char*)p->out + (out_base + (i + qi) * p->so[2]) * es, p->Dv * es);
     for (int64_t piece = k == k0 ? 0 : k - k0 + 1; pipelined && piece <= k - k0 + 1 && piece < parts; ++piece)
       pack_piece<Dot>(p, next / p->H, next % p->H, nxt, 0, n_qblocks(p), piece, parts, &fetch);
-    fetch.spread(6);
+    fetch.seal();
     c.qs = (const elem*)(cur.qs + k * QB * Dp);
     c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
     query_block<Dot>(c, out_base + i * p->so[2]);
