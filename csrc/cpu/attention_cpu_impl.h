@@ -159,7 +159,9 @@ static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, i
 // at a time between tiles, the prefetch instructions stalled on the full miss buffers (perf: ~2.5% of
 // the kernel on the instruction after them, DeiT-S b8 fp32); one per few steps inside the tiles does
 // neither. A tile takes a run of entries (take) and reads one per PF_STEPS steps; entries past the
-// queued lines name the queue itself (in L1), so that the tiles never test for the end.
+// queued lines name the queue itself (in L1), so that the tiles never test for the end. Only tiles two
+// or more vectors wide prefetch: the one-vector tiles are load-bound already (head dim 16: ~4% slower
+// with them prefetching too).
 enum { PF_STEPS = 2 };
 struct LineQueue {
   enum { MAX_LINES = 1024, PAD = (KB + PF_STEPS - 1) / PF_STEPS };  // PAD: the most one tile takes
@@ -297,13 +299,26 @@ struct Block {
   LineQueue* fetch;   // lines the tiles prefetch (the block's output rows, the next head's next piece)
 };
 
+// Score vector of block row qi, keys [jv, jv + W), from its dot products: scaled to base 2, bias added,
+// keys past N masked to -inf; stored to dst and returned (for the row max).
+template <class Dot>
+static inline vf score_vector(const Block<Dot>& c, int qi, int64_t jv, vf dots, float* dst) {
+  const AttnParams* p = c.p;
+  const int valid = (int)(p->N - jv < W ? p->N - jv : W);
+  vf x = vmul(dots, vset1(c.scale2));
+  if (p->bias && qi < c.nq) x = vfma(load_row(p->bias, c.bias_row0 + qi * p->sb[2] + jv, valid, p->bias_bf16), vset1(LOG2E), x);
+  if (valid < W) x = mask_tail(x, valid);
+  vstore(dst, x);
+  return x;
+}
+
 // S[q0 .. q0+MQ)[keys jv0 .. jv0 + NJ*W) of the current key block (s already offset to jv0), with
 // the epilogue (scale, bias, tail mask) and the running row max mx[q0 ..]. k: the keys' K^T panel,
 // krow elements from one channel step to the next.
 template <class Dot, int MQ, int NJ>
 __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, int64_t jv0, const typename Dot::elem* k,
                                                  int64_t krow, float* s, vf* mx) {
-  const char* const* pf = c.fetch->take(c.nd);
+  const char* const* pf = NJ >= 2 ? c.fetch->take(c.nd) : nullptr;  // see PF_STEPS
   vf acc[MQ][NJ];
 #pragma GCC unroll 12
   for (int qi = 0; qi < MQ; ++qi)
@@ -311,7 +326,7 @@ __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, in
     for (int n = 0; n < NJ; ++n) acc[qi][n] = vzero();
   const typename Dot::elem* q = c.qs + q0 * Dot::STEP;
   for (int64_t dd = 0; dd < c.nd; ++dd, q += QB * Dot::STEP, k += krow) {
-    if (dd % PF_STEPS == 0) _mm_prefetch(pf[dd / PF_STEPS], _MM_HINT_T0);
+    if (NJ >= 2 && dd % PF_STEPS == 0) _mm_prefetch(pf[dd / PF_STEPS], _MM_HINT_T0);
     vf kv[NJ];
     for (int n = 0; n < NJ; ++n) kv[n] = in_register(Dot::load(k + n * W * Dot::STEP));
     for (int qi = 0; qi < MQ; ++qi) {
@@ -337,21 +352,51 @@ __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, in
   }
 #pragma GCC unroll 12
   for (int qi = 0; qi < MQ; ++qi) {
-    const bool bias = p->bias && q0 + qi < c.nq;
     vf m = mx[q0 + qi];
 #pragma GCC unroll 4
-    for (int n = 0; n < NJ; ++n) {
-      const int64_t jv = jv0 + n * W;
-      const int valid = (int)(p->N - jv < W ? p->N - jv : W);
-      vf x = vmul(acc[qi][n], sc);
-      if (bias) x = vfma(load_row(p->bias, c.bias_row0 + (q0 + qi) * p->sb[2] + jv, valid, p->bias_bf16), vset1(LOG2E), x);
-      if (valid < W) x = mask_tail(x, valid);
-      vstore(s + qi * c.ss + n * W, x);
-      m = vmax(m, x);
-    }
+    for (int n = 0; n < NJ; ++n) m = vmax(m, score_vector(c, q0 + qi, jv0 + n * W, acc[qi][n], s + qi * c.ss + n * W));
     mx[q0 + qi] = m;
   }
 }
+
+#if SPV_AVX512
+// The last key vector of a row when it holds only NK < W keys (197 tokens: 5 of 16), with the block's
+// queries in the lanes instead of the keys: NK FMAs per channel step instead of QB (a QB x 1 tile of
+// which 16 - NK lanes are padding), then one 16 x 16 transpose back to rows of keys. Two accumulator
+// sets (even and odd channel steps) keep 2 * NK FMA chains in flight.
+template <class Dot, int NK>
+__attribute__((noinline)) static void score_tail_tile(const Block<Dot>& c, int64_t jv, const typename Dot::elem* k,
+                                                      int64_t krow, float* s, vf* mx) {
+  const char* const* pf = c.fetch->take(c.nd);
+  vf acc[2][NK];
+#pragma GCC unroll 16
+  for (int j = 0; j < NK; ++j) acc[0][j] = acc[1][j] = vzero();
+  const __mmask16 rows = (__mmask16)((1u << QB) - 1u);  // qs holds QB rows per channel step (zero past nq)
+  const float* q = (const float*)c.qs;  // one fp32 or one bf16 channel pair per query
+  int64_t dd = 0;
+  for (; dd + 1 < c.nd; dd += 2, q += 2 * QB, k += 2 * krow) {
+    if (dd % PF_STEPS == 0) _mm_prefetch(pf[dd / PF_STEPS], _MM_HINT_T0);
+    const vf q0 = in_register(_mm512_maskz_loadu_ps(rows, q)), q1 = in_register(_mm512_maskz_loadu_ps(rows, q + QB));
+#pragma GCC unroll 16
+    for (int j = 0; j < NK; ++j) {
+      acc[0][j] = Dot::dot(acc[0][j], q0, Dot::bcast(k + j * Dot::STEP));
+      acc[1][j] = Dot::dot(acc[1][j], q1, Dot::bcast(k + krow + j * Dot::STEP));
+    }
+  }
+  if (dd < c.nd) {
+    const vf q0 = _mm512_maskz_loadu_ps(rows, q);
+#pragma GCC unroll 16
+    for (int j = 0; j < NK; ++j) acc[0][j] = Dot::dot(acc[0][j], q0, Dot::bcast(k + j * Dot::STEP));
+  }
+  vf r[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) r[j] = j < NK ? vadd(acc[0][j], acc[1][j]) : vzero();
+  transpose16(r);  // r[qi]: query qi's scores against the 16 keys (zero past NK, masked below)
+#pragma GCC unroll 12
+  for (int qi = 0; qi < QB; ++qi)
+    if (qi < c.rows) mx[qi] = vmax(mx[qi], score_vector(c, qi, jv, r[qi], s + qi * c.ss));
+}
+#endif
 
 // Scores of the whole block against keys [j0, j0 + nkp) (nkp a multiple of W) into s[QB][ss]: one
 // K^T panel per group of QK_NJ key vectors, the narrower last panel by the tiles below.
@@ -367,6 +412,21 @@ static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
   const int rem = (int)(nvec - v);
   float* s = c.s + v * W;
   const int64_t jv = j0 + v * W, krow = rem * W * step;
+#if SPV_AVX512
+  const int64_t tail_keys = c.p->N - jv;  // keys in the last vector (<= 0: it is all padding)
+  if (rem == 1 && tail_keys > 0 && tail_keys <= 8 && c.nd >= 20) {  // short rows: the transpose costs more
+    switch (tail_keys) {
+      case 1: return score_tail_tile<Dot, 1>(c, jv, panel, krow, s, mx);
+      case 2: return score_tail_tile<Dot, 2>(c, jv, panel, krow, s, mx);
+      case 3: return score_tail_tile<Dot, 3>(c, jv, panel, krow, s, mx);
+      case 4: return score_tail_tile<Dot, 4>(c, jv, panel, krow, s, mx);
+      case 5: return score_tail_tile<Dot, 5>(c, jv, panel, krow, s, mx);
+      case 6: return score_tail_tile<Dot, 6>(c, jv, panel, krow, s, mx);
+      case 7: return score_tail_tile<Dot, 7>(c, jv, panel, krow, s, mx);
+      default: return score_tail_tile<Dot, 8>(c, jv, panel, krow, s, mx);
+    }
+  }
+#endif
   if (rem == 1) {
     if (c.rows == QB) score_tile<Dot, QB, 1>(c, 0, jv, panel, krow, s, mx);
     else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 1>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
@@ -427,9 +487,9 @@ __attribute__((noinline)) static void pv_tile(const Block<Dot>& c, int q0, int64
   }
   const typename Dot::elem* v = vb + dvb * Dot::STEP;
   const typename Dot::elem* pq = pm + q0 * c.ss;
-  const char* const* pf = c.fetch->take(nsteps);
+  const char* const* pf = NV >= 2 ? c.fetch->take(nsteps) : nullptr;  // see PF_STEPS
   for (int64_t jj = 0; jj < nsteps; ++jj) {
-    if (jj % PF_STEPS == 0) _mm_prefetch(pf[jj / PF_STEPS], _MM_HINT_T0);
+    if (NV >= 2 && jj % PF_STEPS == 0) _mm_prefetch(pf[jj / PF_STEPS], _MM_HINT_T0);
     vf vv[NV];
     for (int n = 0; n < NV; ++n) vv[n] = in_register(Dot::load(v + jj * c.vrow + n * W * Dot::STEP));
     for (int qi = 0; qi < MQ; ++qi) {
