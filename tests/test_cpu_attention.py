@@ -126,6 +126,30 @@ def test_strided_inputs_and_masks():
 
 
 @needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_last_key_vector_of_one_to_eight_keys(isa, dtype):
+    """A last key vector with 1-8 keys after whole 64-key panels (N = 65..72: 197 tokens end the same
+    way, 5 keys) runs with the queries in the lanes and a transpose on AVX-512, from head dims with
+    at least 20 channel steps (fp32 24 and 40; bf16 pairs: 40). Every tail size against float64, with
+    a per-row bias that masks some tail keys (-inf), the last query block short (N % 12 <= 6 for
+    N = 66..72), and one NaN key: its column poisons every row, as softmax gives."""
+    if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    g = torch.Generator().manual_seed(13)
+    for N in range(65, 73):
+        for D in (24, 40):
+            q, k, v = _qkv(2, 3, N, D, 48, dtype, seed=N + D)
+            bias = torch.randn(1, 3, N, N, generator=g)
+            bias[..., 1::3, N - 1] = float("-inf")
+            out = torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, D ** -0.5, isa)
+            _check(out, q, k, v, bias, D ** -0.5, f"isa={isa} {dtype} N={N} D={D}")
+    k[1, 2, N - 2, 3] = float("nan")  # a tail key of head (1, 2)
+    out = torch.ops.sparsevit_C.attention_cpu(q, k, v, None, 0.2, isa)
+    assert torch.isnan(out[1, 2]).all() and not torch.isnan(out[:1]).any() and not torch.isnan(out[1, :2]).any()
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_propagates_like_reference(dtype):
     q, k, v = _qkv(1, 2, 9, 16, 8, dtype)
