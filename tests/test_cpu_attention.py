@@ -150,6 +150,19 @@ def test_last_key_vector_of_one_to_eight_keys(isa, dtype):
 
 
 @needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+def test_head_dims_past_one_key_block(isa):
+    """Score tiles of more channel steps than a key block has keys (Dqk 300 > 256) prefetch from a
+    longer run of queue entries: every ISA, fp32 and bf16, against float64."""
+    if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    for dtype in DTYPES:
+        q, k, v = _qkv(2, 2, 41, 300, 40, dtype, seed=17)
+        bias = torch.randn(1, 2, 41, 41)
+        _check(torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, 0.05, isa), q, k, v, bias, 0.05, f"isa={isa} {dtype}")
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_propagates_like_reference(dtype):
     q, k, v = _qkv(1, 2, 9, 16, 8, dtype)

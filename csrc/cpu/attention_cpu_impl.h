@@ -158,14 +158,16 @@ static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, i
 // (measured: packing from rows fetched that way cost as much as packing cold rows); issued a few dozen
 // at a time between tiles, the prefetch instructions stalled on the full miss buffers (perf: ~2.5% of
 // the kernel on the instruction after them, DeiT-S b8 fp32); one per few steps inside the tiles does
-// neither. A tile takes a run of entries (take) and reads one per PF_STEPS steps; entries past the
-// queued lines name the queue itself (in L1), so that the tiles never test for the end. Only tiles two
-// or more vectors wide prefetch: the one-vector tiles are load-bound already (head dim 16: ~4% slower
-// with them prefetching too).
+// neither. A tile takes a run of entries (take) and reads one per PF_STEPS steps; `pad` entries past
+// the queued lines name the queue itself, as many as the longest tile reads, so that the tiles never
+// test for the end (a bound test or an index mask in the tiles' loops cost 5-13%: measured). Only
+// tiles two or more vectors wide prefetch: the one-vector tiles are load-bound already (head dim 16:
+// ~4% slower with them prefetching too).
 enum { PF_STEPS = 2 };
 struct LineQueue {
-  enum { MAX_LINES = 1024, PAD = (KB + PF_STEPS - 1) / PF_STEPS };  // PAD: the most one tile takes
-  const char* line[MAX_LINES + PAD];
+  enum { MAX_LINES = 1024 };  // a block's output rows and two pieces of the next head (~350 at D=64)
+  const char** line;  // MAX_LINES + pad entries (in the thread's scratch: see queue_pad)
+  int pad;            // the most entries one tile takes
   int n = 0, at = 0;
   void add(const void* p, int64_t bytes) {
     uintptr_t a = (uintptr_t)p & ~(uintptr_t)63;
@@ -174,9 +176,9 @@ struct LineQueue {
     for (; a < e; a += 64) _mm_prefetch((const char*)a, _MM_HINT_T0);  // no room (not on the shapes pieces have): now
   }
   void seal() {  // after the last add: the padding the tiles may read past the lines
-    for (int k = n; k < n + PAD; ++k) line[k] = (const char*)line;
+    for (int k = n; k < n + pad; ++k) line[k] = (const char*)line;
   }
-  // Entries for a tile of `steps` inner steps (steps <= KB).
+  // Entries for a tile of `steps` inner steps (at most pad * PF_STEPS).
   const char* const* take(int64_t steps) {
     const char* const* r = line + (at < n ? at : n);
     at += (int)((steps + PF_STEPS - 1) / PF_STEPS);
@@ -629,9 +631,15 @@ static int64_t head_buffer_floats(const AttnParams* p) {
 }
 
 // Floats of scratch one thread needs (64-byte aligned pieces).
+static int64_t queue_pad(const AttnParams* p) {  // tile steps: channel steps (<= Dp) or key steps (<= KB)
+  return ((dp_of(p) > KB ? dp_of(p) : KB) + PF_STEPS - 1) / PF_STEPS;
+}
+static int64_t queue_floats(const AttnParams* p) {
+  return round16((LineQueue::MAX_LINES + queue_pad(p)) * (int64_t)(sizeof(const char*) / sizeof(float)));
+}
 static int64_t scratch_floats(const AttnParams* p) {
   const int64_t ss = p->Np < KB ? p->Np : KB;
-  return HEADER_FLOATS + 2 * head_buffer_floats(p) + 2 * round16(QB * ss) + round16(QB * p->Dvp);
+  return HEADER_FLOATS + 2 * head_buffer_floats(p) + 2 * round16(QB * ss) + round16(QB * p->Dvp) + queue_floats(p);
 }
 
 struct HeadBuffer {
@@ -722,6 +730,8 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
   const int64_t out_base = b * p->so[0] + h * p->so[1];
   const int64_t parts = k1 - k0, es = p->bf16 ? 2 : 4;
   LineQueue fetch;
+  fetch.line = (const char**)(c.o + round16(QB * p->Dvp));
+  fetch.pad = (int)queue_pad(p);
   c.fetch = &fetch;
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t i = k * QB;
