@@ -741,9 +741,9 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
     // leaving the stores out saved ~6% of the kernel without this, ~4% with it), and the next head's
     // piece packed after the next block (the first block fetches the first two pieces).
     fetch.reset();
-    for (int qi = 0; qi < c.nq; ++qi) fetch.add((char*)p->out + (out_base + (i + qi) * p->so[2]) * es, p->Dv * es);
     for (int64_t piece = k == k0 ? 0 : k - k0 + 1; pipelined && piece <= k - k0 + 1 && piece < parts; ++piece)
       pack_piece<Dot>(p, next / p->H, next % p->H, nxt, 0, n_qblocks(p), piece, parts, &fetch);
+    for (int qi = 0; qi < c.nq; ++qi) fetch.add((char*)p->out + (out_base + (i + qi) * p->so[2]) * es, p->Dv * es);
     fetch.seal();
     c.qs = (const elem*)(cur.qs + k * QB * Dp);
     c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
