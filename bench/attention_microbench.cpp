@@ -1,16 +1,20 @@
 // Kernel-only timing of the CPU attention micro-kernels (csrc/cpu/attention_cpu_impl.h, AVX-512 +
-// BF16 build) on DeiT-S shapes: one thread, thread CPU time, no torch, no op overhead. q, k, v are
-// read in place from a [B, N, 3, H, D] qkv buffer and out written as [B, N, H, Dv], as the model
-// hands them to sparsevit_C::attention_cpu; heads run in order with the next head packed ahead
-// (next_head_stride 1, what the op does at one thread).
+// BF16 build) on DeiT-S shapes (and pruned heads / head dims): one thread, thread CPU time, no torch,
+// no op overhead. q, k, v are read in place from a [B, N, 3, H, D] qkv buffer and out written as
+// [B, N, H, Dv], as the model hands them to sparsevit_C::attention_cpu; heads run in order with the
+// next head packed ahead (next_head_stride 1, what the op does at one thread). GF/s counts the useful
+// FLOPs, 4 B H N^2 D (no padding); compare with torch.ops.sparsevit_C.peak_gflops(dtype, 1, 0.3).
 //
 //   g++ -O3 -std=c++17 -fno-math-errno -Icsrc/cpu -o /tmp/attn_micro bench/attention_microbench.cpp
 //   /tmp/attn_micro [rounds=15] [case]   # case: run only that row (0-based, fp32 rows first)
 //
-// A/B in one process: copy an older csrc/cpu to DIR, replace DIR/attention_cpu_params.h by an empty
-// file (the struct must be the same in both), and add -DATTN_BASE_DIR=DIR: each case then times both
-// builds in alternating rounds (ratios base / new of the medians and of the fastest calls) and prints the largest difference
-// of their outputs. Numbers on a shared host are indicative only.
+// A/B in one process against another commit's kernels (AttnParams must be the same in both):
+//   mkdir -p /tmp/attn_base && for f in attention_cpu_impl.h sparse_fine_simd.h; do
+//     git show main:csrc/cpu/$f > /tmp/attn_base/$f; done && : > /tmp/attn_base/attention_cpu_params.h
+//   g++ ... -DATTN_BASE_DIR=/tmp/attn_base -o /tmp/attn_ab bench/attention_microbench.cpp
+// Each case then times both builds in alternating rounds: base / new ratios of the medians and of the
+// fastest calls, and the largest difference between their outputs. On a shared host single runs
+// move by a few percent: only differences seen in every run mean anything.
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>

@@ -7,7 +7,8 @@
 // Per (batch, head) K^T, V and the queries are packed once (the next head's in pieces while this one
 // runs, see run_head); then per block of QB queries the keys are walked in blocks of KB with an
 // online (flash) softmax in fp32. Both products are register-tiled:
-//   scores  S[q][keys] : queries x key vectors (keys in the lanes), accumulated over head channels;
+//   scores  S[q][keys] : queries x key vectors (keys in the lanes), accumulated over head channels
+//                        (a last key vector of <= 8 keys: queries in the lanes, see score_tail_tile);
 //   P @ V   O[q][chan] : queries x channel vectors (channels in the lanes), accumulated over keys.
 // The score epilogue scales by scale*log2(e), adds the bias, masks keys past N to -inf and keeps a
 // running per-row max vector, so the softmax is one pass: exp2(s - max) stored in place and summed.
@@ -27,11 +28,26 @@
 // P @ V ~3% slower), K^T in tile-wide panels (~0.5%), 6-row tiles for a last block of <= 6 queries
 // (~3% at N=197). The op on those shapes against the previous kernel, 1 thread: fp32 2.91 vs 3.50
 // ms, bf16 1.59 vs 2.00 ms; b1 unchanged (0.35 ms fp32, 0.20 bf16).
-// Now (share of the kernel by leaving each part out): score tiles ~37%, P @ V tiles ~36%, softmax
-// ~8% fp32 / ~15% bf16, packing the next head ~6%, output stores ~4%.
-// Dropped: queries copied row-major instead of transposed (no transposes, but the tiles' broadcasts
-// from six rows ran 1-8% slower). Not done: scale folded into Q (one multiply per 128 FMAs); blocks
-// of 16 queries in the lanes (no K^T, no horizontal max, but 197 tokens pad to 208 rows, not 198).
+// Second pass (bench/attention_microbench.cpp: kernel only, 1 thread, CPU time, both builds alternating
+// in one process, medians; perf for the shares). At the start the tiles ran at the FMA peak (score
+// and P @ V tiles ~215-225 GF/s of the ~220 probe) and the rest was overhead: prefetch bursts between
+// tiles stalled on full miss buffers (~2.5%), the 12 x 1 score tile of the last key vector (5 keys of
+// 16 at N=197: ~3.4%), the softmax row by row with its reductions in series (~5% fp32, ~8% bf16).
+// Kept: prefetches one per two steps inside the two-vector tiles (LineQueue, PF_STEPS: 1-2%), the
+// last key vector of <= 8 keys with queries in the lanes (score_tail_tile: ~1%, not below 20 channel
+// steps, where the transpose costs more), the softmax in three passes over the block's rows
+// (softmax_block: ~1% fp32, 1-4% bf16), the output rows queued after the next head's piece (~0.5%).
+// Against the previous kernel: fp32 b8 D=64 2.81-2.90 vs 2.95-3.06 ms (1.04-1.05x), bf16 1.57-1.61
+// vs 1.64-1.68 ms (1.04-1.06x), b1 1.04-1.05x, head dims 48/40/24 1.03-1.06x, 16 1.05-1.10x.
+// Now (perf, fp32 b8 D=64): score tiles ~38%, P @ V tiles ~36%, run_head (softmax, queue) ~12%,
+// packing K/V ~4%, queries ~2%, output stores ~2%; ~77% of peak on useful FLOPs (bf16 ~70%).
+// Dropped: the last key block's P @ V tiles storing normalized rows straight to the output instead of
+// store_rows (fp32 0.99x, bf16 1.005x); the scale folded into the softmax (scores stored unscaled:
+// at most ~0.5%); prefetches into L2 only (T1: 0.97x); one prefetch per step or per four (no better);
+// a bound test or index mask on the tiles' prefetch index (0.87-0.95x: the queue is padded instead).
+// Earlier: queries copied row-major instead of transposed (no transposes, but the tiles' broadcasts
+// from six rows ran 1-8% slower). Not done: blocks of 16 queries in the lanes (no K^T, no horizontal
+// max, but 197 tokens pad to 208 rows, not 198).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #pragma GCC diagnostic ignored "-Wuninitialized"  // same false positive, through _mm512_max_ps
 #include <immintrin.h>
