@@ -126,7 +126,8 @@ int main(int argc, char** argv) {
   const int only = argc > 2 ? atoi(argv[2]) : -1;  // run only case `only` (0-based, fp32 cases first)
   std::mt19937 g(7);
   const int shapes[][4] = {{8, 6, 197, 64}, {1, 6, 197, 64}, {8, 3, 197, 64}, {8, 6, 197, 48},
-                           {8, 6, 197, 40}, {8, 6, 197, 24}, {8, 6, 197, 16}, {8, 6, 50, 64}};
+                           {8, 6, 197, 40}, {8, 6, 197, 24}, {8, 6, 197, 16}, {8, 6, 50, 64},
+                           {64, 3, 49, 32}};  // last: Swin-T stage 1 windows (7 x 7 tokens, head dim 32)
   const AttnKernels* cur = attn_kernels_avx512bf16();
 #ifdef ATTN_BASE_DIR
   const AttnKernels* base = attn_kernels_base();

@@ -129,15 +129,16 @@ def test_strided_inputs_and_masks():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_last_key_vector_of_one_to_eight_keys(isa, dtype):
-    """A last key vector with 1-8 keys after whole 64-key panels (N = 65..72: 197 tokens end the same
-    way, 5 keys) runs with the queries in the lanes and a transpose on AVX-512, from head dims with
-    at least 20 channel steps (fp32 24 and 40; bf16 pairs: 40). Every tail size against float64, with
-    a per-row bias that masks some tail keys (-inf), the last query block short (N % 12 <= 6 for
-    N = 66..72), and one NaN key: its column poisons every row, as softmax gives."""
+    """A last key vector with 1-8 keys runs with the queries in the lanes and a transpose on AVX-512,
+    from head dims with at least 20 channel steps (fp32 24 and 40; bf16 pairs: 40), out of whichever
+    K^T panel holds it: alone after whole 64-key panels (N = 65..72; 197 tokens end the same way, 5
+    keys), the 4th of a full panel (N = 49..56: Swin's 49-token windows), the 2nd or 3rd of a narrower
+    last panel (N = 81..88, 97..104). Every tail size against float64, with a per-row bias that masks
+    some tail keys (-inf), short last query blocks, and one NaN key: its column poisons every row."""
     if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
         pytest.skip(f"CPU lacks ISA level {isa}")
     g = torch.Generator().manual_seed(13)
-    for N in range(65, 73):
+    for N in [*range(65, 73), 49, 50, 53, 56, 81, 84, 88, 97, 101, 104]:
         for D in (24, 40):
             q, k, v = _qkv(2, 3, N, D, 48, dtype, seed=N + D)
             bias = torch.randn(1, 3, N, N, generator=g)

@@ -34,13 +34,16 @@
 // tiles stalled on full miss buffers (~2.5%), the 12 x 1 score tile of the last key vector (5 keys of
 // 16 at N=197: ~3.4%), the softmax row by row with its reductions in series (~5% fp32, ~8% bf16).
 // Kept: prefetches one per two steps inside the two-vector tiles (LineQueue, PF_STEPS: 1-2%), the
-// last key vector of <= 8 keys with queries in the lanes (score_tail_tile: ~1%, not below 20 channel
-// steps, where the transpose costs more), the softmax in three passes over the block's rows
-// (softmax_block: ~1% fp32, 1-4% bf16), the output rows queued after the next head's piece (~0.5%).
-// Against the previous kernel: fp32 b8 D=64 2.81-2.90 vs 2.95-3.06 ms (1.04-1.05x), bf16 1.57-1.61
-// vs 1.64-1.68 ms (1.04-1.06x), b1 1.04-1.05x, head dims 48/40/24 1.03-1.06x, 16 1.05-1.10x.
+// last key vector of <= 8 keys with queries in the lanes (score_tail_tile: ~1% at N=197, 5-7% at
+// N=49/50 where it leaves a full panel; not below 20 channel steps, where the transpose costs more),
+// the softmax in three passes over the block's rows (softmax_block: ~1% fp32, 1-4% bf16), the output
+// rows queued after the next head's piece (~0.5%). Against the previous kernel: fp32 b8 D=64 2.78-2.79
+// vs 2.89-2.90 ms (1.04x), bf16 1.53-1.57 vs 1.61-1.64 ms (1.05x), b1 1.03-1.04x, head dims 48/40/24
+// 1.04-1.08x, 16 1.05-1.11x, N=50 1.11-1.13x, Swin-T windows (64 x 3 heads, N=49, D=32) 1.11-1.14x.
 // Now (perf, fp32 b8 D=64): score tiles ~38%, P @ V tiles ~36%, run_head (softmax, queue) ~12%,
-// packing K/V ~4%, queries ~2%, output stores ~2%; ~77% of peak on useful FLOPs (bf16 ~70%).
+// packing K/V ~4%, queries ~2%, output stores ~2%; ~77% of the 1-thread peak on useful FLOPs (171 of
+// ~220 GF/s; bf16 ~310 of ~440: ~70%). Next: the output stores (they stall the queue's stores that
+// follow), the queries' 16 x 16 transposes for 12 rows, small head dims (softmax and epilogues per FMA).
 // Dropped: the last key block's P @ V tiles storing normalized rows straight to the output instead of
 // store_rows (fp32 0.99x, bf16 1.005x); the scale folded into the softmax (scores stored unscaled:
 // at most ~0.5%); prefetches into L2 only (T1: 0.97x); one prefetch per step or per four (no better);
@@ -416,44 +419,61 @@ __attribute__((noinline)) static void score_tail_tile(const Block<Dot>& c, int64
 }
 #endif
 
+// Key vectors [jv, jv + nv * W) (nv 0-3) of one K^T panel, its rows krow elements apart, by the
+// narrow tiles.
+template <class Dot>
+static inline __attribute__((always_inline)) void narrow_tiles(const Block<Dot>& c, int nv, int64_t jv, const typename Dot::elem* panel, int64_t krow,
+                         float* s, vf* mx) {
+  if (nv == 1) {
+    if (c.rows == QB) score_tile<Dot, QB, 1>(c, 0, jv, panel, krow, s, mx);
+    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 1>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
+  } else if (nv == 2) {
+    if (QB * 2 <= MAX_ACC && c.rows == QB) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, panel, krow, s, mx);
+    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
+  } else if (nv == 3) {
+    for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
+  }
+}
+
+#if SPV_AVX512
+template <class Dot>
+static inline __attribute__((always_inline)) void tail_tile(const Block<Dot>& c, int64_t keys, int64_t jv, const typename Dot::elem* k, int64_t krow,
+                      float* s, vf* mx) {
+  switch (keys) {
+    case 1: return score_tail_tile<Dot, 1>(c, jv, k, krow, s, mx);
+    case 2: return score_tail_tile<Dot, 2>(c, jv, k, krow, s, mx);
+    case 3: return score_tail_tile<Dot, 3>(c, jv, k, krow, s, mx);
+    case 4: return score_tail_tile<Dot, 4>(c, jv, k, krow, s, mx);
+    case 5: return score_tail_tile<Dot, 5>(c, jv, k, krow, s, mx);
+    case 6: return score_tail_tile<Dot, 6>(c, jv, k, krow, s, mx);
+    case 7: return score_tail_tile<Dot, 7>(c, jv, k, krow, s, mx);
+    default: return score_tail_tile<Dot, 8>(c, jv, k, krow, s, mx);
+  }
+}
+#endif
+
 // Scores of the whole block against keys [j0, j0 + nkp) (nkp a multiple of W) into s[QB][ss]: one
-// K^T panel per group of QK_NJ key vectors, the narrower last panel by the tiles below.
+// K^T panel per group of QK_NJ key vectors, the narrower last panel by the narrow tiles. A last key
+// vector of 1-8 keys (197 tokens: 5; Swin's 49: 1) goes to the tail tile, out of whichever panel
+// holds it, where rows have 20 channel steps or more (fewer: the transpose costs more than it saves).
 template <class Dot>
 static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
   const int64_t nvec = nkp / W, step = Dot::STEP;
   const typename Dot::elem* panel = c.kt + j0 * c.nd * step;
+  const int64_t tail_keys = c.p->N - (j0 + (nvec - 1) * W);  // keys in the last vector (<= 0: all padding)
+  const bool split_tail = SPV_AVX512 && tail_keys > 0 && tail_keys <= 8 && c.nd >= 20;
   int64_t v = 0;
-  for (; v + QK_NJ <= nvec; v += QK_NJ, panel += PANEL * c.nd * step)
-    for (int q0 = 0; q0 < c.rows; q0 += QK_MQ) {
+  for (; v + QK_NJ <= nvec && !(split_tail && v + QK_NJ == nvec); v += QK_NJ, panel += PANEL * c.nd * step)
+    for (int q0 = 0; q0 < c.rows; q0 += QK_MQ)
       score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, panel, PANEL * step, c.s + q0 * c.ss + v * W, mx);
-    }
-  const int rem = (int)(nvec - v);
-  float* s = c.s + v * W;
+  const int rem = (int)(nvec - v);  // vectors of the last panel (its width: rem * W keys)
   const int64_t jv = j0 + v * W, krow = rem * W * step;
+  if (!split_tail) return narrow_tiles(c, rem, jv, panel, krow, c.s + v * W, mx);
+  narrow_tiles(c, rem - 1, jv, panel, krow, c.s + v * W, mx);
 #if SPV_AVX512
-  const int64_t tail_keys = c.p->N - jv;  // keys in the last vector (<= 0: it is all padding)
-  if (rem == 1 && tail_keys > 0 && tail_keys <= 8 && c.nd >= 20) {  // short rows: the transpose costs more
-    switch (tail_keys) {
-      case 1: return score_tail_tile<Dot, 1>(c, jv, panel, krow, s, mx);
-      case 2: return score_tail_tile<Dot, 2>(c, jv, panel, krow, s, mx);
-      case 3: return score_tail_tile<Dot, 3>(c, jv, panel, krow, s, mx);
-      case 4: return score_tail_tile<Dot, 4>(c, jv, panel, krow, s, mx);
-      case 5: return score_tail_tile<Dot, 5>(c, jv, panel, krow, s, mx);
-      case 6: return score_tail_tile<Dot, 6>(c, jv, panel, krow, s, mx);
-      case 7: return score_tail_tile<Dot, 7>(c, jv, panel, krow, s, mx);
-      default: return score_tail_tile<Dot, 8>(c, jv, panel, krow, s, mx);
-    }
-  }
+  const int64_t t = rem - 1;
+  tail_tile(c, tail_keys, jv + t * W, panel + t * W * step, krow, c.s + (v + t) * W, mx);
 #endif
-  if (rem == 1) {
-    if (c.rows == QB) score_tile<Dot, QB, 1>(c, 0, jv, panel, krow, s, mx);
-    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 1>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
-  } else if (rem == 2) {
-    if (QB * 2 <= MAX_ACC && c.rows == QB) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, panel, krow, s, mx);
-    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
-  } else if (rem == 3) {
-    for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
-  }
 }
 
 // Running softmax state of one query row, in base-2 units.
