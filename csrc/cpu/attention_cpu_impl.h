@@ -17,40 +17,27 @@
 //   Bf16Dot native bf16 (SPV_NATIVE_BF16, vdpbf16ps): K^T packed as channel pairs, V as key pairs,
 //           P rounded to bf16 after the fp32 softmax; two products per lane per instruction.
 //
-// Measured (DeiT-S b8: 48 heads of N=197, head dim 64; 1 thread, CPU time, interleaved medians on a
-// shared host, indicative). Before: packing and query loads waited on the strided qkv rows (~15% of
-// the kernel at b8, ~4% with the rows in L2); the score phase took ~1.6x the P @ V phase of the same
-// FLOPs (the accumulators were spilled to the stack around every tile: the score tile's loop is only
-// 64 steps); softmax ~7% (fp32) / ~12% (bf16); output stores ~6%. Kept: the next
-// head packed in pieces between query blocks with its rows prefetched a few lines per tile
-// (LineQueue; issued in one burst they did not arrive in time), the output rows fetched likewise,
-// unrolled tile prologues/epilogues (scores then ~1.1x P @ V), V always packed (in-place V rows made
-// P @ V ~3% slower), K^T in tile-wide panels (~0.5%), 6-row tiles for a last block of <= 6 queries
-// (~3% at N=197). The op on those shapes against the previous kernel, 1 thread: fp32 2.91 vs 3.50
-// ms, bf16 1.59 vs 2.00 ms; b1 unchanged (0.35 ms fp32, 0.20 bf16).
-// Second pass (bench/attention_microbench.cpp: kernel only, 1 thread, CPU time, both builds alternating
-// in one process, medians; perf for the shares). At the start the tiles ran at the FMA peak (score
-// and P @ V tiles ~215-225 GF/s of the ~220 probe) and the rest was overhead: prefetch bursts between
-// tiles stalled on full miss buffers (~2.5%), the 12 x 1 score tile of the last key vector (5 keys of
-// 16 at N=197: ~3.4%), the softmax row by row with its reductions in series (~5% fp32, ~8% bf16).
-// Kept: prefetches one per two steps inside the two-vector tiles (LineQueue, PF_STEPS: 1-2%), the
-// last key vector of <= 8 keys with queries in the lanes (score_tail_tile: ~1% at N=197, 5-7% at
-// N=49/50 where it leaves a full panel; not below 20 channel steps, where the transpose costs more),
-// the softmax in three passes over the block's rows (softmax_block: ~1% fp32, 1-4% bf16), the output
-// rows queued after the next head's piece (~0.5%). Against the previous kernel: fp32 b8 D=64 2.78-2.79
-// vs 2.89-2.90 ms (1.04x), bf16 1.53-1.57 vs 1.61-1.64 ms (1.05x), b1 1.03-1.04x, head dims 48/40/24
-// 1.04-1.08x, 16 1.05-1.11x, N=50 1.11-1.13x, Swin-T windows (64 x 3 heads, N=49, D=32) 1.11-1.14x.
-// Now (perf, fp32 b8 D=64): score tiles ~38%, P @ V tiles ~36%, run_head (softmax, queue) ~12%,
-// packing K/V ~4%, queries ~2%, output stores ~2%; ~77% of the 1-thread peak on useful FLOPs (171 of
-// ~220 GF/s; bf16 ~310 of ~440: ~70%). Next: the output stores (they stall the queue's stores that
-// follow), the queries' 16 x 16 transposes for 12 rows, small head dims (softmax and epilogues per FMA).
-// Dropped: the last key block's P @ V tiles storing normalized rows straight to the output instead of
-// store_rows (fp32 0.99x, bf16 1.005x); the scale folded into the softmax (scores stored unscaled:
-// at most ~0.5%); prefetches into L2 only (T1: 0.97x); one prefetch per step or per four (no better);
-// a bound test or index mask on the tiles' prefetch index (0.87-0.95x: the queue is padded instead).
-// Earlier: queries copied row-major instead of transposed (no transposes, but the tiles' broadcasts
-// from six rows ran 1-8% slower). Not done: blocks of 16 queries in the lanes (no K^T, no horizontal
-// max, but 197 tokens pad to 208 rows, not 198).
+// First pass (DeiT-S b8: 48 heads of N=197, head dim 64; 1 thread, CPU time, interleaved medians,
+// indicative). Kept: the next head packed in pieces between query blocks, its rows and the output
+// rows prefetched a few lines at a time (LineQueue), unrolled tile prologues/epilogues, V always
+// packed (in place: P @ V ~3% slower), K^T in panels, 6-row tiles for a last block of <= 6 queries;
+// fp32 2.91 vs 3.50 ms, bf16 1.59 vs 2.00. Dropped: queries row-major (broadcasts from six rows: 1-8%
+// slower). Second pass (bench/attention_microbench.cpp, both builds alternating in one process; perf
+// for shares): the tiles ran at the FMA peak (~215-225 GF/s of the ~220 probe); the overhead was
+// prefetch bursts stalling on full miss buffers (~2.5%), the 12 x 1 tile of the last key vector (5
+// keys of 16: ~3.4%), the softmax row by row with its reductions in series (~5% fp32, ~8% bf16).
+// Kept: prefetches inside the two-vector tiles (PF_STEPS: 1-2%), a last key vector of <= 8 keys with
+// queries in the lanes (score_tail_tile: ~1% at N=197, 5-7% at N=49/50), the softmax in three passes
+// (softmax_block: ~1% fp32, 1-4% bf16), output rows queued last (~0.5%). Against the first pass:
+// fp32 b8 2.78-2.79 vs 2.89-2.90 ms (1.04x), bf16 1.53-1.57 vs 1.61-1.64 (1.05x), b1 1.03-1.04x, head
+// dims 48/40/24 1.04-1.08x, 16 1.05-1.11x, N=50 1.11-1.13x, Swin-T windows (N=49, D=32) 1.11-1.14x.
+// Now (perf, fp32 b8): score tiles ~38%, P @ V ~36%, run_head (softmax, queue) ~12%, packing ~4%,
+// queries ~2%, output stores ~2%: 171 of ~220 GF/s on useful FLOPs (bf16 ~310 of ~440). Dropped:
+// P @ V storing the last key block's normalized rows to the output (fp32 0.99x, bf16 1.005x); the
+// scale folded into the softmax (<= ~0.5%); prefetch to L2 (0.97x); one prefetch per step or per four
+// (no better); a bound test or index mask on the tiles' prefetch index (0.87-0.95x). Not done: blocks
+// of 16 queries in the lanes (no K^T, no horizontal max, but 197 tokens pad to 208 rows, not 198);
+// next: the output stores, the queries' 16 x 16 transposes for 12 rows, small head dims.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #pragma GCC diagnostic ignored "-Wuninitialized"  // same false positive, through _mm512_max_ps
 #include <immintrin.h>
