@@ -126,6 +126,44 @@ def test_strided_inputs_and_masks():
 
 
 @needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_last_key_vector_of_one_to_eight_keys(isa, dtype):
+    """A last key vector with 1-8 keys runs with the queries in the lanes and a transpose on AVX-512,
+    from head dims with at least 20 channel steps (fp32 24 and 40; bf16 pairs: 40), out of whichever
+    K^T panel holds it: alone after whole 64-key panels (N = 65..72; 197 tokens end the same way, 5
+    keys), the 4th of a full panel (N = 49..56: Swin's 49-token windows), the 2nd or 3rd of a narrower
+    last panel (N = 81..88, 97..104). Every tail size against float64, with a per-row bias that masks
+    some tail keys (-inf), short last query blocks, and one NaN key: its column poisons every row."""
+    if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    g = torch.Generator().manual_seed(13)
+    for N in [*range(65, 73), 49, 50, 53, 56, 81, 84, 88, 97, 101, 104]:
+        for D in (24, 40):
+            q, k, v = _qkv(2, 3, N, D, 48, dtype, seed=N + D)
+            bias = torch.randn(1, 3, N, N, generator=g)
+            bias[..., 1::3, N - 1] = float("-inf")
+            out = torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, D ** -0.5, isa)
+            _check(out, q, k, v, bias, D ** -0.5, f"isa={isa} {dtype} N={N} D={D}")
+    k[1, 2, N - 2, 3] = float("nan")  # a tail key of head (1, 2)
+    out = torch.ops.sparsevit_C.attention_cpu(q, k, v, None, 0.2, isa)
+    assert torch.isnan(out[1, 2]).all() and not torch.isnan(out[:1]).any() and not torch.isnan(out[1, :2]).any()
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+def test_head_dims_past_one_key_block(isa):
+    """Score tiles of more channel steps than a key block has keys (Dqk 300 > 256) prefetch from a
+    longer run of queue entries: every ISA, fp32 and bf16, against float64."""
+    if not torch.ops.sparsevit_C.attention_cpu_isa(isa):
+        pytest.skip(f"CPU lacks ISA level {isa}")
+    for dtype in DTYPES:
+        q, k, v = _qkv(2, 2, 41, 300, 40, dtype, seed=17)
+        bias = torch.randn(1, 2, 41, 41)
+        _check(torch.ops.sparsevit_C.attention_cpu(q, k, v, bias, 0.05, isa), q, k, v, bias, 0.05, f"isa={isa} {dtype}")
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_propagates_like_reference(dtype):
     q, k, v = _qkv(1, 2, 9, 16, 8, dtype)

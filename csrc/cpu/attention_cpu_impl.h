@@ -7,7 +7,8 @@
 // Per (batch, head) K^T, V and the queries are packed once (the next head's in pieces while this one
 // runs, see run_head); then per block of QB queries the keys are walked in blocks of KB with an
 // online (flash) softmax in fp32. Both products are register-tiled:
-//   scores  S[q][keys] : queries x key vectors (keys in the lanes), accumulated over head channels;
+//   scores  S[q][keys] : queries x key vectors (keys in the lanes), accumulated over head channels
+//                        (a last key vector of <= 8 keys: queries in the lanes, see score_tail_tile);
 //   P @ V   O[q][chan] : queries x channel vectors (channels in the lanes), accumulated over keys.
 // The score epilogue scales by scale*log2(e), adds the bias, masks keys past N to -inf and keeps a
 // running per-row max vector, so the softmax is one pass: exp2(s - max) stored in place and summed.
@@ -16,22 +17,27 @@
 //   Bf16Dot native bf16 (SPV_NATIVE_BF16, vdpbf16ps): K^T packed as channel pairs, V as key pairs,
 //           P rounded to bf16 after the fp32 softmax; two products per lane per instruction.
 //
-// Measured (DeiT-S b8: 48 heads of N=197, head dim 64; 1 thread, CPU time, interleaved medians on a
-// shared host, indicative). Before: packing and query loads waited on the strided qkv rows (~15% of
-// the kernel at b8, ~4% with the rows in L2); the score phase took ~1.6x the P @ V phase of the same
-// FLOPs (the accumulators were spilled to the stack around every tile: the score tile's loop is only
-// 64 steps); softmax ~7% (fp32) / ~12% (bf16); output stores ~6%. Kept: the next
-// head packed in pieces between query blocks with its rows prefetched a few lines per tile
-// (LineQueue; issued in one burst they did not arrive in time), the output rows fetched likewise,
-// unrolled tile prologues/epilogues (scores then ~1.1x P @ V), V always packed (in-place V rows made
-// P @ V ~3% slower), K^T in tile-wide panels (~0.5%), 6-row tiles for a last block of <= 6 queries
-// (~3% at N=197). The op on those shapes against the previous kernel, 1 thread: fp32 2.91 vs 3.50
-// ms, bf16 1.59 vs 2.00 ms; b1 unchanged (0.35 ms fp32, 0.20 bf16).
-// Now (share of the kernel by leaving each part out): score tiles ~37%, P @ V tiles ~36%, softmax
-// ~8% fp32 / ~15% bf16, packing the next head ~6%, output stores ~4%.
-// Dropped: queries copied row-major instead of transposed (no transposes, but the tiles' broadcasts
-// from six rows ran 1-8% slower). Not done: scale folded into Q (one multiply per 128 FMAs); blocks
-// of 16 queries in the lanes (no K^T, no horizontal max, but 197 tokens pad to 208 rows, not 198).
+// First pass (DeiT-S b8: 48 heads of N=197, head dim 64; 1 thread, CPU time, interleaved medians,
+// indicative). Kept: the next head packed in pieces between query blocks, its rows and the output
+// rows prefetched a few lines at a time (LineQueue), unrolled tile prologues/epilogues, V always
+// packed (in place: P @ V ~3% slower), K^T in panels, 6-row tiles for a last block of <= 6 queries;
+// fp32 2.91 vs 3.50 ms, bf16 1.59 vs 2.00. Dropped: queries row-major (broadcasts from six rows: 1-8%
+// slower). Second pass (bench/attention_microbench.cpp, both builds alternating in one process; perf
+// for shares): the tiles ran at the FMA peak (~215-225 GF/s of the ~220 probe); the overhead was
+// prefetch bursts stalling on full miss buffers (~2.5%), the 12 x 1 tile of the last key vector (5
+// keys of 16: ~3.4%), the softmax row by row with its reductions in series (~5% fp32, ~8% bf16).
+// Kept: prefetches inside the two-vector tiles (PF_STEPS: 1-2%), a last key vector of <= 8 keys with
+// queries in the lanes (score_tail_tile: ~1% at N=197, 5-7% at N=49/50), the softmax in three passes
+// (softmax_block: ~1% fp32, 1-4% bf16), output rows queued last (~0.5%). Against the first pass:
+// fp32 b8 2.78-2.79 vs 2.89-2.90 ms (1.04x), bf16 1.53-1.57 vs 1.61-1.64 (1.05x), b1 1.03-1.04x, head
+// dims 48/40/24 1.04-1.08x, 16 1.05-1.11x, N=50 1.11-1.13x, Swin-T windows (N=49, D=32) 1.11-1.14x.
+// Now (perf, fp32 b8): score tiles ~38%, P @ V ~36%, run_head (softmax, queue) ~12%, packing ~4%,
+// queries ~2%, output stores ~2%: 171 of ~220 GF/s on useful FLOPs (bf16 ~310 of ~440). Dropped:
+// P @ V storing the last key block's normalized rows to the output (fp32 0.99x, bf16 1.005x); the
+// scale folded into the softmax (<= ~0.5%); prefetch to L2 (0.97x); one prefetch per step or per four
+// (no better); a bound test or index mask on the tiles' prefetch index (0.87-0.95x). Not done: blocks
+// of 16 queries in the lanes (no K^T, no horizontal max, but 197 tokens pad to 208 rows, not 198);
+// next: the output stores, the queries' 16 x 16 transposes for 12 rows, small head dims.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on _mm512_undefined_*
 #pragma GCC diagnostic ignored "-Wuninitialized"  // same false positive, through _mm512_max_ps
 #include <immintrin.h>
@@ -153,36 +159,41 @@ static inline void prefetch_kv_rows(const AttnParams* p, int64_t b, int64_t h, i
   }
 }
 
-// Cache lines to fetch, handed out a few at a time between the tiles of a query block: issued in one
-// burst (a hundred lines or more), most software prefetches did not arrive in time (measured: packing
-// from rows fetched that way cost as much as packing cold rows), a few per tile do.
+// Cache lines to fetch while a query block runs, one every PF_STEPS steps of the tiles' inner loops.
+// Issued in one burst (a hundred lines or more), most software prefetches did not arrive in time
+// (measured: packing from rows fetched that way cost as much as packing cold rows); issued a few dozen
+// at a time between tiles, the prefetch instructions stalled on the full miss buffers (perf: ~2.5% of
+// the kernel on the instruction after them, DeiT-S b8 fp32); one per few steps inside the tiles does
+// neither. A tile takes a run of entries (take) and reads one per PF_STEPS steps; `pad` entries past
+// the queued lines name the queue itself, as many as the longest tile reads, so that the tiles never
+// test for the end (a bound test or an index mask in the tiles' loops cost 5-13%: measured). Only
+// tiles two or more vectors wide prefetch: the one-vector tiles are load-bound already (head dim 16:
+// ~4% slower with them prefetching too).
+enum { PF_STEPS = 2 };
 struct LineQueue {
-  enum { MAX_ROWS = 128 };
-  const char* row[MAX_ROWS];  // first cache line of each row
-  int lines[MAX_ROWS];        // cache lines the row spans
-  int n = 0, at = 0, line = 0, per_call = 4;
+  enum { MAX_LINES = 1024 };  // a block's output rows and two pieces of the next head (~350 at D=64)
+  const char** line;  // MAX_LINES + pad entries (in the thread's scratch: see queue_pad)
+  int pad;            // the most entries one tile takes
+  int n = 0, at = 0;
   void add(const void* p, int64_t bytes) {
-    const uintptr_t a = (uintptr_t)p & ~(uintptr_t)63, e = ((uintptr_t)p + bytes + 63) & ~(uintptr_t)63;
-    if (n == MAX_ROWS) {  // no room (not on the shapes pieces have): fetch it now
-      for (uintptr_t x = a; x < e; x += 64) _mm_prefetch((const char*)x, _MM_HINT_T0);
-      return;
-    }
-    row[n] = (const char*)a;
-    lines[n++] = (int)((e - a) / 64);
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)63;
+    const uintptr_t e = ((uintptr_t)p + bytes + 63) & ~(uintptr_t)63;
+    for (; a < e && n < MAX_LINES; a += 64) line[n++] = (const char*)a;
+    for (; a < e; a += 64) _mm_prefetch((const char*)a, _MM_HINT_T0);  // no room (not on the shapes pieces have): now
   }
-  void issue() {
-    for (int k = 0; k < per_call && at < n; ++k) {
-      _mm_prefetch(row[at] + 64 * line, _MM_HINT_T0);
-      if (++line == lines[at]) line = 0, ++at;
-    }
+  void seal() {  // after the last add: the padding the tiles may read past the lines
+    for (int k = n; k < n + pad; ++k) line[k] = (const char*)line;
   }
-  void flush() { per_call = 1 << 30; issue(); }
-  void reset() { n = at = line = 0; }
-  void spread(int calls) {  // per_call so that `calls` calls of issue() fetch every line
-    int total = 0;
-    for (int r = 0; r < n; ++r) total += lines[r];
-    per_call = total / calls + 1;
+  // Entries for a tile of `steps` inner steps (at most pad * PF_STEPS).
+  const char* const* take(int64_t steps) {
+    const char* const* r = line + (at < n ? at : n);
+    at += (int)((steps + PF_STEPS - 1) / PF_STEPS);
+    return r;
   }
+  void flush() {  // what the tiles did not take, at the end of the block
+    for (; at < n; ++at) _mm_prefetch(line[at], _MM_HINT_T0);
+  }
+  void reset() { n = at = 0; }
 };
 
 // fp32 K^T [Dqk][Np] and V [Np][Dvp] for keys [j_begin, j_end) (multiples of 16, j_end <= Np), zero
@@ -293,8 +304,21 @@ struct Block {
   int64_t bias_row0;  // bias offset of (b, h, first query of the block)
   int nq;             // valid queries in the block
   int rows;           // rows the tiles compute: QB, or 6 where nq <= 6 (AVX-512; 197 = 16 * 12 + 5)
-  LineQueue* fetch;   // lines to prefetch between tiles (the next head's next piece), or nullptr
+  LineQueue* fetch;   // lines the tiles prefetch (the block's output rows, the next head's next piece)
 };
+
+// Score vector of block row qi, keys [jv, jv + W), from its dot products: scaled to base 2, bias added,
+// keys past N masked to -inf; stored to dst and returned (for the row max).
+template <class Dot>
+static inline vf score_vector(const Block<Dot>& c, int qi, int64_t jv, vf dots, float* dst) {
+  const AttnParams* p = c.p;
+  const int valid = (int)(p->N - jv < W ? p->N - jv : W);
+  vf x = vmul(dots, vset1(c.scale2));
+  if (p->bias && qi < c.nq) x = vfma(load_row(p->bias, c.bias_row0 + qi * p->sb[2] + jv, valid, p->bias_bf16), vset1(LOG2E), x);
+  if (valid < W) x = mask_tail(x, valid);
+  vstore(dst, x);
+  return x;
+}
 
 // S[q0 .. q0+MQ)[keys jv0 .. jv0 + NJ*W) of the current key block (s already offset to jv0), with
 // the epilogue (scale, bias, tail mask) and the running row max mx[q0 ..]. k: the keys' K^T panel,
@@ -302,6 +326,7 @@ struct Block {
 template <class Dot, int MQ, int NJ>
 __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, int64_t jv0, const typename Dot::elem* k,
                                                  int64_t krow, float* s, vf* mx) {
+  const char* const* pf = NJ >= 2 ? c.fetch->take(c.nd) : nullptr;  // see PF_STEPS
   vf acc[MQ][NJ];
 #pragma GCC unroll 12
   for (int qi = 0; qi < MQ; ++qi)
@@ -309,6 +334,7 @@ __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, in
     for (int n = 0; n < NJ; ++n) acc[qi][n] = vzero();
   const typename Dot::elem* q = c.qs + q0 * Dot::STEP;
   for (int64_t dd = 0; dd < c.nd; ++dd, q += QB * Dot::STEP, k += krow) {
+    if (NJ >= 2 && dd % PF_STEPS == 0) _mm_prefetch(pf[dd / PF_STEPS], _MM_HINT_T0);
     vf kv[NJ];
     for (int n = 0; n < NJ; ++n) kv[n] = in_register(Dot::load(k + n * W * Dot::STEP));
     for (int qi = 0; qi < MQ; ++qi) {
@@ -334,46 +360,107 @@ __attribute__((noinline)) static void score_tile(const Block<Dot>& c, int q0, in
   }
 #pragma GCC unroll 12
   for (int qi = 0; qi < MQ; ++qi) {
-    const bool bias = p->bias && q0 + qi < c.nq;
     vf m = mx[q0 + qi];
 #pragma GCC unroll 4
-    for (int n = 0; n < NJ; ++n) {
-      const int64_t jv = jv0 + n * W;
-      const int valid = (int)(p->N - jv < W ? p->N - jv : W);
-      vf x = vmul(acc[qi][n], sc);
-      if (bias) x = vfma(load_row(p->bias, c.bias_row0 + (q0 + qi) * p->sb[2] + jv, valid, p->bias_bf16), vset1(LOG2E), x);
-      if (valid < W) x = mask_tail(x, valid);
-      vstore(s + qi * c.ss + n * W, x);
-      m = vmax(m, x);
-    }
+    for (int n = 0; n < NJ; ++n) m = vmax(m, score_vector(c, q0 + qi, jv0 + n * W, acc[qi][n], s + qi * c.ss + n * W));
     mx[q0 + qi] = m;
   }
 }
 
+#if SPV_AVX512
+// The last key vector of a row when it holds only NK < W keys (197 tokens: 5 of 16), with the block's
+// queries in the lanes instead of the keys: NK FMAs per channel step instead of QB (a QB x 1 tile of
+// which 16 - NK lanes are padding), then one 16 x 16 transpose back to rows of keys. Two accumulator
+// sets (even and odd channel steps) keep 2 * NK FMA chains in flight.
+template <class Dot, int NK>
+__attribute__((noinline)) static void score_tail_tile(const Block<Dot>& c, int64_t jv, const typename Dot::elem* k,
+                                                      int64_t krow, float* s, vf* mx) {
+  const char* const* pf = c.fetch->take(c.nd);
+  vf acc[2][NK];
+#pragma GCC unroll 16
+  for (int j = 0; j < NK; ++j) acc[0][j] = acc[1][j] = vzero();
+  const __mmask16 rows = (__mmask16)((1u << QB) - 1u);  // qs holds QB rows per channel step (zero past nq)
+  const float* q = (const float*)c.qs;  // one fp32 or one bf16 channel pair per query
+  int64_t dd = 0;
+  for (; dd + 1 < c.nd; dd += 2, q += 2 * QB, k += 2 * krow) {
+    if (dd % PF_STEPS == 0) _mm_prefetch(pf[dd / PF_STEPS], _MM_HINT_T0);
+    const vf q0 = in_register(_mm512_maskz_loadu_ps(rows, q)), q1 = in_register(_mm512_maskz_loadu_ps(rows, q + QB));
+#pragma GCC unroll 16
+    for (int j = 0; j < NK; ++j) {
+      acc[0][j] = Dot::dot(acc[0][j], q0, Dot::bcast(k + j * Dot::STEP));
+      acc[1][j] = Dot::dot(acc[1][j], q1, Dot::bcast(k + krow + j * Dot::STEP));
+    }
+  }
+  if (dd < c.nd) {
+    const vf q0 = _mm512_maskz_loadu_ps(rows, q);
+#pragma GCC unroll 16
+    for (int j = 0; j < NK; ++j) acc[0][j] = Dot::dot(acc[0][j], q0, Dot::bcast(k + j * Dot::STEP));
+  }
+  vf r[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) r[j] = j < NK ? vadd(acc[0][j], acc[1][j]) : vzero();
+  transpose16(r);  // r[qi]: query qi's scores against the 16 keys (zero past NK, masked below)
+#pragma GCC unroll 12
+  for (int qi = 0; qi < QB; ++qi)
+    if (qi < c.rows) mx[qi] = vmax(mx[qi], score_vector(c, qi, jv, r[qi], s + qi * c.ss));
+}
+#endif
+
+// Key vectors [jv, jv + nv * W) (nv 0-3) of one K^T panel, its rows krow elements apart, by the
+// narrow tiles.
+template <class Dot>
+static inline __attribute__((always_inline)) void narrow_tiles(const Block<Dot>& c, int nv, int64_t jv, const typename Dot::elem* panel, int64_t krow,
+                         float* s, vf* mx) {
+  if (nv == 1) {
+    if (c.rows == QB) score_tile<Dot, QB, 1>(c, 0, jv, panel, krow, s, mx);
+    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 1>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
+  } else if (nv == 2) {
+    if (QB * 2 <= MAX_ACC && c.rows == QB) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, panel, krow, s, mx);
+    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
+  } else if (nv == 3) {
+    for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
+  }
+}
+
+#if SPV_AVX512
+template <class Dot>
+static inline __attribute__((always_inline)) void tail_tile(const Block<Dot>& c, int64_t keys, int64_t jv, const typename Dot::elem* k, int64_t krow,
+                      float* s, vf* mx) {
+  switch (keys) {
+    case 1: return score_tail_tile<Dot, 1>(c, jv, k, krow, s, mx);
+    case 2: return score_tail_tile<Dot, 2>(c, jv, k, krow, s, mx);
+    case 3: return score_tail_tile<Dot, 3>(c, jv, k, krow, s, mx);
+    case 4: return score_tail_tile<Dot, 4>(c, jv, k, krow, s, mx);
+    case 5: return score_tail_tile<Dot, 5>(c, jv, k, krow, s, mx);
+    case 6: return score_tail_tile<Dot, 6>(c, jv, k, krow, s, mx);
+    case 7: return score_tail_tile<Dot, 7>(c, jv, k, krow, s, mx);
+    default: return score_tail_tile<Dot, 8>(c, jv, k, krow, s, mx);
+  }
+}
+#endif
+
 // Scores of the whole block against keys [j0, j0 + nkp) (nkp a multiple of W) into s[QB][ss]: one
-// K^T panel per group of QK_NJ key vectors, the narrower last panel by the tiles below.
+// K^T panel per group of QK_NJ key vectors, the narrower last panel by the narrow tiles. A last key
+// vector of 1-8 keys (197 tokens: 5; Swin's 49: 1) goes to the tail tile, out of whichever panel
+// holds it, where rows have 20 channel steps or more (fewer: the transpose costs more than it saves).
 template <class Dot>
 static void scores(const Block<Dot>& c, int64_t j0, int64_t nkp, vf* mx) {
   const int64_t nvec = nkp / W, step = Dot::STEP;
   const typename Dot::elem* panel = c.kt + j0 * c.nd * step;
+  const int64_t tail_keys = c.p->N - (j0 + (nvec - 1) * W);  // keys in the last vector (<= 0: all padding)
+  const bool split_tail = SPV_AVX512 && tail_keys > 0 && tail_keys <= 8 && c.nd >= 20;
   int64_t v = 0;
-  for (; v + QK_NJ <= nvec; v += QK_NJ, panel += PANEL * c.nd * step)
-    for (int q0 = 0; q0 < c.rows; q0 += QK_MQ) {
-      if (c.fetch) c.fetch->issue();
+  for (; v + QK_NJ <= nvec && !(split_tail && v + QK_NJ == nvec); v += QK_NJ, panel += PANEL * c.nd * step)
+    for (int q0 = 0; q0 < c.rows; q0 += QK_MQ)
       score_tile<Dot, QK_MQ, QK_NJ>(c, q0, j0 + v * W, panel, PANEL * step, c.s + q0 * c.ss + v * W, mx);
-    }
-  const int rem = (int)(nvec - v);
-  float* s = c.s + v * W;
+  const int rem = (int)(nvec - v);  // vectors of the last panel (its width: rem * W keys)
   const int64_t jv = j0 + v * W, krow = rem * W * step;
-  if (rem == 1) {
-    if (c.rows == QB) score_tile<Dot, QB, 1>(c, 0, jv, panel, krow, s, mx);
-    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 1>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
-  } else if (rem == 2) {
-    if (QB * 2 <= MAX_ACC && c.rows == QB) score_tile<Dot, (QB * 2 <= MAX_ACC ? QB : 1), 2>(c, 0, jv, panel, krow, s, mx);
-    else for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 2>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
-  } else if (rem == 3) {
-    for (int q0 = 0; q0 < c.rows; q0 += 6) score_tile<Dot, 6, 3>(c, q0, jv, panel, krow, s + q0 * c.ss, mx);
-  }
+  if (!split_tail) return narrow_tiles(c, rem, jv, panel, krow, c.s + v * W, mx);
+  narrow_tiles(c, rem - 1, jv, panel, krow, c.s + v * W, mx);
+#if SPV_AVX512
+  const int64_t t = rem - 1;
+  tail_tile(c, tail_keys, jv + t * W, panel + t * W * step, krow, c.s + (v + t) * W, mx);
+#endif
 }
 
 // Running softmax state of one query row, in base-2 units.
@@ -382,32 +469,50 @@ struct RowState {
   float sum;  // sum of 2^(score - max) so far (NaN once a score was NaN: the row comes out NaN)
 };
 
-// Row qi of the key block: s <- 2^(s - new max) (and the bf16 copy for P @ V), updates st and
-// returns the factor that rescales what was accumulated before. Masked keys (-inf) give exactly 0.
+// 2^(s - ref) of row qi's key vector at j, stored in place (and as the bf16 copy P @ V reads).
 template <class Dot, int DEG>
-static float softmax_row(const Block<Dot>& c, int qi, int64_t nkp, vf mxv, RowState* st) {
-  const float m = vhmax(mxv);
-  const float new_max = m > st->max ? m : st->max;
-  // While every score so far is -inf the reference is exp(-inf - -inf) = NaN; keep the state at
-  // -inf instead (a later finite key rescues the row) and apply the reference's NaN at the end.
-  const float ref = new_max == -INFINITY ? 0.f : new_max;
-  const float corr = st->max == -INFINITY ? 0.f : exp2f(st->max - ref);
-  float* s = c.s + qi * c.ss;
-  const vf r = vset1(ref);
-  vf sum = vzero();
-  for (int64_t j = 0; j < nkp; j += W) {
-    const vf e = vexp2<DEG>(vsub(vload(s + j), r));
+static inline vf exp_store(const Block<Dot>& c, int qi, int64_t j, vf ref) {
+  float* s = c.s + qi * c.ss + j;
+  const vf e = vexp2<DEG>(vsub(vload(s), ref));
 #if SPV_NATIVE_BF16
-    if (Dot::STEP == 2) _mm256_storeu_si256((__m256i*)((uint16_t*)c.pm + qi * c.ss + j), (__m256i)_mm512_cvtneps_pbh(e));
-    else vstore(s + j, e);
+  if (Dot::STEP == 2) _mm256_storeu_si256((__m256i*)((uint16_t*)c.pm + qi * c.ss + j), (__m256i)_mm512_cvtneps_pbh(e));
+  else vstore(s, e);
 #else
-    vstore(s + j, e);
+  vstore(s, e);
 #endif
-    sum = vadd(sum, e);
+  return e;
+}
+
+// The block's rows for one key block: s <- 2^(s - new row max), the running states updated, corr[qi]
+// the factor that rescales what row qi accumulated before. Masked keys (-inf) give exactly 0. In three
+// passes over the rows (maxima, exponentials with two partial sums, sums): row by row, each row's
+// horizontal max, its chain of adds and its horizontal sum came one after the other (perf: the state
+// update waiting on them, ~4% of the bf16 kernel); this way the rows' reductions overlap.
+template <class Dot, int DEG>
+static void softmax_block(const Block<Dot>& c, int64_t nkp, const vf* mx, RowState* st, float* corr) {
+  float ref[QB];
+  for (int qi = 0; qi < c.rows; ++qi) {
+    const float m = vhmax(mx[qi]), old = st[qi].max;
+    const float new_max = m > old ? m : old;
+    // While every score so far is -inf the reference is exp(-inf - -inf) = NaN; keep the state at
+    // -inf instead (a later finite key rescues the row) and apply the reference's NaN at the end.
+    ref[qi] = new_max == -INFINITY ? 0.f : new_max;
+    corr[qi] = old == -INFINITY ? 0.f : exp2f(old - ref[qi]);
+    st[qi].max = new_max;
   }
-  st->sum = st->sum * corr + vhsum(sum);
-  st->max = new_max;
-  return corr;
+  vf sum[QB];
+  for (int qi = 0; qi < c.rows; ++qi) {
+    const vf r = vset1(ref[qi]);
+    vf even = vzero(), odd = vzero();
+    int64_t j = 0;
+    for (; j + 2 * W <= nkp; j += 2 * W) {
+      even = vadd(even, exp_store<Dot, DEG>(c, qi, j, r));
+      odd = vadd(odd, exp_store<Dot, DEG>(c, qi, j + W, r));
+    }
+    if (j < nkp) even = vadd(even, exp_store<Dot, DEG>(c, qi, j, r));
+    sum[qi] = vadd(even, odd);
+  }
+  for (int qi = 0; qi < c.rows; ++qi) st[qi].sum = st[qi].sum * corr[qi] + vhsum(sum[qi]);
 }
 
 // O[q0 .. q0+MQ)[channel vectors dvb ..] = O * corr + P[., keys) @ V[keys, .] over nsteps key steps;
@@ -425,7 +530,9 @@ __attribute__((noinline)) static void pv_tile(const Block<Dot>& c, int q0, int64
   }
   const typename Dot::elem* v = vb + dvb * Dot::STEP;
   const typename Dot::elem* pq = pm + q0 * c.ss;
+  const char* const* pf = NV >= 2 ? c.fetch->take(nsteps) : nullptr;  // see PF_STEPS
   for (int64_t jj = 0; jj < nsteps; ++jj) {
+    if (NV >= 2 && jj % PF_STEPS == 0) _mm_prefetch(pf[jj / PF_STEPS], _MM_HINT_T0);
     vf vv[NV];
     for (int n = 0; n < NV; ++n) vv[n] = in_register(Dot::load(v + jj * c.vrow + n * W * Dot::STEP));
     for (int qi = 0; qi < MQ; ++qi) {
@@ -445,7 +552,6 @@ static void pv(const Block<Dot>& c, const typename Dot::elem* vb, int64_t nsteps
   const int64_t nvec = c.p->Dvp / W;
   for (int64_t v0 = 0; v0 < nvec;) {
     const int64_t left = nvec - v0;
-    if (c.fetch) c.fetch->issue();
 #if SPV_AVX512
     if (left >= 4) {
       for (int q0 = 0; q0 < c.rows; q0 += 6) pv_tile<Dot, 6, 4>(c, q0, v0 * W, c.pm, vb, nsteps, corr);
@@ -525,8 +631,7 @@ static void query_block(Block<Dot>& c, int64_t out0) {
     for (int qi = 0; qi < QB; ++qi) mx[qi] = vset1(-INFINITY);
     scores<Dot>(c, j0, nkp, mx);
     float corr[QB];
-    for (int qi = 0; qi < c.rows; ++qi)
-      corr[qi] = softmax_row<Dot, Dot::STEP == 2 ? 3 : 5>(c, qi, nkp, mx[qi], &st[qi]);
+    softmax_block<Dot, Dot::STEP == 2 ? 3 : 5>(c, nkp, mx, st, corr);
     const int64_t nk = p->N - j0 < nkp ? p->N - j0 : nkp;
     pv<Dot>(c, c.vp + j0 / Dot::STEP * c.vrow, (nk + Dot::STEP - 1) / Dot::STEP, j0 == 0 ? nullptr : corr);
   }
@@ -549,9 +654,15 @@ static int64_t head_buffer_floats(const AttnParams* p) {
 }
 
 // Floats of scratch one thread needs (64-byte aligned pieces).
+static int64_t queue_pad(const AttnParams* p) {  // tile steps: channel steps (<= Dp) or key steps (<= KB)
+  return ((dp_of(p) > KB ? dp_of(p) : KB) + PF_STEPS - 1) / PF_STEPS;
+}
+static int64_t queue_floats(const AttnParams* p) {
+  return round16((LineQueue::MAX_LINES + queue_pad(p)) * (int64_t)(sizeof(const char*) / sizeof(float)));
+}
 static int64_t scratch_floats(const AttnParams* p) {
   const int64_t ss = p->Np < KB ? p->Np : KB;
-  return HEADER_FLOATS + 2 * head_buffer_floats(p) + 2 * round16(QB * ss) + round16(QB * p->Dvp);
+  return HEADER_FLOATS + 2 * head_buffer_floats(p) + 2 * round16(QB * ss) + round16(QB * p->Dvp) + queue_floats(p);
 }
 
 struct HeadBuffer {
@@ -642,6 +753,8 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
   const int64_t out_base = b * p->so[0] + h * p->so[1];
   const int64_t parts = k1 - k0, es = p->bf16 ? 2 : 4;
   LineQueue fetch;
+  fetch.line = (const char**)(c.o + round16(QB * p->Dvp));
+  fetch.pad = (int)queue_pad(p);
   c.fetch = &fetch;
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t i = k * QB;
@@ -651,10 +764,10 @@ static void run_head(const AttnParams* p, int64_t b, int64_t h, int64_t i0, int6
     // leaving the stores out saved ~6% of the kernel without this, ~4% with it), and the next head's
     // piece packed after the next block (the first block fetches the first two pieces).
     fetch.reset();
-    for (int qi = 0; qi < c.nq; ++qi) fetch.add((char*)p->out + (out_base + (i + qi) * p->so[2]) * es, p->Dv * es);
     for (int64_t piece = k == k0 ? 0 : k - k0 + 1; pipelined && piece <= k - k0 + 1 && piece < parts; ++piece)
       pack_piece<Dot>(p, next / p->H, next % p->H, nxt, 0, n_qblocks(p), piece, parts, &fetch);
-    fetch.spread(6);
+    for (int qi = 0; qi < c.nq; ++qi) fetch.add((char*)p->out + (out_base + (i + qi) * p->so[2]) * es, p->Dv * es);
+    fetch.seal();
     c.qs = (const elem*)(cur.qs + k * QB * Dp);
     c.bias_row0 = b * p->sb[0] + h * p->sb[1] + i * p->sb[2];
     query_block<Dot>(c, out_base + i * p->so[2]);
