@@ -228,6 +228,33 @@ def _block_sparse_vit():
 
 
 @pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16))
+def test_bsr_op_bias_layouts_match_float64(x_dtype):
+    """The op reads an fp32 contiguous bias in place when the blocks have no padded rows and copies it
+    (per-thread scratch, reused between calls of different sizes) otherwise: strided, float64 and
+    bf16 biases, padded block heights and partial last block rows all match float64, and the
+    caller's bias is never written."""
+    from sparsevit.formats import BlockSparseWeight
+
+    g = torch.Generator().manual_seed(5)
+    cases = [((32, 32), 96, 70), ((32, 32), 101, 64), ((24, 8), 72, 40), ((16, 16), 48, 33), ((32, 32), 64, 96)]
+    for (bh, bw), out_f, in_f in cases:
+        w = torch.randn(out_f, in_f, generator=g)
+        mask = torch.rand(out_f, in_f, generator=g) < 0.4
+        ws = BlockSparseWeight.from_dense(w.to(x_dtype), block=(bh, bw), mask=mask)
+        x = torch.randn(37, in_f, generator=g).to(x_dtype)
+        wide = torch.randn(out_f, 2, generator=g)
+        for bias in (wide[:, 0].contiguous(), wide[:, 1], wide[:, 0].double(), wide[:, 0].to(torch.bfloat16)):
+            before = bias.clone()
+            y = torch.ops.sparsevit_C.bsr_linear(x, ws.packed, ws.col_indices, ws.crow_indices, bias,
+                                                 out_f, in_f, bh, bw, 0, -1)
+            ref = _ref(x, ws.to_dense(), bias, None)
+            tol = 2e-2 if x_dtype == torch.bfloat16 else 1e-5
+            assert rel_err(y, ref) < tol, ((bh, bw), out_f, bias.dtype, bias.stride())
+            assert torch.equal(bias, before)
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
 def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
     """Eager CPU inference runs the blocks as straight op calls: bit-identical to the module path,
     close to the masked dense model in float64; a hook on an inner Linear, grad mode or a dtype the

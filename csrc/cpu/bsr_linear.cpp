@@ -204,15 +204,28 @@ void check_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   check_indices(col.contiguous(), crow.contiguous(), nbr, (in_features + bw - 1) / bw);
 }
 
-// Bias in fp32, laid out per packed block row (zero in the padded rows).
-at::Tensor padded_bias(const at::Tensor& bias, int64_t nbr, int64_t bh, int64_t BHP, int64_t out_features) {
-  at::Tensor bf = bias.to(at::kFloat).contiguous();
-  at::Tensor bias_pad = at::zeros({nbr * BHP}, bf.options());
-  const float* bs = bf.data_ptr<float>();
-  float* bp = bias_pad.data_ptr<float>();
+// The bias as the kernels read it: fp32, laid out per packed block row, zero in the padded rows.
+// When every block row is full and unpadded (bh is a packed height dividing out_features) and the
+// bias is contiguous fp32, that is the bias itself: no copy. Otherwise a copy in per-thread scratch
+// (an at::zeros per call was 48 allocations and fills in a batch-1 DeiT-S forward).
+const float* kernel_bias(const at::Tensor& bias, const BsrParams& p) {
+  const int64_t nbr = p.nbr, bh = p.bh, BHP = p.BHP, out = p.out;
+  if (bias.scalar_type() == at::kFloat && bias.is_contiguous() && BHP == bh && out == nbr * bh)
+    return bias.data_ptr<float>();
+  static thread_local Workspace scratch;
+  float* bp = (float*)scratch.get((size_t)nbr * BHP * sizeof(float));
+  std::memset(bp, 0, (size_t)nbr * BHP * sizeof(float));
+  at::Tensor owned;  // a float copy only for dtypes other than fp32 / bf16
+  const at::Tensor& b = bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16
+                            ? bias : (owned = bias.to(at::kFloat));
+  const int64_t stride = b.stride(0);
   for (int64_t r = 0; r < nbr; ++r)
-    for (int64_t i = 0; i < bh && r * bh + i < out_features; ++i) bp[r * BHP + i] = bs[r * bh + i];
-  return bias_pad;
+    for (int64_t i = 0; i < bh && r * bh + i < out; ++i) {
+      const int64_t o = (r * bh + i) * stride;
+      bp[r * BHP + i] = b.scalar_type() == at::kFloat ? b.data_ptr<float>()[o]
+                                                      : (float)b.data_ptr<at::BFloat16>()[o];
+    }
+  return bp;
 }
 
 // Kernel A reads x in place (it stops at the row's end in a partial last block column), unless the
@@ -354,7 +367,6 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   const int64_t T = xc.size(0), nbr = (out_features + bh - 1) / bh, nbc = (in_features + bw - 1) / bw;
   at::Tensor y = at::empty({T, out_features}, xc.options());
   if (T == 0 || out_features == 0) return y;
-  at::Tensor bias_pad = bias.has_value() ? padded_bias(*bias, nbr, bh, BHP, out_features) : at::Tensor();
 
   BsrParams p;
   p.x = xc.data_ptr();
@@ -364,7 +376,7 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   p.wpack = pc.data_ptr();
   p.col = cc.data_ptr<int32_t>();
   p.crow = rc.data_ptr<int32_t>();
-  p.bias_pad = bias.has_value() ? bias_pad.data_ptr<float>() : nullptr;
+  p.bias_pad = nullptr;
   p.T = T;
   p.in = in_features;
   p.out = out_features;
@@ -379,6 +391,7 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   p.act = (int)act;
   p.tile_stride = nbc * KP * TT;
   p.n_tiles = (T + TT - 1) / TT;
+  if (bias.has_value()) p.bias_pad = kernel_bias(*bias, p);
   std::vector<char> bad_tok(T, 0);
   p.bad_tok = bad_tok.data();
   stage_activations(p, kern, xc);
