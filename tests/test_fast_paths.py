@@ -255,6 +255,32 @@ def test_bsr_op_bias_layouts_match_float64(x_dtype):
 
 
 @pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+def test_kernel_bench_times_the_models_op_call_on_the_masked_product():
+    """bench/kernels.py times the op as SparseLinear calls it: the callable it times computes the
+    masked product (float64 reference), bit-identical to the generic wrapper."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        import kernels as kernel_bench
+    finally:
+        sys.path.pop(0)
+    from sparsevit.formats import BlockSparseWeight
+    from sparsevit.ops.bsr import bsr_linear
+
+    g = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(70, 45, generator=g).to(dtype)
+        mask = kernel_bench.block_mask(70, 45, (32, 32), 0.5, g)
+        x = torch.randn(23, 45, generator=g).to(dtype)
+        y = kernel_bench.make_methods(x, w, mask, (32, 32), wanted=("sparsevit",))["sparsevit"]()
+        ws = BlockSparseWeight.from_dense(w, block=(32, 32), mask=mask)
+        assert torch.equal(y, bsr_linear(x, ws))
+        assert rel_err(y, _ref(x, w * mask, None, None)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
 def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
     """Eager CPU inference runs the blocks as straight op calls: bit-identical to the module path,
     close to the masked dense model in float64; a hook on an inner Linear, grad mode or a dtype the
