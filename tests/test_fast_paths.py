@@ -289,15 +289,17 @@ def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
 
     model, plan, fast = _block_sparse_vit()
     x = torch.randn(3, 3, 32, 32)
-    lean_calls = []
-    real_lean = modules._lean_forward
+    lean_calls, wrapper_calls = [], []
+    real_lean, real_attention = modules._lean_forward, modules.sparse_attention
     monkeypatch.setattr(modules, "_lean_forward", lambda *a: lean_calls.append(1) or real_lean(*a))
+    monkeypatch.setattr(modules, "sparse_attention", lambda *a: wrapper_calls.append(1) or real_attention(*a))
     with torch.inference_mode():
         out = fast(x)
-        assert len(lean_calls) == 1
+        assert len(lean_calls) == 1 and wrapper_calls == []  # the lean path calls the attention op itself
         with monkeypatch.context() as m:
             m.setattr(modules, "_lean_parts", lambda blocks, x: None)
             module_path = fast(x)
+        assert len(wrapper_calls) == len(fast.blocks)
         ref = sparsevit.masked_model(model, plan).double()(x.double())
     assert torch.equal(out, module_path)
     assert rel_err(out, ref) < 1e-4

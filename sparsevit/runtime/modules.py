@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevit.ops.attention import attention as sparse_attention
+from sparsevit.ops.attention import attention_unsupported_reasons
 from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 from sparsevit.ops.fine_mlp import fused_mlp_forward
 from sparsevit.ops.residual import layernorm_gather, residual_add_layernorm, residual_scatter_add
@@ -427,10 +428,18 @@ def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
     T = B * N
     normed = parts[0][1].norm(x)
     owned = False  # x is the caller's: the first write-back makes a new tensor
+    direct_attention = None  # decided at the first block; dtype, device and layout are every block's
     for i, (_block, attn_io, mlp_io, attention, qkv, proj, fc1, fc2) in enumerate(parts):
         H, d = attention.num_heads, attention.qk_dim
         q, k, v = _run_linear(qkv, normed.reshape(T, -1)).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-        out = sparse_attention(q, k, v, None, attention.scale)
+        if direct_attention is None:
+            direct_attention = not attention_unsupported_reasons(q, k, v)
+        if direct_attention:
+            # the call sparse_attention makes in eager CPU inference (_lean_parts checked that), minus
+            # its per-call checks (~10 us, 12 calls a forward)
+            out = torch.ops.sparsevit_C.attention_cpu(q, k, v, None, attention.scale, -1)
+        else:
+            out = sparse_attention(q, k, v, None, attention.scale)
         y = _run_linear(proj, out.transpose(1, 2).reshape(T, H * d)).view(B, N, -1)
         x, h = attn_io.add_then_norm(x, y, mlp_io, inplace=owned)
         owned = True
