@@ -255,6 +255,38 @@ def test_bsr_op_bias_layouts_match_float64(x_dtype):
 
 
 @pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+@pytest.mark.parametrize("threads", (1, 2))
+def test_bsr_op_unread_column_scan_inline_and_in_chunks(threads):
+    """Non-finite inputs in block columns no kept block reads: the scan runs inline for few tokens
+    and in parallel chunks for many (over 32768 elements); the NaN/Inf pattern matches dense float64
+    either way, first and last tokens included."""
+    from sparsevit.formats import BlockSparseWeight
+
+    g = torch.Generator().manual_seed(11)
+    out_f, in_f = 40, 3 * 32 + 7
+    keep = torch.rand(2, 4, generator=g) < 0.6
+    keep[:, 1] = False  # block column 1 is read by no kept block
+    keep[0, 0] = True
+    mask = keep.repeat_interleave(32, 0).repeat_interleave(32, 1)[:out_f, :in_f]
+    ws = BlockSparseWeight.from_dense(torch.randn(out_f, in_f, generator=g), block=(32, 32), mask=mask)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for T in (5, 197, 1601):
+            x = torch.randn(T, in_f, generator=g)
+            for t in (0, T // 2, T - 1):
+                x[t, 32 + (t % 32)] = float("nan") if t % 2 else float("inf")
+            y = torch.ops.sparsevit_C.bsr_linear(x, ws.packed, ws.col_indices, ws.crow_indices, None, out_f, in_f,
+                                                 32, 32, 0, -1).double()
+            ref = F.linear(x.double(), ws.to_dense().double())
+            assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf()), T
+            fin = ref.isfinite()
+            assert fin.sum() > 0 and rel_err(y[fin], ref[fin]) < 1e-5
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
 def test_kernel_bench_times_the_models_op_call_on_the_masked_product():
     """bench/kernels.py times the op as SparseLinear calls it: the callable it times computes the
     masked product (float64 reference), bit-identical to the generic wrapper."""

@@ -107,6 +107,8 @@ bool row_nonfinite(const Bits* u, int64_t n, Bits exp_mask) {
   return bad != 0;
 }
 
+constexpr int64_t kNonfiniteScanGrainElems = 32768;  // elements per parallel chunk of the scan below
+
 // Dense x @ W^T is NaN at output o whenever x[t, i] is NaN/Inf and W[o, i] == 0 (0 * Inf = NaN).
 // Kept blocks multiply their zeros and do that by themselves; dropped blocks are never read, so
 // their output rows are marked here. A non-finite x[t, i] in a block column that some kept block
@@ -126,7 +128,12 @@ void propagate_nonfinite(const at::Tensor& xc, at::Tensor& y, const BsrParams& p
   char* bad_row = p.bad_tok;
   if (!unread.empty()) {
     const int64_t esz = xc.element_size();
-    at::parallel_for(0, p.T, 16, [&](int64_t b, int64_t e) {
+    int64_t per_row = 0;  // elements scanned per token
+    for (const auto& u : unread) per_row += u.second - u.first;
+    // A scan of a few thousand elements (batch 1: 197 tokens x a block column or two, in a quarter
+    // of the combined plan's layers) runs inline: a parallel region costs more than it saves.
+    const int64_t grain = std::max<int64_t>(16, kNonfiniteScanGrainElems / std::max<int64_t>(1, per_row));
+    at::parallel_for(0, p.T, grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const char* row = (const char*)xc.data_ptr() + t * p.ldx * esz;
         for (size_t i = 0; i < unread.size() && !bad_row[t]; ++i) {
