@@ -325,13 +325,17 @@ def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
     real_lean, real_attention = modules._lean_forward, modules.sparse_attention
     monkeypatch.setattr(modules, "_lean_forward", lambda *a: lean_calls.append(1) or real_lean(*a))
     monkeypatch.setattr(modules, "sparse_attention", lambda *a: wrapper_calls.append(1) or real_attention(*a))
+    real_add_norm = modules.residual_add_layernorm
+    monkeypatch.setattr(modules, "residual_add_layernorm",
+                        lambda *a, **k: wrapper_calls.append(2) or real_add_norm(*a, **k))
     with torch.inference_mode():
         out = fast(x)
-        assert len(lean_calls) == 1 and wrapper_calls == []  # the lean path calls the attention op itself
+        assert len(lean_calls) == 1 and wrapper_calls == []  # the lean path calls the ops itself
         with monkeypatch.context() as m:
             m.setattr(modules, "_lean_parts", lambda blocks, x: None)
             module_path = fast(x)
-        assert len(wrapper_calls) == len(fast.blocks)
+        depth = len(fast.blocks)
+        assert wrapper_calls.count(1) == depth and wrapper_calls.count(2) == 2 * depth - 1
         ref = sparsevit.masked_model(model, plan).double()(x.double())
     assert torch.equal(out, module_path)
     assert rel_err(out, ref) < 1e-4
@@ -351,6 +355,29 @@ def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
         with pytest.raises(Exception):
             fast.blocks(x64)  # float64 tokens into float32 layers: the module path refuses, as before
     assert len(lean_calls) == 1
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+def test_lean_path_bf16_and_unfused_norms_match_module_path(monkeypatch):
+    """bf16 layers (the fused add+norm at full width) and the add+norm fusion turned off: the lean
+    path gives the module path's result bit for bit."""
+    from sparsevit.ops import residual
+    from sparsevit.runtime import modules
+
+    _model, _plan, fast = _block_sparse_vit()
+    fast = fast.to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    lean_calls = []
+    real_lean = modules._lean_forward
+    monkeypatch.setattr(modules, "_lean_forward", lambda *a: lean_calls.append(1) or real_lean(*a))
+    with torch.inference_mode():
+        for fusion in (True, False):
+            with residual.add_norm_fusion(fusion):
+                out = fast(x)
+                with monkeypatch.context() as m:
+                    m.setattr(modules, "_lean_parts", lambda blocks, x: None)
+                    assert torch.equal(out, fast(x)), fusion
+    assert len(lean_calls) == 2
 
 
 @pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
