@@ -237,7 +237,7 @@ class BranchIO(nn.Module):
     def norm_hooked(self) -> bool:
         """Whether the norm is a module with forward hooks: the fused paths, which compute the norm
         without calling it, must then call it so that the hooks fire and can change its output."""
-        n = self.full_norm
+        n = self._modules.get("full_norm")  # asked per block per forward: no nn.Module.__getattr__
         return n is not None and bool(n._forward_hooks or n._forward_pre_hooks)
 
     def add_then_norm(self, x: torch.Tensor, y: torch.Tensor, reader: "BranchIO",
@@ -548,9 +548,13 @@ def _any_hooks(blocks) -> bool:
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(blk._forward_hooks or blk._forward_pre_hooks
-               or (isinstance(blk, SparseBlock) and blk.attn_io is not None and blk.attn_io.norm_hooked())
-               for blk in blocks)
+    for blk in blocks:
+        if blk._forward_hooks or blk._forward_pre_hooks:
+            return True
+        io = blk._modules.get("attn_io") if isinstance(blk, SparseBlock) else None
+        if io is not None and io.norm_hooked():
+            return True
+    return False
 
 
 def chain_block_norms(model: nn.Module) -> bool:
