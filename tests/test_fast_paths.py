@@ -228,6 +228,91 @@ def _block_sparse_vit():
 
 
 @pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16))
+def test_bsr_op_bias_layouts_match_float64(x_dtype):
+    """The op reads an fp32 contiguous bias in place when the blocks have no padded rows and copies it
+    (per-thread scratch, reused between calls of different sizes) otherwise: strided, float64 and
+    bf16 biases, padded block heights and partial last block rows all match float64, and the
+    caller's bias is never written."""
+    from sparsevit.formats import BlockSparseWeight
+
+    g = torch.Generator().manual_seed(5)
+    cases = [((32, 32), 96, 70), ((32, 32), 101, 64), ((24, 8), 72, 40), ((16, 16), 48, 33), ((32, 32), 64, 96)]
+    for (bh, bw), out_f, in_f in cases:
+        w = torch.randn(out_f, in_f, generator=g)
+        mask = torch.rand(out_f, in_f, generator=g) < 0.4
+        ws = BlockSparseWeight.from_dense(w.to(x_dtype), block=(bh, bw), mask=mask)
+        x = torch.randn(37, in_f, generator=g).to(x_dtype)
+        wide = torch.randn(out_f, 2, generator=g)
+        for bias in (wide[:, 0].contiguous(), wide[:, 1], wide[:, 0].double(), wide[:, 0].to(torch.bfloat16)):
+            before = bias.clone()
+            y = torch.ops.sparsevit_C.bsr_linear(x, ws.packed, ws.col_indices, ws.crow_indices, bias,
+                                                 out_f, in_f, bh, bw, 0, -1)
+            ref = _ref(x, ws.to_dense(), bias, None)
+            tol = 2e-2 if x_dtype == torch.bfloat16 else 1e-5
+            assert rel_err(y, ref) < tol, ((bh, bw), out_f, bias.dtype, bias.stride())
+            assert torch.equal(bias, before)
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+@pytest.mark.parametrize("threads", (1, 2))
+def test_bsr_op_unread_column_scan_inline_and_in_chunks(threads):
+    """Non-finite inputs in block columns no kept block reads: the scan runs inline for few tokens
+    and in parallel chunks for many (over 32768 elements); the NaN/Inf pattern matches dense float64
+    either way, first and last tokens included."""
+    from sparsevit.formats import BlockSparseWeight
+
+    g = torch.Generator().manual_seed(11)
+    out_f, in_f = 40, 3 * 32 + 7
+    keep = torch.rand(2, 4, generator=g) < 0.6
+    keep[:, 1] = False  # block column 1 is read by no kept block
+    keep[0, 0] = True
+    mask = keep.repeat_interleave(32, 0).repeat_interleave(32, 1)[:out_f, :in_f]
+    ws = BlockSparseWeight.from_dense(torch.randn(out_f, in_f, generator=g), block=(32, 32), mask=mask)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for T in (5, 197, 1601):
+            x = torch.randn(T, in_f, generator=g)
+            for t in (0, T // 2, T - 1):
+                x[t, 32 + (t % 32)] = float("nan") if t % 2 else float("inf")
+            y = torch.ops.sparsevit_C.bsr_linear(x, ws.packed, ws.col_indices, ws.crow_indices, None, out_f, in_f,
+                                                 32, 32, 0, -1).double()
+            ref = F.linear(x.double(), ws.to_dense().double())
+            assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf()), T
+            fin = ref.isfinite()
+            assert fin.sum() > 0 and rel_err(y[fin], ref[fin]) < 1e-5
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+def test_kernel_bench_times_the_models_op_call_on_the_masked_product():
+    """bench/kernels.py times the op as SparseLinear calls it: the callable it times computes the
+    masked product (float64 reference), bit-identical to the generic wrapper."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        import kernels as kernel_bench
+    finally:
+        sys.path.pop(0)
+    from sparsevit.formats import BlockSparseWeight
+    from sparsevit.ops.bsr import bsr_linear
+
+    g = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(70, 45, generator=g).to(dtype)
+        mask = kernel_bench.block_mask(70, 45, (32, 32), 0.5, g)
+        x = torch.randn(23, 45, generator=g).to(dtype)
+        y = kernel_bench.make_methods(x, w, mask, (32, 32), wanted=("sparsevit",))["sparsevit"]()
+        ws = BlockSparseWeight.from_dense(w, block=(32, 32), mask=mask)
+        assert torch.equal(y, bsr_linear(x, ws))
+        assert rel_err(y, _ref(x, w * mask, None, None)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
 def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
     """Eager CPU inference runs the blocks as straight op calls: bit-identical to the module path,
     close to the masked dense model in float64; a hook on an inner Linear, grad mode or a dtype the
@@ -236,15 +321,21 @@ def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
 
     model, plan, fast = _block_sparse_vit()
     x = torch.randn(3, 3, 32, 32)
-    lean_calls = []
-    real_lean = modules._lean_forward
+    lean_calls, wrapper_calls = [], []
+    real_lean, real_attention = modules._lean_forward, modules.sparse_attention
     monkeypatch.setattr(modules, "_lean_forward", lambda *a: lean_calls.append(1) or real_lean(*a))
+    monkeypatch.setattr(modules, "sparse_attention", lambda *a: wrapper_calls.append(1) or real_attention(*a))
+    real_add_norm = modules.residual_add_layernorm
+    monkeypatch.setattr(modules, "residual_add_layernorm",
+                        lambda *a, **k: wrapper_calls.append(2) or real_add_norm(*a, **k))
     with torch.inference_mode():
         out = fast(x)
-        assert len(lean_calls) == 1
+        assert len(lean_calls) == 1 and wrapper_calls == []  # the lean path calls the ops itself
         with monkeypatch.context() as m:
             m.setattr(modules, "_lean_parts", lambda blocks, x: None)
             module_path = fast(x)
+        depth = len(fast.blocks)
+        assert wrapper_calls.count(1) == depth and wrapper_calls.count(2) == 2 * depth - 1
         ref = sparsevit.masked_model(model, plan).double()(x.double())
     assert torch.equal(out, module_path)
     assert rel_err(out, ref) < 1e-4
@@ -264,6 +355,29 @@ def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
         with pytest.raises(Exception):
             fast.blocks(x64)  # float64 tokens into float32 layers: the module path refuses, as before
     assert len(lean_calls) == 1
+
+
+@pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
+def test_lean_path_bf16_and_unfused_norms_match_module_path(monkeypatch):
+    """bf16 layers (the fused add+norm at full width) and the add+norm fusion turned off: the lean
+    path gives the module path's result bit for bit."""
+    from sparsevit.ops import residual
+    from sparsevit.runtime import modules
+
+    _model, _plan, fast = _block_sparse_vit()
+    fast = fast.to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    lean_calls = []
+    real_lean = modules._lean_forward
+    monkeypatch.setattr(modules, "_lean_forward", lambda *a: lean_calls.append(1) or real_lean(*a))
+    with torch.inference_mode():
+        for fusion in (True, False):
+            with residual.add_norm_fusion(fusion):
+                out = fast(x)
+                with monkeypatch.context() as m:
+                    m.setattr(modules, "_lean_parts", lambda blocks, x: None)
+                    assert torch.equal(out, fast(x)), fusion
+    assert len(lean_calls) == 2
 
 
 @pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <vector>
 
 #include "attention_cpu_params.h"
 
@@ -116,8 +117,12 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   // head: no guess.
   p.next_head_stride = chunks == 1 ? nth : 0;
   const int64_t per_thread = (kern->scratch_floats(&p) + 15) / 16 * 16;
-  at::Tensor scratch = at::empty({nth * per_thread + 16}, q.options().dtype(at::kFloat));
-  float* base = scratch.data_ptr<float>();
+  // Kept per calling thread and grown on demand: a fresh tensor per call was one allocation per
+  // block in a batch-1 forward.
+  static thread_local std::vector<float> scratch;
+  const size_t need = (size_t)(nth * per_thread + 16);
+  if (scratch.size() < need) scratch.resize(need);
+  float* base = scratch.data();
   base += (16 - ((uintptr_t)base / 4) % 16) % 16;  // 64-byte align
   for (int64_t t = 0; t < nth; ++t) memset(base + t * per_thread, 0, 64);  // no head packed yet (AttnKernels::run)
   std::atomic<int64_t> next{0};

@@ -107,6 +107,8 @@ bool row_nonfinite(const Bits* u, int64_t n, Bits exp_mask) {
   return bad != 0;
 }
 
+constexpr int64_t kNonfiniteScanGrainElems = 32768;  // elements per parallel chunk of the scan below
+
 // Dense x @ W^T is NaN at output o whenever x[t, i] is NaN/Inf and W[o, i] == 0 (0 * Inf = NaN).
 // Kept blocks multiply their zeros and do that by themselves; dropped blocks are never read, so
 // their output rows are marked here. A non-finite x[t, i] in a block column that some kept block
@@ -126,7 +128,12 @@ void propagate_nonfinite(const at::Tensor& xc, at::Tensor& y, const BsrParams& p
   char* bad_row = p.bad_tok;
   if (!unread.empty()) {
     const int64_t esz = xc.element_size();
-    at::parallel_for(0, p.T, 16, [&](int64_t b, int64_t e) {
+    int64_t per_row = 0;  // elements scanned per token
+    for (const auto& u : unread) per_row += u.second - u.first;
+    // A scan of a few thousand elements (batch 1: 197 tokens x a block column or two, in a quarter
+    // of the combined plan's layers) runs inline: a parallel region costs more than it saves.
+    const int64_t grain = std::max<int64_t>(16, kNonfiniteScanGrainElems / std::max<int64_t>(1, per_row));
+    at::parallel_for(0, p.T, grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const char* row = (const char*)xc.data_ptr() + t * p.ldx * esz;
         for (size_t i = 0; i < unread.size() && !bad_row[t]; ++i) {
@@ -204,15 +211,28 @@ void check_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   check_indices(col.contiguous(), crow.contiguous(), nbr, (in_features + bw - 1) / bw);
 }
 
-// Bias in fp32, laid out per packed block row (zero in the padded rows).
-at::Tensor padded_bias(const at::Tensor& bias, int64_t nbr, int64_t bh, int64_t BHP, int64_t out_features) {
-  at::Tensor bf = bias.to(at::kFloat).contiguous();
-  at::Tensor bias_pad = at::zeros({nbr * BHP}, bf.options());
-  const float* bs = bf.data_ptr<float>();
-  float* bp = bias_pad.data_ptr<float>();
+// The bias as the kernels read it: fp32, laid out per packed block row, zero in the padded rows.
+// When every block row is full and unpadded (bh is a packed height dividing out_features) and the
+// bias is contiguous fp32, that is the bias itself: no copy. Otherwise a copy in per-thread scratch
+// (an at::zeros per call was 48 allocations and fills in a batch-1 DeiT-S forward).
+const float* kernel_bias(const at::Tensor& bias, const BsrParams& p) {
+  const int64_t nbr = p.nbr, bh = p.bh, BHP = p.BHP, out = p.out;
+  if (bias.scalar_type() == at::kFloat && bias.is_contiguous() && BHP == bh && out == nbr * bh)
+    return bias.data_ptr<float>();
+  static thread_local Workspace scratch;
+  float* bp = (float*)scratch.get((size_t)nbr * BHP * sizeof(float));
+  std::memset(bp, 0, (size_t)nbr * BHP * sizeof(float));
+  at::Tensor owned;  // a float copy only for dtypes other than fp32 / bf16
+  const at::Tensor& b = bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16
+                            ? bias : (owned = bias.to(at::kFloat));
+  const int64_t stride = b.stride(0);
   for (int64_t r = 0; r < nbr; ++r)
-    for (int64_t i = 0; i < bh && r * bh + i < out_features; ++i) bp[r * BHP + i] = bs[r * bh + i];
-  return bias_pad;
+    for (int64_t i = 0; i < bh && r * bh + i < out; ++i) {
+      const int64_t o = (r * bh + i) * stride;
+      bp[r * BHP + i] = b.scalar_type() == at::kFloat ? b.data_ptr<float>()[o]
+                                                      : (float)b.data_ptr<at::BFloat16>()[o];
+    }
+  return bp;
 }
 
 // Kernel A reads x in place (it stops at the row's end in a partial last block column), unless the
@@ -354,7 +374,6 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   const int64_t T = xc.size(0), nbr = (out_features + bh - 1) / bh, nbc = (in_features + bw - 1) / bw;
   at::Tensor y = at::empty({T, out_features}, xc.options());
   if (T == 0 || out_features == 0) return y;
-  at::Tensor bias_pad = bias.has_value() ? padded_bias(*bias, nbr, bh, BHP, out_features) : at::Tensor();
 
   BsrParams p;
   p.x = xc.data_ptr();
@@ -364,7 +383,7 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   p.wpack = pc.data_ptr();
   p.col = cc.data_ptr<int32_t>();
   p.crow = rc.data_ptr<int32_t>();
-  p.bias_pad = bias.has_value() ? bias_pad.data_ptr<float>() : nullptr;
+  p.bias_pad = nullptr;
   p.T = T;
   p.in = in_features;
   p.out = out_features;
@@ -379,6 +398,7 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   p.act = (int)act;
   p.tile_stride = nbc * KP * TT;
   p.n_tiles = (T + TT - 1) / TT;
+  if (bias.has_value()) p.bias_pad = kernel_bias(*bias, p);
   std::vector<char> bad_tok(T, 0);
   p.bad_tok = bad_tok.data();
   stage_activations(p, kern, xc);

@@ -132,8 +132,18 @@ def _fused_add_norm_ok(x: torch.Tensor, y: torch.Tensor, write: Optional[torch.T
     """Whether the C++ add+norm kernel takes these inputs (eager CPU inference, same dtype, and for
     bf16 full-width rows only; traced graphs keep the separate ops, which the compilers and exporters
     know)."""
-    if x.dtype in _FULL_WIDTH_ONLY_DTYPES and (write is not None or read is not None):
-        return False
+    return fused_add_norm_indices_ok(x.dtype, write, read) and fused_add_norm_call_ok(x, y)
+
+
+def fused_add_norm_indices_ok(dtype: torch.dtype, write: Optional[torch.Tensor], read: Optional[torch.Tensor]) -> bool:
+    """The part of :func:`_fused_add_norm_ok` that depends on the channel subsets: bf16 rows are fused
+    at full width only."""
+    return dtype not in _FULL_WIDTH_ONLY_DTYPES or (write is None and read is None)
+
+
+def fused_add_norm_call_ok(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """The part of :func:`_fused_add_norm_ok` that depends on the call, not on the channel subsets
+    (a caller that runs many add+norms on one residual stream may ask it once)."""
     return (_fusion["enabled"] and x.dtype in FUSED_ADD_NORM_DTYPES and y.device.type == "cpu"
             and eager_cpu_call_ok(x, y) and _ext.has_op("residual_add_layernorm"))
 

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevit.ops.attention import attention as sparse_attention
+from sparsevit.ops.attention import attention_unsupported_reasons
 from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 from sparsevit.ops.fine_mlp import fused_mlp_forward
-from sparsevit.ops.residual import layernorm_gather, residual_add_layernorm, residual_scatter_add
+from sparsevit.ops.residual import (fused_add_norm_call_ok, fused_add_norm_indices_ok, layernorm_gather,
+                                    residual_add_layernorm, residual_scatter_add)
 from sparsevit.runtime.linear import SparseLinear
 
 
@@ -235,7 +237,7 @@ class BranchIO(nn.Module):
     def norm_hooked(self) -> bool:
         """Whether the norm is a module with forward hooks: the fused paths, which compute the norm
         without calling it, must then call it so that the hooks fire and can change its output."""
-        n = self.full_norm
+        n = self._modules.get("full_norm")  # asked per block per forward: no nn.Module.__getattr__
         return n is not None and bool(n._forward_hooks or n._forward_pre_hooks)
 
     def add_then_norm(self, x: torch.Tensor, y: torch.Tensor, reader: "BranchIO",
@@ -421,22 +423,54 @@ def _run_linear(lin_args, x2d: torch.Tensor) -> torch.Tensor:
     return lin.run_direct(x2d, direct)
 
 
+def _direct_add_norm_args(io, reader, dtype):
+    """``(write, weight, bias, read, eps)`` of the fused add+norm op for ``io``'s write-back and
+    ``reader``'s norm when the op takes them (:func:`fused_add_norm_indices_ok`; the call part is asked
+    once per forward); None when :meth:`BranchIO.add_then_norm` must run (hooked norm, bf16 subsets)."""
+    if reader.norm_hooked():
+        return None
+    weight, bias, read, eps = reader.norm_values()
+    if not fused_add_norm_indices_ok(dtype, io.write, read):
+        return None
+    return io.write, weight, bias, read, float(eps)
+
+
+def _add_then_norm(io, reader, x, y, inplace: bool, fused: bool):
+    """``io.add_then_norm(x, y, reader, inplace)``: the same op with the same arguments, minus the
+    wrapper's per-call checks (~9 us, 23 calls a forward) when ``fused`` (the call part, asked once)."""
+    args = _direct_add_norm_args(io, reader, x.dtype) if fused else None
+    if args is None or (inplace and not x.is_contiguous()):
+        return io.add_then_norm(x, y, reader, inplace=inplace)
+    if inplace:
+        return x, torch.ops.sparsevit_C.residual_add_layernorm_(x, y.contiguous(), *args)
+    return torch.ops.sparsevit_C.residual_add_layernorm(x.contiguous(), y.contiguous(), *args)
+
+
 def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
     """:class:`SparseBlockSequence`'s forward as straight op calls (see the section comment)."""
     B, N, _ = x.shape
     T = B * N
     normed = parts[0][1].norm(x)
     owned = False  # x is the caller's: the first write-back makes a new tensor
+    direct_attention = None  # decided at the first block; dtype, device and layout are every block's
+    fused = fused_add_norm_call_ok(x, x)  # the residual stream keeps x's dtype and device
     for i, (_block, attn_io, mlp_io, attention, qkv, proj, fc1, fc2) in enumerate(parts):
         H, d = attention.num_heads, attention.qk_dim
         q, k, v = _run_linear(qkv, normed.reshape(T, -1)).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-        out = sparse_attention(q, k, v, None, attention.scale)
+        if direct_attention is None:
+            direct_attention = not attention_unsupported_reasons(q, k, v)
+        if direct_attention:
+            # the call sparse_attention makes in eager CPU inference (_lean_parts checked that), minus
+            # its per-call checks (~10 us, 12 calls a forward)
+            out = torch.ops.sparsevit_C.attention_cpu(q, k, v, None, attention.scale, -1)
+        else:
+            out = sparse_attention(q, k, v, None, attention.scale)
         y = _run_linear(proj, out.transpose(1, 2).reshape(T, H * d)).view(B, N, -1)
-        x, h = attn_io.add_then_norm(x, y, mlp_io, inplace=owned)
+        x, h = _add_then_norm(attn_io, mlp_io, x, y, owned, fused)
         owned = True
         y = _run_linear(fc2, _run_linear(fc1, h.reshape(T, -1))).view(B, N, -1)
         if i + 1 < len(parts):
-            x, normed = mlp_io.add_then_norm(x, y, parts[i + 1][1], inplace=True)
+            x, normed = _add_then_norm(mlp_io, parts[i + 1][1], x, y, True, fused)
         else:
             x = mlp_io.add(x, y, inplace=True)
     return x
@@ -514,9 +548,13 @@ def _any_hooks(blocks) -> bool:
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(blk._forward_hooks or blk._forward_pre_hooks
-               or (isinstance(blk, SparseBlock) and blk.attn_io is not None and blk.attn_io.norm_hooked())
-               for blk in blocks)
+    for blk in blocks:
+        if blk._forward_hooks or blk._forward_pre_hooks:
+            return True
+        io = blk._modules.get("attn_io") if isinstance(blk, SparseBlock) else None
+        if io is not None and io.norm_hooked():
+            return True
+    return False
 
 
 def chain_block_norms(model: nn.Module) -> bool:
