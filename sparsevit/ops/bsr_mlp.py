@@ -55,9 +55,14 @@ def _(x, values1, col_indices1, crow_indices1, packed1, bias1, hidden, activatio
 
 
 def _kernel_takes(x: torch.Tensor, packed1: torch.Tensor, packed2: torch.Tensor) -> bool:
+    """The compiled op runs this call (fused, or as two bsr_linear calls where the blocks do not fuse)."""
     return (_ext.has_op("bsr_mlp") and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and packed1.dtype == x.dtype and packed2.dtype == x.dtype
-            and packed1.shape[2] == packed2.shape[2] >= _MIN_PACKED_ROWS)
+            and packed1.dtype == x.dtype and packed2.dtype == x.dtype)
+
+
+def _fuses(packed1: torch.Tensor, packed2: torch.Tensor) -> bool:
+    """Both layers on the row-major kernel with the same token tile (see :func:`not_fusable_reasons`)."""
+    return packed1.shape[2] == packed2.shape[2] >= _MIN_PACKED_ROWS
 
 
 def _cpp_bsr_mlp(x, v1, c1, r1, p1, b1, hidden, act1, v2, c2, r2, p2, b2, out_features, in_features, bh1, bw1,
@@ -146,7 +151,8 @@ def fused_pair_args(fc1, fc2):
     d1, d2 = fc1.direct_args(), fc2.direct_args()
     if not d1 or not d2 or d2[4] != 0 or d1[0] != d2[1]:
         return None
-    if not _kernel_takes(fc1._buffers["values"], fc1._buffers["packed"], fc2._buffers["packed"]):
+    p1, p2 = fc1._buffers["packed"], fc2._buffers["packed"]
+    if not (_kernel_takes(fc1._buffers["values"], p1, p2) and _fuses(p1, p2)):
         return None
     return d1, d2
 
