@@ -9,16 +9,22 @@ less than a wall clock; other processes still evict caches, so numbers are indic
     python bench/bsr_mlp.py --threads 1
     python bench/bsr_mlp.py --threads 2 --tokens 197 --dtypes bfloat16
     python bench/bsr_mlp.py --threads 1 --group-tiles 1 2 4 8 16   # the fused op at other token groups
+    python bench/bsr_mlp.py --threads 1 --model-plan blocks70 --batch 8   # whole DeiT-S forward, fused on vs off
 
 ``--group-tiles`` adds the fused op with an explicit number of token tiles per work item (the op's
 ``group_tiles``; 0, the default column, sizes the group so the hidden tile fits 256 KiB).
+``--model-plan`` builds DeiT-S and a plan of bench/peers.py, accelerates it (the chooser decides per
+MLP, as usual) and times whole forwards with every block-sparse MLP forced fused vs forced per layer.
 """
 import argparse
+import os
+import sys
 
 import torch
 
 from cpu_kernels import time_interleaved  # bench/ is the script's folder, so on sys.path
 from sparsevit.formats.bsr import BlockSparseWeight
+from sparsevit.ops.bsr_mlp import FUSED_FLAG, not_fusable_reasons
 from sparsevit.ops.linear_kernels import ACT_CODE
 
 
@@ -53,6 +59,32 @@ def bench(tokens, block, sparsity, dtype, rounds, group_tiles=()):
     return {k: 1e3 * t for k, t in time_interleaved(fns, rounds).items()}
 
 
+def model_ab(plan_name, batch, dtype, rounds):
+    """ms of whole forwards with the block-sparse MLPs fused / per layer, and how many the chooser fused."""
+    import peers  # bench/ is on sys.path
+    import sparsevit
+    from sparsevit.runtime.linear import SparseLinear
+
+    dense = peers.build_model("deit_small_patch16_224", None, {})
+    fast = sparsevit.accelerate(dense, peers.PLANS[plan_name][0](dense), dtype=dtype, batch_hint=batch)
+    pairs = [(b.mlp.fc1, b.mlp.fc2) for b in fast.blocks
+             if all(isinstance(m, SparseLinear) and m.kind == "bsr" for m in (b.mlp.fc1, b.mlp.fc2))]
+    chosen = sum(bool(f1.__dict__.get(FUSED_FLAG)) for f1, _ in pairs)
+    x = torch.randn(batch, 3, 224, 224, dtype=dtype)
+    fusable = [p for p in pairs if not not_fusable_reasons(x.new_empty(1, p[0].in_features), p[0].weight, p[1].weight)]
+
+    def forward(fused):
+        for f1, _ in fusable:
+            f1.__dict__[FUSED_FLAG] = fused
+        return fast(x)
+
+    with torch.no_grad():
+        assert torch.equal(forward(True), forward(False)), "fused forward differs from the per-layer one"
+        ms = {k: 1e3 * t for k, t in time_interleaved({"per layer": lambda: forward(False),
+                                                      "fused": lambda: forward(True)}, rounds).items()}
+    return ms, chosen, len(fusable)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -63,8 +95,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--group-tiles", nargs="*", type=int, default=[],
                     help="also time the fused op with these token tiles per work item")
+    ap.add_argument("--model-plan", default=None, help="a bench/peers.py plan: time the whole DeiT-S forward")
+    ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model_plan:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        print(f"threads={args.threads} plan={args.model_plan} batch={args.batch}\n"
+              "| dtype | per-layer MLPs ms | fused MLPs ms | speed-up | chooser fused |\n|---|---|---|---|---|")
+        for dtype in args.dtypes:
+            ms, chosen, n = model_ab(args.model_plan, args.batch, getattr(torch, dtype), args.rounds)
+            print(f"| {dtype} | {ms['per layer']:.2f} | {ms['fused']:.2f} | {ms['per layer'] / ms['fused']:.3f}x | "
+                  f"{chosen} of {n} |", flush=True)
+        return
     extra = [f"g={n}" for n in args.group_tiles]
     print(f"threads={args.threads} block={args.block[0]}x{args.block[1]}\n"
           "| dtype | tokens | sparsity | two calls ms | fused ms | speed-up |" + "".join(f" fused {e} ms |" for e in extra)

@@ -17,7 +17,7 @@
 // Ops registered here:
 //   bsr_mlp(x[T,in], packed1, col1, crow1, bias1?, hidden, bh1, bw1, act1,
 //           packed2, col2, crow2, bias2?, out_features, in_features, bh2, bw2, isa, group_tiles) -> y[T,out]
-//   group_tiles: token tiles per thread work item (0: sized so the hidden tile fits kBsrMlpHiddenBudget)
+//   group_tiles: token tiles per work item (0: sized so the hidden tile fits kBsrMlpHiddenBudget)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -147,11 +147,10 @@ struct Mlp {
   char* bad1;              // [T] fc1 flags (pre-activation non-finite)
 };
 
-// fc1 then fc2 over token tiles [t0, t1) with worker `me`'s hidden tile.
-void run_group(const Mlp& m, int64_t t0, int64_t t1, int64_t me) {
+// fc1 over token tiles [t0, t1), into hidden tile h (row 0 = token t0 * TT).
+void group_fc1(const Mlp& m, int64_t t0, int64_t t1, char* h) {
   const int TT = m.p1.TT;
   const int64_t tok0 = t0 * TT, T = std::min(m.p1.T, t1 * TT) - tok0, nt = t1 - t0;
-  char* h = m.hidden + me * m.group_tiles * TT * m.ldh * m.esz;
   BsrParams p1 = m.p1;  // the group as a call of its own: tile indices start at 0
   p1.x = (const char*)m.p1.x + tok0 * m.p1.ldx * m.esz;
   p1.xa = (const char*)m.p1.xa + tok0 * m.p1.lda * m.esz;
@@ -162,26 +161,48 @@ void run_group(const Mlp& m, int64_t t0, int64_t t1, int64_t me) {
   p1.n_tiles = nt;
   p1.bad_tok = m.bad1 + tok0;
   m.kern->compute(&p1, 0, p1.nbr, 0, nt);
-  if (T < nt * TT)  // fc2 reads whole tiles: zero the rows past the last token (stale rows may be NaN)
-    std::memset(h + T * m.ldh * m.esz, 0, (nt * TT - T) * m.ldh * m.esz);
+}
+
+// fc2 over token tiles [t0, t1), from hidden tile h.
+void group_fc2(const Mlp& m, int64_t t0, int64_t t1, const char* h) {
+  const int TT = m.p2.TT;
+  const int64_t tok0 = t0 * TT;
   BsrParams p2 = m.p2;
-  p2.x = p2.xa = h;
+  p2.x = p2.xa = h;  // read only
   p2.ldx = p2.lda = m.ldh;
   p2.xa_tail = nullptr;
   p2.y = (char*)m.p2.y + tok0 * m.p2.ldy * m.esz;
-  p2.T = T;
-  p2.n_tiles = nt;
+  p2.T = std::min(m.p2.T, t1 * TT) - tok0;
+  p2.n_tiles = t1 - t0;
   p2.bad_tok = m.p2.bad_tok + tok0;
-  m.kern->compute(&p2, 0, p2.nbr, 0, nt);
+  m.kern->compute(&p2, 0, p2.nbr, 0, t1 - t0);
 }
 
-// Token groups handed out one at a time from a shared counter (a thread that loses its core to
-// another process does not hold the other up); each worker has its own hidden tile.
-void run_groups(const Mlp& m, int64_t n_groups, int64_t workers) {
+// fc2 reads whole tiles: rows of the last tile past the last token are zero (fc1 never writes them;
+// stale values there could be NaN and cost the slow path).
+void zero_pad_rows(const Mlp& m, int64_t t0, int64_t t1, char* h) {
+  const int TT = m.p1.TT;
+  const int64_t T = std::min(m.p1.T, t1 * TT) - t0 * TT, rows = (t1 - t0) * TT;
+  if (T < rows) std::memset(h + T * m.ldh * m.esz, 0, (rows - T) * m.ldh * m.esz);
+}
+
+// Threads split the tokens: groups are handed out one at a time from a shared counter (a thread that
+// loses its core to another process does not hold the other up); each worker runs fc1 and fc2 on its
+// own hidden tile and streams both weights once per group. Splitting block rows instead (both
+// threads on every group, each keeping its half of both weights in its L2, one barrier per group)
+// was measured and never faster: at 2 threads, DeiT-S 384->1536->384 at 70% 32x32, best of 60-300
+// wall-clock rounds on a shared host, it matched two bsr_linear calls at 197 tokens (this split
+// loses 5-7% there) and lost 1-13% to this split at 394 and 1576 tokens (bench/bsr_mlp.py numbers).
+void run_owned_groups(const Mlp& m, int64_t n_groups, int64_t workers) {
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t me) {
-    for (int64_t g = next.fetch_add(1); g < n_groups; g = next.fetch_add(1))
-      run_group(m, g * m.group_tiles, std::min(m.p1.n_tiles, (g + 1) * m.group_tiles), me);
+    for (int64_t g = next.fetch_add(1); g < n_groups; g = next.fetch_add(1)) {
+      const int64_t t0 = g * m.group_tiles, t1 = std::min(m.p1.n_tiles, t0 + m.group_tiles);
+      char* h = m.hidden + me * m.group_tiles * m.p1.TT * m.ldh * m.esz;
+      group_fc1(m, t0, t1, h);
+      zero_pad_rows(m, t0, t1, h);
+      group_fc2(m, t0, t1, h);
+    }
   };
   if (workers == 1) return work(0);
   at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
@@ -189,13 +210,28 @@ void run_groups(const Mlp& m, int64_t n_groups, int64_t workers) {
   });
 }
 
-// Token tiles per work item: as many as the hidden budget holds, but at least ~4 items per thread
-// when the call is small (batch 1 on DeiT-S has 17 tiles).
-int64_t pick_group_tiles(int64_t requested, int64_t n_tiles, int64_t nth, int TT, int64_t ldh, int64_t esz) {
+// Token tiles per work item: as many as the hidden budget holds; split by tokens, also at least ~4
+// items per thread when the call is small (batch 1 on DeiT-S has 17 tiles).
+int64_t pick_group_tiles(int64_t requested, int64_t n_tiles, int64_t owners, int TT, int64_t ldh, int64_t esz) {
   if (requested > 0) return std::min(requested, n_tiles);
   const int64_t by_budget = std::max<int64_t>(1, kBsrMlpHiddenBudget / (TT * ldh * esz));
-  const int64_t by_balance = std::max<int64_t>(1, (n_tiles + 4 * nth - 1) / (4 * nth));
+  const int64_t by_balance = std::max<int64_t>(1, (n_tiles + 4 * owners - 1) / (4 * owners));
   return std::min({by_budget, by_balance, n_tiles});
+}
+
+// fc1 reads x in place; kernel A reads whole tiles, so the last, partial one from a zero-padded copy
+// in `tail` (same row stride).
+void stage_x(BsrParams& p1, const at::Tensor& xc, char* tail, int64_t esz) {
+  p1.x = p1.xa = xc.data_ptr();
+  p1.ldx = p1.lda = xc.stride(0);
+  if (p1.T % p1.TT == 0) return;
+  const int64_t t0 = (p1.n_tiles - 1) * p1.TT, ld = xc.stride(0) * esz, row = p1.in * esz;
+  for (int64_t t = 0; t < p1.TT; ++t) {
+    char* d = tail + t * ld;
+    if (t0 + t < p1.T) std::memcpy(d, (const char*)xc.data_ptr() + (t0 + t) * ld, row);
+    else std::memset(d, 0, row);
+  }
+  p1.xa_tail = tail;
 }
 
 struct Scratch {
@@ -256,34 +292,22 @@ at::Tensor bsr_mlp(const at::Tensor& x, const at::Tensor& packed1, const at::Ten
   m.group_tiles = pick_group_tiles(group_tiles, n_tiles, nth, TT, m.ldh, esz);
   const int64_t n_groups = (n_tiles + m.group_tiles - 1) / m.group_tiles;
   const int64_t workers = std::min(nth, n_groups);
-  const bool tail = T % TT != 0;
   const size_t h_bytes = (size_t)(workers * m.group_tiles * TT * m.ldh * esz);
-  const size_t tail_bytes = tail ? (size_t)(TT * xc.stride(0) * esz) : 0;
+  const size_t tail_bytes = T % TT ? (size_t)(TT * xc.stride(0) * esz) : 0;
   static thread_local Scratch scratch;
   char* ws = scratch.get(h_bytes + tail_bytes + 2 * (size_t)T + 64);
   m.hidden = ws;
-  char* xa_tail = ws + h_bytes;
-  m.bad1 = xa_tail + tail_bytes;
+  m.bad1 = ws + h_bytes + tail_bytes;
   std::memset(m.bad1, 0, 2 * (size_t)T);
   for (BsrParams* p : {&m.p1, &m.p2}) {
     p->T = T;
     p->n_tiles = n_tiles;
   }
-  m.p1.x = m.p1.xa = xc.data_ptr();
-  m.p1.ldx = m.p1.lda = xc.stride(0);
-  if (tail) {  // kernel A reads whole tiles: the last, partial one from a zero-padded copy (same stride)
-    const int64_t t0 = (n_tiles - 1) * TT, ld = xc.stride(0) * esz, row = in_features * esz;
-    for (int64_t t = 0; t < TT; ++t) {
-      char* d = xa_tail + t * ld;
-      if (t0 + t < T) std::memcpy(d, (const char*)xc.data_ptr() + (t0 + t) * ld, row);
-      else std::memset(d, 0, row);
-    }
-    m.p1.xa_tail = xa_tail;
-  }
+  stage_x(m.p1, xc, ws + h_bytes, esz);
   m.p2.y = y.data_ptr();
   m.p2.ldy = out_features;
   m.p2.bad_tok = m.bad1 + T;
-  run_groups(m, n_groups, workers);
+  run_owned_groups(m, n_groups, workers);
   const bool bad = std::find(m.bad1, m.bad1 + 2 * T, 1) != m.bad1 + 2 * T;
   return bad || unread_columns_nonfinite(xc, m.p1) ? unfused() : y;
 }
