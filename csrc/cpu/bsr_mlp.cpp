@@ -36,8 +36,10 @@
 namespace sparsevit_cpu {
 namespace {
 
-// Hidden-tile bytes per thread work item: with fc1's and fc2's current 512 KiB weight chunks this
-// stays within a 1-2 MiB L2 (see bench/bsr_mlp.py for the group sizes measured).
+// Hidden-tile bytes per thread work item (3 token tiles of DeiT-S's fp32 hidden, 6 in bf16), next to
+// the L2-sized weight chunk compute() reuses across the group's tiles. The group size barely matters
+// beyond 2 tiles: 2 to 32 tiles (1 thread, 1576 tokens, thread CPU time) were within 1% of each other;
+// 1 tile lost 1-2% (bench/bsr_mlp.py --group-tiles; indicative, shared host).
 constexpr int64_t kBsrMlpHiddenBudget = 256 * 1024;
 constexpr const char* kOp = "sparsevit_C::bsr_mlp: ";
 
