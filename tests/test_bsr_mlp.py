@@ -231,10 +231,11 @@ def _accelerate_blocks(monkeypatch, fused_wins: bool, dtype=torch.float32):
 
 @needs_cpp
 @pytest.mark.parametrize("fused_wins", [True, False])
-def test_pair_choice_reports_and_runs_the_fused_op(monkeypatch, timing_cache, fused_wins):
+def test_pair_choice_reports_and_runs_the_fused_op(monkeypatch, timing_cache, tmp_path, fused_wins):
     """The chooser times bsr_mlp against the two bsr_linear calls; the faster wins, both report
     entries say so, the module path (batch 3) and the lean path (batch 1) call the fused op exactly
-    where chosen, and the output matches the masked dense model (and the per-layer forward bit for bit)."""
+    where chosen, and the output matches the masked dense model (and the per-layer forward bit for
+    bit). A saved model loads back with the same formats and times its pairs again."""
     import sparsevit
     import sparsevit.ops.bsr_mlp as bm
     import sparsevit.runtime.modules as modules
@@ -280,3 +281,10 @@ def test_pair_choice_reports_and_runs_the_fused_op(monkeypatch, timing_cache, fu
             assert not lean
             hook.remove()
     assert lean, "without hooks the lean path runs (every layer block-sparse on the C++ kernel)"
+    sparsevit.save(fast, tmp_path / "m.sparsevit")
+    loaded = sparsevit.load(tmp_path / "m.sparsevit")
+    for blk in loaded.blocks:
+        assert blk.mlp.fc1.fmt == blk.mlp.fc2.fmt == "bsr:16x16"
+        assert bool(blk.mlp.fc1.__dict__.get(FUSED_FLAG)) == fused_wins
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)

@@ -161,8 +161,8 @@ def _why_not_bsr(factory: LinearFactory, names, fc2: SparseLinear, norm: Optiona
         return "built without a LinearFactory"
     if factory.backend not in ("auto", "sparse") or os.environ.get("SPARSEVIT_CHOOSE", "measure") == "model":
         return "not timed (backend or SPARSEVIT_CHOOSE=model)"
-    if any(n in factory.formats for n in names):
-        return "formats given"
+    # Formats given (a saved model being rebuilt) do not stop it: fusing keeps both layers' formats
+    # and their output bit for bit, so a loaded model times its pairs again like the build did.
     if norm is not None:
         return "an MLP norm sits between fc1 and fc2"
     if fc2.activation is not None:
