@@ -110,7 +110,8 @@ def main():
         return
     extra = [f"g={n}" for n in args.group_tiles]
     print(f"threads={args.threads} block={args.block[0]}x{args.block[1]}\n"
-          "| dtype | tokens | sparsity | two calls ms | fused ms | speed-up |" + "".join(f" fused {e} ms |" for e in extra)
+          "| dtype | tokens | sparsity | two calls ms | fused ms | speed-up |"
+          + "".join(f" fused {e} ms |" for e in extra)
           + "\n|---|---|---|---|---|---|" + "---|" * len(extra))
     for dtype in args.dtypes:
         for tokens in args.tokens:

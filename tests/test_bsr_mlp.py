@@ -44,10 +44,11 @@ def _op(x, w1, b1, act, w2, b2, isa=-1, group_tiles=0):
 def _check_float64(y, x, w1, b1, act, w2, b2, what):
     """|y - ref64| <= 2x dense torch's error in x's dtype (bf16: hidden rounded as the kernels do) + one
     ulp of the output's scale."""
-    h = apply_activation(F.linear(x.double(), w1.to_dense().double(), None if b1 is None else b1.double()), act)
-    ref = F.linear(h.to(x.dtype).double(), w2.to_dense().double(), None if b2 is None else b2.double())
-    dense = F.linear(apply_activation(F.linear(x.float(), w1.to_dense().float(), None if b1 is None else b1.float()),
-                                      act).to(x.dtype).float(), w2.to_dense().float(), None if b2 is None else b2.float())
+    def mlp(dt):
+        h = apply_activation(F.linear(x.to(dt), w1.to_dense().to(dt), None if b1 is None else b1.to(dt)), act)
+        return F.linear(h.to(x.dtype).to(dt), w2.to_dense().to(dt), None if b2 is None else b2.to(dt))
+
+    ref, dense = mlp(torch.float64), mlp(torch.float32)
     tol = 2 * (dense.double() - ref).abs().max().item() + torch.finfo(x.dtype).eps * ref.abs().max().item()
     err = (y.double() - ref).abs().max().item()
     assert err <= tol, f"{what}: max err {err:.3g} > {tol:.3g}"

@@ -21,7 +21,6 @@ import torch
 from sparsevit import _ext
 from sparsevit.formats import packed_block_rows
 from sparsevit.formats.bsr import BlockSparseWeight
-from sparsevit.ops.bsr import reference_bsr_linear
 from sparsevit.ops.linear_kernels import (ACT_CODE, Reference, check_linear_inputs, eager_cpu_call_ok,
                                           token_rows)
 
