@@ -17,6 +17,7 @@ from torch import nn
 from sparsevit.ops.attention import attention as sparse_attention
 from sparsevit.ops.attention import attention_unsupported_reasons
 from sparsevit.ops.linear_kernels import eager_cpu_call_ok
+from sparsevit.ops.bsr_mlp import bsr_mlp_forward, fused_pair_args, run_direct_pair
 from sparsevit.ops.fine_mlp import fused_mlp_forward
 from sparsevit.ops.residual import (fused_add_norm_call_ok, fused_add_norm_indices_ok, layernorm_gather,
                                     residual_add_layernorm, residual_scatter_add)
@@ -186,6 +187,8 @@ class SparseMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_mlp_forward(self.fc1, self.act, self.norm, self.fc2, x)  # both fine-grained, eager CPU
+        if fused is None:  # both block-sparse, chosen fused by runtime/mlp_pair.py
+            fused = bsr_mlp_forward(self.fc1, self.act, self.norm, self.fc2, x)
         if fused is not None:
             return fused
         h = self.fc1(x)
@@ -446,6 +449,13 @@ def _add_then_norm(io, reader, x, y, inplace: bool, fused: bool):
     return torch.ops.sparsevit_C.residual_add_layernorm(x.contiguous(), y.contiguous(), *args)
 
 
+def _run_mlp(fc1_args, fc2_args, x2d: torch.Tensor) -> torch.Tensor:
+    """fc2(fc1(x2d)): one fused bsr_mlp call where the pair chooser marked fc1 (as SparseMlp does)."""
+    if fused_pair_args(fc1_args[0], fc2_args[0]) is not None:
+        return run_direct_pair(fc1_args[0], fc1_args[1], fc2_args[0], fc2_args[1], x2d)
+    return _run_linear(fc2_args, _run_linear(fc1_args, x2d))
+
+
 def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
     """:class:`SparseBlockSequence`'s forward as straight op calls (see the section comment)."""
     B, N, _ = x.shape
@@ -468,7 +478,7 @@ def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
         y = _run_linear(proj, out.transpose(1, 2).reshape(T, H * d)).view(B, N, -1)
         x, h = _add_then_norm(attn_io, mlp_io, x, y, owned, fused)
         owned = True
-        y = _run_linear(fc2, _run_linear(fc1, h.reshape(T, -1))).view(B, N, -1)
+        y = _run_mlp(fc1, fc2, h.reshape(T, -1)).view(B, N, -1)
         if i + 1 < len(parts):
             x, normed = _add_then_norm(mlp_io, parts[i + 1][1], x, y, True, fused)
         else:
