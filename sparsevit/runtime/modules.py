@@ -16,9 +16,9 @@ from torch import nn
 
 from sparsevit.ops.attention import attention as sparse_attention
 from sparsevit.ops.attention import attention_unsupported_reasons
-from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 from sparsevit.ops.bsr_mlp import bsr_mlp_forward, fused_pair_args, run_direct_pair
 from sparsevit.ops.fine_mlp import fused_mlp_forward
+from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 from sparsevit.ops.residual import (fused_add_norm_call_ok, fused_add_norm_indices_ok, layernorm_gather,
                                     residual_add_layernorm, residual_scatter_add)
 from sparsevit.runtime.linear import SparseLinear
