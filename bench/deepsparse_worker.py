@@ -9,7 +9,8 @@ Requests (stdin) and replies (the original stdout; everything DeepSparse prints 
 
     {"cmd": "load", "onnx": PATH, "input": NPY, "batch": B, "cores": N}
         -> {"ok": true, "version": ..., "compile_s": ...}
-    {"cmd": "run"}                      -> {"ok": true, "seconds": t}   (one forward, timed here)
+    {"cmd": "run", "calls": K}          -> {"ok": true, "seconds": t}   (K forwards back to back, timed
+                                                                         here; t is the last one's)
     {"cmd": "output", "path": NPY}      -> {"ok": true}                 (last output written there)
     {"cmd": "quit"}                     -> the worker exits
 Any failure answers {"ok": false, "error": "..."} and the worker keeps serving. bench/peer_worker.py
@@ -41,12 +42,14 @@ class Worker:
         self.engine = deepsparse.compile_model(onnx, batch_size=int(batch), num_cores=int(cores))
         return {"version": deepsparse.__version__, "compile_s": time.perf_counter() - t0}
 
-    def run(self):
+    def run(self, calls=1):
         if self.engine is None:
             raise RuntimeError("run before load")
-        t0 = time.perf_counter()
-        self.last = self.engine.run(self.inputs, val_inp=False)
-        return {"seconds": time.perf_counter() - t0}
+        for _ in range(int(calls)):
+            t0 = time.perf_counter()
+            self.last = self.engine.run(self.inputs, val_inp=False)
+            seconds = time.perf_counter() - t0
+        return {"seconds": seconds}
 
     def output(self, path):
         import numpy as np

@@ -190,18 +190,21 @@ class WorkerContext:
 
 @dataclass
 class Prepared:
-    timed_call: Callable[[], float]
+    timed_call: Callable[..., float]      # timed_call(calls=1): seconds of the last of ``calls`` forwards
     output: Callable[[], np.ndarray]      # float32 logits
     info: Dict = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
     pid: Optional[int] = None             # the worker process that runs it (None: the harness itself)
 
 
-def _timed(fn: Callable[[], object]) -> Callable[[], float]:
-    def call() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+def _timed(fn: Callable[[], object]) -> Callable[..., float]:
+    """``call(calls=1)``: run ``fn`` ``calls`` times back to back, return the last call's seconds."""
+    def call(calls: int = 1) -> float:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t0
+        return seconds
     return call
 
 
@@ -252,7 +255,8 @@ class WorkerProcess:
         def output() -> np.ndarray:
             self.ask(cmd="output", path=out_path)
             return np.load(out_path)
-        return Prepared(lambda: self.ask(cmd="run")["seconds"], output, info, close, pid=self.pid)
+        return Prepared(lambda calls=1: self.ask(cmd="run", calls=calls)["seconds"], output, info, close,
+                        pid=self.pid)
 
     def close(self) -> None:
         if self.alive():

@@ -5,7 +5,8 @@ The harness (``peer_engines.Isolated``) spawns one per engine with ``OMP_NUM_THR
 
     {"cmd": "load", "engine": NAME, "dtype": "f32", "options": {...}, "spec": {...}}
         -> {"ok": true, "info": {...}, "worker": {"pid", "affinity", "runtimes"}}
-    {"cmd": "run"}                   -> {"ok": true, "seconds": t}   (one forward, timed here)
+    {"cmd": "run", "calls": K}       -> {"ok": true, "seconds": t}   (K forwards back to back, timed
+                                                                      here; t is the last one's)
     {"cmd": "output", "path": NPY}   -> {"ok": true}          (float32 logits written there)
     {"cmd": "unload"}                -> {"ok": true}          (the plan's model is dropped)
     {"cmd": "quit"}                  -> the worker exits
@@ -62,8 +63,8 @@ class EngineWorker:
             raise RuntimeError("no engine loaded (send load first)")
         return self.prepared
 
-    def run(self):
-        return {"seconds": self._loaded().timed_call()}
+    def run(self, calls=1):
+        return {"seconds": self._loaded().timed_call(int(calls))}
 
     def output(self, path):
         np.save(path, np.asarray(self._loaded().output(), dtype=np.float32))

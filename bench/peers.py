@@ -9,7 +9,10 @@ Engines are timed in interleaved rounds (A, B, C, ..., then again) with a short 
 before every timed call and every build (idle ORT / OpenMP threads keep spinning for a while after a
 call and would steal the next engine's cores; sparsevit's per-layer kernel chooser measures while it
 builds); after the sleep the harness also waits (up to 1 s) until no worker process uses
-CPU. The cell is the median of ``--rounds`` after ``--warmup``. The ratio is to the fastest engine
+CPU. The cell is the median of ``--rounds`` after ``--warmup``. Each engine's turn runs one forward
+by default: nine other engines ran since its last call, so its weights and activations start cold.
+``--calls-per-turn K`` runs K forwards back to back in each turn and times the last: the steady state
+of a server that calls one model over and over (the other engines still run between turns). The ratio is to the fastest engine
 on the dense plan in the same dtype (bf16 engines against bf16 engines), > 1 is faster. Every
 engine's output is checked against PyTorch fp32 on the masked dense model: max relative error =
 max|y - ref| / max|ref|.
@@ -228,10 +231,11 @@ class CpuWatch:
 
 def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, gap: float,
                      desc: str = "", failures: Optional[Dict[str, str]] = None,
-                     watch: Optional[CpuWatch] = None) -> Dict[str, List[float]]:
-    """Seconds per call for each engine: every round calls each engine once in turn, sleeping ``gap``
+                     watch: Optional[CpuWatch] = None, calls: int = 1) -> Dict[str, List[float]]:
+    """Seconds per call for each engine: every round gives each engine a turn, sleeping ``gap``
     seconds before each call so the previous engine's spinning threads go idle first (with ``watch``,
-    then also until no worker process uses CPU, see :meth:`CpuWatch.settle`). An engine whose
+    then also until no worker process uses CPU, see :meth:`CpuWatch.settle`). A turn runs ``calls``
+    forwards back to back and records the last one's time. An engine whose
     call raises is dropped from ``prepared`` (closed) and its error recorded in ``failures``. With
     ``watch``, the CPU every process used during each timed call is recorded there."""
     from tqdm import tqdm
@@ -245,7 +249,7 @@ def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, ga
                 watch.settle()
             try:
                 before = watch.snapshot() if watch and r >= warmup else None
-                seconds = p.timed_call()
+                seconds = p.timed_call(calls)
                 if before is not None:
                     watch.record(label, before, watch.snapshot())
             except Exception as e:  # recorded as this engine's result; the others go on
@@ -292,7 +296,8 @@ def run_plan(plan_name: str, model: nn.Module, x: torch.Tensor, engines: List[En
     prepared = prepare_all(engines, ctx, failures, args.gap)
     try:
         watch = CpuWatch(prepared)
-        times = time_interleaved(prepared, args.rounds, args.warmup, args.gap, ctx.tag, failures, watch)
+        times = time_interleaved(prepared, args.rounds, args.warmup, args.gap, ctx.tag, failures, watch,
+                                 args.calls_per_turn)
         rows = []
         for engine in engines:
             row = {"batch": x.shape[0], "plan": plan_name, "engine": engine.name, "dtype": engine.dtype,
@@ -370,13 +375,20 @@ def cpu_lines(rows: List[Dict], meta: Dict) -> List[str]:
             f"{CpuWatch.TICK_MS:.0f} ms).", ""]
 
 
+def _turn_words(calls: int) -> str:
+    if calls == 1:
+        return "one forward a turn (caches cold after the other engines' turns)"
+    return f"{calls} forwards back to back a turn, the last timed (caches warm)"
+
+
 def markdown(rows: List[Dict], meta: Dict) -> str:
     """Per batch: a time table (ms, ratio) and an error table; rows = plans, columns = engines."""
     out = [f"Command: `{meta['command']}`  ",
            f"Machine: {meta['cpu']}, {meta['threads']} threads per engine; {meta['date']}  ",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
            f"Median of {meta['rounds']} interleaved rounds after {meta['warmup']} warm-up, "
-           f"{1e3 * meta['gap']:.0f} ms gap between calls; ratio to the fastest dense engine of the same dtype.", ""]
+           f"{1e3 * meta['gap']:.0f} ms gap between turns, {_turn_words(meta.get('calls_per_turn', 1))}; "
+           "ratio to the fastest dense engine of the same dtype.", ""]
     for batch in dict.fromkeys(r["batch"] for r in rows):
         mine = [r for r in rows if r["batch"] == batch]
         labels = list(dict.fromkeys(r["label"] for r in mine))
@@ -445,6 +457,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gap", type=float, default=0.05, help="seconds of sleep before each timed call")
+    p.add_argument("--calls-per-turn", type=int, default=1,
+                   help="forwards back to back in each engine's turn, the last one timed (1: a cold call "
+                        "after the other engines' turns; 3: warm caches, a server's steady state)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine")
     p.add_argument("--isolation", default="process", choices=["process", "none"],
                    help="process: each engine in its own worker process (fair); none: all in this one "
@@ -457,6 +472,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "out"), help="output folder")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.calls_per_turn < 1:
+        p.error(f"--calls-per-turn must be at least 1 (got {args.calls_per_turn})")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if "dense" not in args.plans:
         print("# no dense plan: ratios are left out (they are relative to the fastest dense engine)", file=sys.stderr)
@@ -474,7 +491,7 @@ def main(argv=None) -> Dict:
     engines = make_engines(args.engines, args.dtype, args.deepsparse_python, args.compile_mode,
                            isolate=args.isolation == "process")
     meta = dict(machine_info(args), model=args.model, img_size=list(size), rounds=args.rounds,
-                warmup=args.warmup, gap=args.gap, isolation=args.isolation)
+                warmup=args.warmup, gap=args.gap, isolation=args.isolation, calls_per_turn=args.calls_per_turn)
     print(f"# peers: {args.model} {tuple(size)}, batch {args.batch}, {args.threads} threads, engines "
           f"{[e.label for e in engines]}", flush=True)
     rows: List[Dict] = []

@@ -195,3 +195,34 @@ def test_interference_probe_attributes_threads_to_engines(tmp_path):
     if "onnxruntime" in engines:  # its intra-op pool is created by its build: those threads are its own
         assert "onnxruntime f32" in result["affinity_after_build"]["onnxruntime f32"]
     assert json.loads(out.read_text())["args"]["plan"] == "blocks70"
+
+
+def test_a_turn_runs_calls_back_to_back_and_times_the_last():
+    """--calls-per-turn K: every timed callable (in-process, worker, DeepSparse worker) runs K forwards
+    and returns the last one's seconds; the harness asks for K in every turn."""
+    durations = iter([0.03, 0.02, 0.01])
+    ran = []
+
+    def forward():
+        ran.append(1)
+        time.sleep(next(durations))
+    seconds = peer_engines._timed(forward)(3)
+    assert len(ran) == 3 and 0.01 <= seconds < 0.02, seconds
+
+    asked = []
+    fake = peer_engines.Prepared(lambda calls=1: asked.append(calls) or 0.5, lambda: None)
+    times = peers.time_interleaved({"a": fake}, rounds=2, warmup=1, gap=0, calls=4)
+    assert asked == [4, 4, 4] and times == {"a": [0.5, 0.5]}
+
+    class Engine:
+        def __init__(self):
+            self.runs = 0
+
+        def run(self, inputs, val_inp):
+            self.runs += 1
+            return [self.runs]
+    worker = deepsparse_worker.Worker()
+    worker.engine, worker.inputs = Engine(), []
+    assert worker.run(calls=5)["seconds"] >= 0 and worker.engine.runs == 5 and worker.last == [5]
+    with pytest.raises(SystemExit):
+        peers.parse_args(TINY + ["--calls-per-turn", "0"])
