@@ -66,7 +66,7 @@ static const float LOG2E = 1.44269504088896341f;
 // each panel [channel steps][its width] contiguous: a tile then streams one contiguous block (16 KiB at
 // head dim 64) instead of its columns of rows Np apart, which made the score tiles ~1.6x slower than
 // the P @ V tiles of the same FLOPs. Index of key j's slot in channel-step row dd (rows of them):
-enum { PANEL = QK_NJ * W };
+enum { PANEL = int(QK_NJ) * int(W) };  // two enums: int arithmetic, not enum-enum
 static inline int64_t kt_slot(int64_t Np, int64_t rows, int64_t dd, int64_t j) {
   const int64_t jb = j / KB * KB, nkp = Np - jb < KB ? Np - jb : KB, jj = j - jb, p0 = jj / PANEL * PANEL;
   const int64_t width = nkp - p0 < PANEL ? nkp - p0 : PANEL;

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "bsr_params.h"
+#include "thread_scratch.h"
 
 namespace sparsevit_cpu {
 namespace {
@@ -58,26 +59,6 @@ int64_t packed_rows(int64_t bh) {  // must match sparsevit/formats/bsr.py::packe
   }
   return (bh + 15) / 16 * 16;
 }
-
-// Packed-activation scratch, kept per calling thread and grown on demand: a fresh multi-MB
-// allocation per call costs more in page faults (first touch, ~15 ms for 19 MB in a VM) than the
-// sparse product itself at high sparsity.
-struct Workspace {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~Workspace() { std::free(ptr); }
-  void* get(size_t n) {
-    if (n > bytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-      if (posix_memalign(&ptr, 64, n) != 0) ptr = nullptr;
-      TORCH_CHECK(ptr != nullptr, "sparsevit_C::bsr_linear: cannot allocate ", n, " bytes of scratch");
-      bytes = n;
-    }
-    return ptr;
-  }
-};
 
 // crow_indices: starts at 0, never decreases, ends at nnz; col_indices: in [0, nbc), strictly
 // increasing within a block row.
@@ -219,7 +200,7 @@ const float* kernel_bias(const at::Tensor& bias, const BsrParams& p) {
   const int64_t nbr = p.nbr, bh = p.bh, BHP = p.BHP, out = p.out;
   if (bias.scalar_type() == at::kFloat && bias.is_contiguous() && BHP == bh && out == nbr * bh)
     return bias.data_ptr<float>();
-  static thread_local Workspace scratch;
+  static thread_local ThreadScratch scratch("sparsevit_C::bsr_linear");
   float* bp = (float*)scratch.get((size_t)nbr * BHP * sizeof(float));
   std::memset(bp, 0, (size_t)nbr * BHP * sizeof(float));
   at::Tensor owned;  // a float copy only for dtypes other than fp32 / bf16
@@ -264,7 +245,7 @@ void stage_activations(BsrParams& p, const BsrKernels* kern, const at::Tensor& x
   if (!kernel_a) scratch = p.n_tiles * p.tile_stride;
   else if (pad_copy) scratch = p.n_tiles * p.TT * lda;
   else if (tail) scratch = p.TT * lda;
-  static thread_local Workspace workspace;
+  static thread_local ThreadScratch workspace("sparsevit_C::bsr_linear");
   char* ws = (char*)workspace.get((size_t)std::max<int64_t>(scratch, 1) * esz);
   p.xp = ws;
   p.xa = pad_copy ? (const void*)ws : xc.data_ptr();

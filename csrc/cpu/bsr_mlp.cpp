@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "bsr_params.h"
+#include "thread_scratch.h"
 
 namespace sparsevit_cpu {
 namespace {
@@ -236,23 +237,6 @@ void stage_x(BsrParams& p1, const at::Tensor& xc, char* tail, int64_t esz) {
   p1.xa_tail = tail;
 }
 
-struct Scratch {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~Scratch() { std::free(ptr); }
-  char* get(size_t n) {
-    if (n > bytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-      if (posix_memalign(&ptr, 64, n) != 0) ptr = nullptr;
-      TORCH_CHECK(ptr != nullptr, kOp, "cannot allocate ", n, " bytes of scratch");
-      bytes = n;
-    }
-    return (char*)ptr;
-  }
-};
-
 at::Tensor bsr_mlp(const at::Tensor& x, const at::Tensor& packed1, const at::Tensor& col1, const at::Tensor& crow1,
                    const c10::optional<at::Tensor>& bias1, int64_t hidden, int64_t bh1, int64_t bw1, int64_t act1,
                    const at::Tensor& packed2, const at::Tensor& col2, const at::Tensor& crow2,
@@ -296,7 +280,7 @@ at::Tensor bsr_mlp(const at::Tensor& x, const at::Tensor& packed1, const at::Ten
   const int64_t workers = std::min(nth, n_groups);
   const size_t h_bytes = (size_t)(workers * m.group_tiles * TT * m.ldh * esz);
   const size_t tail_bytes = T % TT ? (size_t)(TT * xc.stride(0) * esz) : 0;
-  static thread_local Scratch scratch;
+  static thread_local ThreadScratch scratch("sparsevit_C::bsr_mlp");
   char* ws = scratch.get(h_bytes + tail_bytes + 2 * (size_t)T + 64);
   m.hidden = ws;
   m.bad1 = ws + h_bytes + tail_bytes;

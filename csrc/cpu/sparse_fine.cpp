@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "sparse_fine_params.h"
+#include "thread_scratch.h"
 
 namespace sparsevit_cpu {
 namespace {
@@ -51,25 +52,6 @@ const FineKernels* select_fine_kernels(int64_t isa) {
   if (isa == 1) return fine_kernels_avx512();
   return fine_kernels_avx2();
 }
-
-// Per calling thread, grown on demand (first-touch page faults of a fresh multi-MB buffer per call
-// would cost more than the sparse product at high sparsity).
-struct FineWorkspace {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~FineWorkspace() { std::free(ptr); }
-  char* get(size_t n) {
-    if (n > bytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-      if (posix_memalign(&ptr, 64, n) != 0) ptr = nullptr;
-      TORCH_CHECK(ptr != nullptr, "sparsevit_C::fine_linear: cannot allocate ", n, " bytes of scratch");
-      bytes = n;
-    }
-    return (char*)ptr;
-  }
-};
 
 std::string fine_linear_isa(int64_t isa) {
   const FineKernels* k = select_fine_kernels(isa);
@@ -308,7 +290,7 @@ at::Tensor fine_linear(const at::Tensor& x, const at::Tensor& values, const at::
   const size_t xp_bytes = (size_t)(p.n_tiles * p.tile_words * 4);
   const size_t acc_bytes = (size_t)(nth * rows_cap * p.TT * 4);
   const size_t bad_bytes = (size_t)(p.n_tiles * p.TT + 63) / 64 * 64;
-  static thread_local FineWorkspace workspace;
+  static thread_local ThreadScratch workspace("sparsevit_C::fine_linear");
   char* ws = workspace.get(xp_bytes + acc_bytes + bad_bytes);
   p.xp = ws;
   float* scratch = (float*)(ws + xp_bytes);
@@ -454,7 +436,7 @@ at::Tensor fine_mlp(const at::Tensor& x, const at::Tensor& values1, const at::Te
   const int64_t n_h = tile_owned ? nth : n_tiles;
   const size_t xp_bytes = (size_t)(n_tiles * p1.tile_words * 4), h_bytes = (size_t)(n_h * p2.tile_words * 4);
   const size_t acc_bytes = (size_t)(nth * acc_floats * 4), bad_bytes = (size_t)(n_tiles * TT + n_tiles);
-  static thread_local FineWorkspace workspace;
+  static thread_local ThreadScratch workspace("sparsevit_C::fine_mlp");
   char* ws = workspace.get(xp_bytes + h_bytes + acc_bytes + bad_bytes);
   p1.xp = ws;
   p1.bad_token = (uint8_t*)(ws + xp_bytes + h_bytes + acc_bytes);
