@@ -21,8 +21,7 @@ import torch
 from sparsevit import _ext
 from sparsevit.formats import packed_block_rows
 from sparsevit.formats.bsr import BlockSparseWeight
-from sparsevit.ops.linear_kernels import (ACT_CODE, Reference, check_linear_inputs, eager_cpu_call_ok,
-                                          token_rows)
+from sparsevit.ops.linear_kernels import ACT_CODE, Reference, eager_cpu_call_ok, run_mlp_wrapper
 
 __all__ = ["bsr_mlp", "not_fusable_reasons", "bsr_mlp_forward", "run_direct_pair", "FUSED_FLAG"]
 
@@ -118,17 +117,8 @@ def bsr_mlp(x: torch.Tensor, w1: BlockSparseWeight, b1: Optional[torch.Tensor], 
         ``[..., out]``: exactly ``bsr_linear(bsr_linear(x, w1, b1, activation), w2, b2)`` on the C++
         kernel (a pair :func:`not_fusable_reasons` rejects runs as those two calls).
     """
-    how = "BlockSparseWeight.from_dense(linear.weight, block=(32, 32))"
-    act = check_linear_inputs(x, w1, b1, activation, BlockSparseWeight, how)
-    if not isinstance(w2, BlockSparseWeight) or w2.shape[1] != w1.shape[0]:
-        raise ValueError(f"bsr_mlp: w2 must be a BlockSparseWeight taking fc1's {w1.shape[0]} outputs, got {w2!r}")
-    check_linear_inputs(x.new_empty(0, w2.shape[1]), w2, b2, None, BlockSparseWeight, how)
-    lead = x.shape[:-1]
-    x2d = token_rows(x, w1.shape[1])
-    args = _op_args(x2d, w1, b1, act, w2, b2)
-    direct = eager_cpu_call_ok(x2d, w1.values, b1) and eager_cpu_call_ok(x2d, w2.values, b2)
-    y = _bsr_mlp_cpu(*args) if direct else _bsr_mlp_op(*args)
-    return y.reshape(*lead, w2.shape[0])
+    return run_mlp_wrapper("bsr_mlp", x, w1, b1, activation, w2, b2, BlockSparseWeight, "BlockSparseWeight.from_dense(linear.weight, block=(32, 32))", _op_args,
+                           _bsr_mlp_cpu, _bsr_mlp_op)
 
 
 def run_direct_pair(fc1, direct1: tuple, fc2, direct2: tuple, x2d: torch.Tensor) -> torch.Tensor:

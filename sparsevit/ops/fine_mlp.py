@@ -22,7 +22,7 @@ import torch
 from sparsevit import _ext
 from sparsevit.formats.fine import FineSparseWeight
 from sparsevit.ops.fine_linear import _reference, cpp_kernel_takes, not_supported_reasons
-from sparsevit.ops.linear_kernels import ACT_CODE, check_linear_inputs, eager_cpu_call_ok, token_rows
+from sparsevit.ops.linear_kernels import ACT_CODE, eager_cpu_call_ok, run_mlp_wrapper, token_rows
 
 __all__ = ["fine_mlp", "not_fusable_reasons", "fused_mlp_forward"]
 
@@ -95,17 +95,8 @@ def fine_mlp(x: torch.Tensor, w1: FineSparseWeight, b1: Optional[torch.Tensor], 
     Returns:
         ``[..., out]``: exactly ``fine_linear(fine_linear(x, w1, b1, activation), w2, b2)``.
     """
-    how = "FineSparseWeight.from_dense(linear.weight, mask, tile=1)"
-    act = check_linear_inputs(x, w1, b1, activation, FineSparseWeight, how)
-    if not isinstance(w2, FineSparseWeight) or w2.shape[1] != w1.shape[0]:
-        raise ValueError(f"fine_mlp: w2 must be a FineSparseWeight taking fc1's {w1.shape[0]} outputs, got {w2!r}")
-    check_linear_inputs(x.new_empty(0, w2.shape[1]), w2, b2, None, FineSparseWeight, how)
-    lead = x.shape[:-1]
-    x2d = token_rows(x, w1.shape[1])
-    args = _op_args(x2d, w1, b1, act, w2, b2)
-    direct = eager_cpu_call_ok(x2d, w1.values, b1) and eager_cpu_call_ok(x2d, w2.values, b2)
-    y = _fine_mlp_cpu(*args) if direct else _fine_mlp_op(*args)
-    return y.reshape(*lead, w2.shape[0])
+    return run_mlp_wrapper("fine_mlp", x, w1, b1, activation, w2, b2, FineSparseWeight, "FineSparseWeight.from_dense(linear.weight, mask, tile=1)", _op_args,
+                           _fine_mlp_cpu, _fine_mlp_op)
 
 
 def _cpp_fine_layer(m) -> bool:

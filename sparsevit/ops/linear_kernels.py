@@ -99,6 +99,22 @@ def check_linear_inputs(x: torch.Tensor, w, bias: Optional[torch.Tensor], activa
     return "none" if activation is None else activation
 
 
+def run_mlp_wrapper(name: str, x: torch.Tensor, w1, b1: Optional[torch.Tensor], activation: Optional[str], w2,
+                    b2: Optional[torch.Tensor], weight_cls: type, how_to_build: str, op_args, cpu_call, op_call):
+    """The public fused-MLP wrappers (``fine_mlp``, ``bsr_mlp``): both layers' checks, then the C++
+    call in eager CPU inference (``cpu_call``) or the registered op (``op_call``: traced, autograd),
+    both taking ``op_args(x2d, w1, b1, act, w2, b2)``; returns ``[..., out]``."""
+    act = check_linear_inputs(x, w1, b1, activation, weight_cls, how_to_build)
+    if not isinstance(w2, weight_cls) or w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"{name}: w2 must be a {weight_cls.__name__} taking fc1's {w1.shape[0]} outputs, got {w2!r}")
+    check_linear_inputs(x.new_empty(0, w2.shape[1]), w2, b2, None, weight_cls, how_to_build)
+    x2d = token_rows(x, w1.shape[1])
+    args = op_args(x2d, w1, b1, act, w2, b2)
+    direct = eager_cpu_call_ok(x2d, w1.values, b1) and eager_cpu_call_ok(x2d, w2.values, b2)
+    y = cpu_call(*args) if direct else op_call(*args)
+    return y.reshape(*x.shape[:-1], w2.shape[0])
+
+
 def apply_activation(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
     """``nn.GELU()`` for ``"gelu"``, ``nn.GELU(approximate="tanh")`` for ``"gelu_tanh"``, identity
     for ``None`` / ``"none"``. The one activation table of the package."""
