@@ -23,8 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "bsr_params.h"
-#include "thread_scratch.h"
+#include "bsr_host.h"
 
 namespace sparsevit_cpu {
 namespace {
@@ -192,40 +191,12 @@ void check_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   check_indices(col.contiguous(), crow.contiguous(), nbr, (in_features + bw - 1) / bw);
 }
 
-// The bias as the kernels read it: fp32, laid out per packed block row, zero in the padded rows.
-// When every block row is full and unpadded (bh is a packed height dividing out_features) and the
-// bias is contiguous fp32, that is the bias itself: no copy. Otherwise a copy in per-thread scratch
-// (an at::zeros per call was 48 allocations and fills in a batch-1 DeiT-S forward).
-const float* kernel_bias(const at::Tensor& bias, const BsrParams& p) {
-  const int64_t nbr = p.nbr, bh = p.bh, BHP = p.BHP, out = p.out;
-  if (bias.scalar_type() == at::kFloat && bias.is_contiguous() && BHP == bh && out == nbr * bh)
-    return bias.data_ptr<float>();
-  static thread_local ThreadScratch scratch("sparsevit_C::bsr_linear");
-  float* bp = (float*)scratch.get((size_t)nbr * BHP * sizeof(float));
-  std::memset(bp, 0, (size_t)nbr * BHP * sizeof(float));
-  at::Tensor owned;  // a float copy only for dtypes other than fp32 / bf16
-  const at::Tensor& b = bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16
-                            ? bias : (owned = bias.to(at::kFloat));
-  const int64_t stride = b.stride(0);
-  for (int64_t r = 0; r < nbr; ++r)
-    for (int64_t i = 0; i < bh && r * bh + i < out; ++i) {
-      const int64_t o = (r * bh + i) * stride;
-      bp[r * BHP + i] = b.scalar_type() == at::kFloat ? b.data_ptr<float>()[o]
-                                                      : (float)b.data_ptr<at::BFloat16>()[o];
-    }
-  return bp;
-}
-
 // Kernel A reads x in place (it stops at the row's end in a partial last block column), unless the
 // row stride aliases in L1 (indexed by address bits 6..11): when more rows of a tile than L1 ways
 // fall into one set (a 12 KiB stride puts all 16 rows of a 16-token tile in one set) they evict each
 // other within every block. Then it reads a zero-padded copy whose stride is an odd number of lines.
 bool needs_padded_copy(const BsrParams& p, int64_t esz) {
-  if (p.BHP < 16) return false;
-  if ((p.ldx * esz) % 64 != 0) return false;
-  int64_t g = 64, a = (p.ldx * esz / 64) % 64;
-  while (a) { const int64_t t = g % a; g = a; a = t; }  // gcd(lines mod 64, 64)
-  return (p.TT + 64 / g - 1) / (64 / g) > 12;  // more rows per set than L1 ways (12 on Zen 4/5)
+  return p.BHP >= 16 && rows_alias_in_l1(p.ldx * esz, p.TT);
 }
 
 // Fills the activation fields of `p` (x in place, a padded copy, or a packed copy for kernel B) and
@@ -235,11 +206,7 @@ void stage_activations(BsrParams& p, const BsrKernels* kern, const at::Tensor& x
   const bool kernel_a = p.BHP >= 16;
   const bool pad_copy = needs_padded_copy(p, esz);
   int64_t lda = xc.stride(0);
-  if (pad_copy) {
-    const int64_t line = 64 / esz;
-    lda = (p.nbc * p.bw + 1 + line - 1) / line * line;
-    if ((lda / line) % 2 == 0) lda += line;
-  }
+  if (pad_copy) lda = odd_line_stride(p.nbc * p.bw + 1, esz);
   const bool tail = kernel_a && !pad_copy && (p.T % p.TT) != 0;
   int64_t scratch = 0;
   if (!kernel_a) scratch = p.n_tiles * p.tile_stride;
@@ -379,7 +346,8 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   p.act = (int)act;
   p.tile_stride = nbc * KP * TT;
   p.n_tiles = (T + TT - 1) / TT;
-  if (bias.has_value()) p.bias_pad = kernel_bias(*bias, p);
+  static thread_local ThreadScratch bias_scratch("sparsevit_C::bsr_linear");
+  if (bias.has_value()) p.bias_pad = kernel_bias(*bias, p, bias_scratch);
   std::vector<char> bad_tok(T, 0);
   p.bad_tok = bad_tok.data();
   stage_activations(p, kern, xc);

@@ -31,8 +31,7 @@
 #include <string>
 #include <vector>
 
-#include "bsr_params.h"
-#include "thread_scratch.h"
+#include "bsr_host.h"
 
 namespace sparsevit_cpu {
 namespace {
@@ -72,28 +71,16 @@ const BsrKernels* kernels_for(int64_t isa) {
   return nullptr;
 }
 
-// Bias in fp32 per packed block row, zero in padded rows (the layout bsr_params.h describes).
-at::Tensor padded_bias(const c10::optional<at::Tensor>& bias, int64_t nbr, int64_t bh, int64_t BHP, int64_t out) {
-  if (!bias.has_value()) return at::Tensor();
-  at::Tensor bf = bias->to(at::kFloat).contiguous();
-  at::Tensor pad = at::zeros({nbr * BHP}, bf.options());
-  const float* s = bf.data_ptr<float>();
-  float* d = pad.data_ptr<float>();
-  for (int64_t r = 0; r < nbr; ++r)
-    for (int64_t i = 0; i < bh && r * bh + i < out; ++i) d[r * BHP + i] = s[r * bh + i];
-  return pad;
-}
-
-// One layer's fields of BsrParams that do not depend on the token group.
+// One layer's fields of BsrParams that do not depend on the token group; the bias as the kernels read
+// it, in `bias_scratch` when it needs a padded copy.
 BsrParams layer_params(const at::Tensor& packed, const at::Tensor& col, const at::Tensor& crow,
-                       const at::Tensor& bias_pad, int64_t in, int64_t out, int64_t bh, int64_t bw, int64_t act,
-                       bool bf16, int TT) {
+                       const c10::optional<at::Tensor>& bias, ThreadScratch& bias_scratch, int64_t in, int64_t out,
+                       int64_t bh, int64_t bw, int64_t act, bool bf16, int TT) {
   BsrParams p;
   std::memset(&p, 0, sizeof(p));
   p.wpack = packed.data_ptr();
   p.col = col.data_ptr<int32_t>();
   p.crow = crow.data_ptr<int32_t>();
-  p.bias_pad = bias_pad.defined() ? bias_pad.data_ptr<float>() : nullptr;
   p.in = in;
   p.out = out;
   p.bh = (int)bh;
@@ -105,24 +92,8 @@ BsrParams layer_params(const at::Tensor& packed, const at::Tensor& col, const at
   p.TT = TT;
   p.bf16 = bf16 ? 1 : 0;
   p.act = (int)act;
+  p.bias_pad = bias.has_value() ? kernel_bias(*bias, p, bias_scratch) : nullptr;
   return p;
-}
-
-// Kernel A reads x in place unless its row stride aliases in L1 (the rule of bsr_linear.cpp's
-// needs_padded_copy: more rows of a tile in one set than L1 has ways).
-bool stride_aliases(int64_t ld_bytes, int TT) {
-  if (ld_bytes % 64 != 0) return false;
-  int64_t g = 64, a = (ld_bytes / 64) % 64;
-  while (a) { const int64_t t = g % a; g = a; a = t; }
-  return (TT + 64 / g - 1) / (64 / g) > 12;
-}
-
-// Row stride of the hidden tile, in elements: whole cache lines, an odd number of them (never aliases).
-int64_t hidden_stride(int64_t hidden, int64_t esz) {
-  const int64_t line = 64 / esz;
-  int64_t ld = (hidden + line - 1) / line * line;
-  if ((ld / line) % 2 == 0) ld += line;
-  return ld;
 }
 
 // True when some x[t, i] in an input column no kept fc1 block reads is NaN/Inf (kernels flag the rest).
@@ -260,21 +231,20 @@ at::Tensor bsr_mlp(const at::Tensor& x, const at::Tensor& packed1, const at::Ten
   const int64_t T = xc.size(0);
   // Both layers on kernel A with the same token tile; x not aliasing in L1 (else: what bsr_linear does).
   if (T == 0 || hidden == 0 || out_features == 0 || packed1.size(2) < 16 || packed2.size(2) < 16 ||
-      kern->token_tile((int)packed2.size(2), bf16) != TT || stride_aliases(xc.stride(0) * esz, TT))
+      kern->token_tile((int)packed2.size(2), bf16) != TT || rows_alias_in_l1(xc.stride(0) * esz, TT))
     return unfused();
 
   at::Tensor pc1 = packed1.contiguous(), cc1 = col1.contiguous(), rc1 = crow1.contiguous();
   at::Tensor pc2 = packed2.contiguous(), cc2 = col2.contiguous(), rc2 = crow2.contiguous();
-  const at::Tensor b1 = padded_bias(bias1, (hidden + bh1 - 1) / bh1, bh1, packed1.size(2), hidden);
-  const at::Tensor b2 = padded_bias(bias2, (out_features + bh2 - 1) / bh2, bh2, packed2.size(2), out_features);
   at::Tensor y = at::empty({T, out_features}, xc.options());
   Mlp m;
   m.kern = kern;
   m.esz = esz;
-  m.p1 = layer_params(pc1, cc1, rc1, b1, in_features, hidden, bh1, bw1, act1, bf16, TT);
-  m.p2 = layer_params(pc2, cc2, rc2, b2, hidden, out_features, bh2, bw2, 0, bf16, TT);
+  static thread_local ThreadScratch bias1_scratch("sparsevit_C::bsr_mlp"), bias2_scratch("sparsevit_C::bsr_mlp");
+  m.p1 = layer_params(pc1, cc1, rc1, bias1, bias1_scratch, in_features, hidden, bh1, bw1, act1, bf16, TT);
+  m.p2 = layer_params(pc2, cc2, rc2, bias2, bias2_scratch, hidden, out_features, bh2, bw2, 0, bf16, TT);
   const int64_t n_tiles = (T + TT - 1) / TT, nth = std::max<int64_t>(1, at::get_num_threads());
-  m.ldh = hidden_stride(hidden, esz);
+  m.ldh = odd_line_stride(hidden, esz);  // the hidden tile's rows never alias in L1
   m.group_tiles = pick_group_tiles(group_tiles, n_tiles, nth, TT, m.ldh, esz);
   const int64_t n_groups = (n_tiles + m.group_tiles - 1) / m.group_tiles;
   const int64_t workers = std::min(nth, n_groups);
