@@ -85,7 +85,8 @@ def _kernel_add_norm(x, y, write, w, b, read, eps, inplace):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape, Kw, Kr", [((3, 197, 384), None, None), ((4, 37), None, 20), ((2, 5, 100), 33, None),
+@pytest.mark.parametrize("shape, Kw, Kr", [((3, 197, 384), None, None), ((5, 67), None, None), ((2, 3, 130), None, None),
+                                          ((4, 37), None, 20), ((2, 5, 100), 33, None),
                                           ((7, 100), 99, 41), ((1, 1, 37), 1, 37), ((2, 3, 16), 16, 16)])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_residual_add_layernorm(dtype, shape, Kw, Kr, inplace):
