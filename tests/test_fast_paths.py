@@ -357,6 +357,61 @@ def test_lean_block_sequence_matches_module_path_and_float64(monkeypatch):
     assert len(lean_calls) == 1
 
 
+def _fine_and_dense_vits():
+    """vit_tiny pruned 85% unstructured (fine-grained layers, fused fine_mlp pairs), and pruned 50%
+    grouped (sliced dense layers) with the dense kernels set by hand: oneDNN on some, sparsevit's
+    BSR kernel on the full weight on the others, F.linear on none (the lean path refuses it)."""
+    from sparsevit.runtime.dense_linear import DenseLinear
+
+    model = make_model("vit_tiny")
+    fine_plan = sparsevit.prune(model, method="magnitude_unstructured", criterion="l1", sparsity=0.85,
+                                progress=False)
+    fine = sparsevit.accelerate(model, fine_plan, backend="sparse", verify=False)
+    assert all(m.is_fine for blk in fine.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2))
+    dense_plan = sparsevit.prune(model, method="grouped", criterion="l1", sparsity=0.5, progress=False)
+    dense = sparsevit.accelerate(model, dense_plan, verify=False)
+    i = 0
+    for blk in dense.blocks:
+        for parent, name in ((blk.attn, "qkv"), (blk.attn, "proj"), (blk.mlp, "fc1"), (blk.mlp, "fc2")):
+            m = getattr(parent, name)
+            if type(m) is not DenseLinear:  # a sliced layer the chooser put on a sparse kernel
+                m = DenseLinear.from_dense(m.to_dense(), activation=m.activation)
+            m.set_kernel("onednn_packed" if i % 3 else "sparsevit_bsr_full")
+            setattr(parent, name, m)
+            i += 1
+    return model, ((fine_plan, fine), (dense_plan, dense))
+
+
+@pytest.mark.skipif(not (HAS_BSR and _ext.has_op("fine_mlp")), reason="C++ extension without its CPU ops")
+def test_lean_path_runs_fine_grained_and_dense_layers_bit_identically(monkeypatch):
+    """Fine-grained layers (and their fused MLP pairs) and dense layers on oneDNN or the BSR kernel take
+    the lean path too: bit-identical to the module path, close to the masked dense model in float64;
+    a dense layer set back to F.linear sends the forward down the module path."""
+    from sparsevit.runtime import modules
+
+    model, builds = _fine_and_dense_vits()
+    lean_calls = []
+    real_lean = modules._lean_forward
+    monkeypatch.setattr(modules, "_lean_forward", lambda *a: lean_calls.append(1) or real_lean(*a))
+    x = torch.randn(3, 3, 32, 32)
+    outs = []
+    for plan, fast in builds:
+        with torch.inference_mode():
+            out = fast(x)
+            outs.append(out)
+            with monkeypatch.context() as m:
+                m.setattr(modules, "_lean_parts", lambda blocks, x: None)
+                module_path = fast(x)
+            ref = sparsevit.masked_model(model, plan).double()(x.double())
+        assert torch.equal(out, module_path)
+        assert rel_err(out, ref) < 1e-4
+    assert len(lean_calls) == 2
+    dense = builds[1][1]
+    dense.blocks[1].mlp.fc2.set_kernel("torch_linear")
+    with torch.inference_mode():
+        assert rel_err(dense(x), outs[1]) < 1e-5 and len(lean_calls) == 2
+
+
 @pytest.mark.skipif(not HAS_BSR, reason="C++ extension without bsr_linear / attention_cpu")
 def test_lean_path_bf16_and_unfused_norms_match_module_path(monkeypatch):
     """bf16 layers (the fused add+norm at full width) and the add+norm fusion turned off: the lean

@@ -221,7 +221,8 @@ def test_accelerated_model_with_unstructured_masks_takes_it(dtype, monkeypatch):
         assert len(calls) == len(fmts) // 2, "every MLP should run fused"
         ref64 = masked.double()(x.double())
         ref32 = masked.float()(x)
-        monkeypatch.setattr(modules, "fused_mlp_forward", lambda *a: None)
+        monkeypatch.setattr(modules, "fused_mlp_forward", lambda *a: None)  # the module path's fused call
+        monkeypatch.setattr(modules, "direct_fine_pair_ok", lambda *a: False)  # the lean path's
         unfused = fast(x.to(dtype)).float()
     assert len(calls) == len(fmts) // 2
     assert torch.equal(out, unfused), "fused and per-layer forwards differ"

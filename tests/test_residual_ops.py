@@ -269,20 +269,30 @@ def test_hooks_on_bypassed_norms_fire_and_count():
             assert len(calls) == 2 and rel_err(out, ref) < 1e-4 and rel_err(out, plain) > 1e-3
 
 
-def test_bf16_model_takes_fused_add_norm(monkeypatch):
-    """A bf16 accelerated ViT (full-width residual) runs its residual adds on the fused kernel and
-    agrees with the same model on the separate ops and with the fp32 masked dense model."""
+@pytest.mark.parametrize("path", ["module", "lean"])
+def test_bf16_model_takes_fused_add_norm(monkeypatch, path):
+    """A bf16 accelerated ViT (full-width residual) runs its residual adds on the fused kernel, on the
+    module path and on the lean block path (which asks the same question of the op's arguments once
+    per call), and agrees with the same model on the separate ops and with the fp32 masked dense model."""
     import sparsevit
     from helpers import IMG, make_model, random_plan, rel_err
     from sparsevit.ops import residual
+    from sparsevit.runtime import modules
 
     model = make_model("vit_tiny")
     plan = random_plan(model, 1, kinds=("heads", "mlp"))
     fast = sparsevit.accelerate(model, plan, dtype=torch.bfloat16, verify=False)
     x = torch.randn(2, 3, IMG["vit_tiny"], IMG["vit_tiny"])
-    taken = []
-    real = residual._fused_add_norm_ok
-    monkeypatch.setattr(residual, "_fused_add_norm_ok", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken, lean_calls = [], []
+    if path == "module":
+        monkeypatch.setattr(modules, "_lean_parts", lambda blocks, x: None)
+        owner, name = residual, "_fused_add_norm_ok"
+    else:
+        real_lean = modules._lean_forward
+        monkeypatch.setattr(modules, "_lean_forward", lambda *a: lean_calls.append(1) or real_lean(*a))
+        owner, name = modules, "fused_add_norm_indices_ok"
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: taken.append(real(*a)) or taken[-1])
     with torch.inference_mode():
         ref = sparsevit.masked_model(model, plan)(x)
         out = fast(x.bfloat16())
@@ -290,4 +300,5 @@ def test_bf16_model_takes_fused_add_norm(monkeypatch):
         with add_norm_fusion(False):
             unfused = fast(x.bfloat16())
     assert fused_calls and all(fused_calls) == _ext.has_op("residual_add_layernorm")
+    assert len(lean_calls) == (2 if path == "lean" and _ext.has_op("residual_add_layernorm") else 0)
     assert out.dtype == torch.bfloat16 and rel_err(out, unfused) < 2e-2 and rel_err(out, ref) < 5e-2

@@ -78,22 +78,33 @@ def _cpp_ready() -> bool:
     return _CPP_READY[0]
 
 
-def _kernel_takes(x, values) -> bool:
+def _kernel_takes(dtype: torch.dtype, values) -> bool:
     unit = values.shape[1] if values.dim() == 2 else 0
-    return (x.dtype in _CPP_DTYPES and values.dtype == x.dtype and unit in (1, 2, 4, 8)
-            and not (x.dtype == torch.bfloat16 and unit % 2))
+    return (dtype in _CPP_DTYPES and values.dtype == dtype and unit in (1, 2, 4, 8)
+            and not (dtype == torch.bfloat16 and unit % 2))
 
 
 def cpp_kernel_takes(x: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether the op's CPU implementation runs the compiled kernel for these inputs (else the
     reference); the AOTInductor export asks the same question before it calls the kernel itself."""
-    return _cpp_ready() and _kernel_takes(x, values)
+    return cpp_kernel_takes_dtype(x.dtype, values)
+
+
+def cpp_kernel_takes_dtype(dtype: torch.dtype, values: torch.Tensor) -> bool:
+    """:func:`cpp_kernel_takes` for any input of ``dtype`` (it depends on nothing else of the input)."""
+    return _cpp_ready() and _kernel_takes(dtype, values)
+
+
+def cpp_fine_linear(x2d, values, col_indices, seg_ptr, bias, out_features: int, in_features: int,
+                    activation: str) -> torch.Tensor:
+    """The compiled kernel's call (where :func:`cpp_kernel_takes` holds; the op checks every argument)."""
+    return torch.ops.sparsevit_C.fine_linear(x2d, values, col_indices, seg_ptr, bias, out_features, in_features,
+                                             values.shape[1], ACT_CODE[activation], -1)
 
 
 def _fine_linear_cpu(x, values, col_indices, row_ptr, seg_ptr, out_features, in_features, bias, activation):
     if cpp_kernel_takes(x, values):
-        return torch.ops.sparsevit_C.fine_linear(x, values, col_indices, seg_ptr, bias, out_features,
-                                                 in_features, values.shape[1], ACT_CODE[activation], -1)
+        return cpp_fine_linear(x, values, col_indices, seg_ptr, bias, out_features, in_features, activation)
     return _reference(x, values, col_indices, row_ptr, out_features, in_features, bias, activation)
 
 

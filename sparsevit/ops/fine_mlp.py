@@ -21,10 +21,10 @@ import torch
 
 from sparsevit import _ext
 from sparsevit.formats.fine import FineSparseWeight
-from sparsevit.ops.fine_linear import _reference, cpp_kernel_takes, not_supported_reasons
+from sparsevit.ops.fine_linear import _reference, cpp_kernel_takes_dtype, not_supported_reasons
 from sparsevit.ops.linear_kernels import ACT_CODE, eager_cpu_call_ok, run_mlp_wrapper, token_rows
 
-__all__ = ["fine_mlp", "not_fusable_reasons", "fused_mlp_forward"]
+__all__ = ["fine_mlp", "not_fusable_reasons", "fused_mlp_forward", "direct_pair_ok", "run_direct_pair"]
 
 
 def _reference_mlp(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features):
@@ -48,8 +48,8 @@ def _(x, values1, col_indices1, row_ptr1, seg_ptr1, bias1, hidden, activation, v
     return x.new_empty(x.shape[0], out_features)
 
 
-def _kernel_takes(x, values1, values2) -> bool:
-    return _ext.has_op("fine_mlp") and cpp_kernel_takes(x, values1) and cpp_kernel_takes(x, values2)
+def _kernel_takes(dtype: torch.dtype, values1, values2) -> bool:
+    return _ext.has_op("fine_mlp") and cpp_kernel_takes_dtype(dtype, values1) and cpp_kernel_takes_dtype(dtype, values2)
 
 
 def _cpp_fine_mlp(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features):
@@ -59,7 +59,7 @@ def _cpp_fine_mlp(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_f
 
 def _fine_mlp_cpu(x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features):
     args = (x, v1, c1, r1, s1, b1, hidden, act1, v2, c2, r2, s2, b2, out_features, in_features)
-    return _cpp_fine_mlp(*args) if _kernel_takes(x, v1, v2) else _reference_mlp(*args)
+    return _cpp_fine_mlp(*args) if _kernel_takes(x.dtype, v1, v2) else _reference_mlp(*args)
 
 
 def _op_args(x2d, w1: FineSparseWeight, b1, act: str, w2: FineSparseWeight, b2) -> tuple:
@@ -103,19 +103,34 @@ def _cpp_fine_layer(m) -> bool:
     return getattr(m, "is_fine", False) and m.kernel != "reference"
 
 
+def direct_pair_ok(fc1, fc2, dtype: torch.dtype) -> bool:
+    """Whether :func:`fused_mlp_forward` runs ``fc1``/``fc2`` as one compiled call for an eager CPU input
+    of ``dtype`` with ``act`` and ``norm`` None (it depends on nothing else of the input; the lean block
+    path asks once per forward and then calls :func:`run_direct_pair`)."""
+    if not (_cpp_fine_layer(fc1) and _cpp_fine_layer(fc2)) or fc2.in_features != fc1.out_features:
+        return False
+    return _kernel_takes(dtype, fc1._buffers["values"], fc2._buffers["values"])
+
+
+def run_direct_pair(fc1, fc2, x2d: torch.Tensor) -> torch.Tensor:
+    """``sparsevit_C::fine_mlp`` on ``x2d`` ``[tokens, in]`` with the two modules' buffers (where
+    :func:`direct_pair_ok` holds; the op checks every argument)."""
+    a, b = fc1._buffers, fc2._buffers
+    return _cpp_fine_mlp(x2d, a["values"], a["col_indices"], a["row_ptr"], a["seg_ptr"], a["bias"], fc1.out_features,
+                         fc1.activation or "none", b["values"], b["col_indices"], b["row_ptr"], b["seg_ptr"], b["bias"],
+                         fc2.out_features, fc1.in_features)
+
+
 def fused_mlp_forward(fc1, act, norm, fc2, x: torch.Tensor) -> Optional[torch.Tensor]:
     """``fc2(act(fc1(x)))`` through the fused kernel when both layers are fine-grained
     :class:`~sparsevit.runtime.linear.SparseLinear` modules on the compiled kernel, fc1 fuses the
     activation (``act`` and ``norm`` are None) and this is an eager CPU call the kernel takes; else None
     (the caller runs the layers one by one). Traced and exported graphs keep the per-layer ops."""
-    if act is not None or norm is not None or not (_cpp_fine_layer(fc1) and _cpp_fine_layer(fc2)):
+    if act is not None or norm is not None or not direct_pair_ok(fc1, fc2, x.dtype):
         return None
-    if x.shape[-1] != fc1.in_features or fc2.in_features != fc1.out_features:
+    if x.shape[-1] != fc1.in_features:
         return None
     if not (eager_cpu_call_ok(x, fc1.values, fc1.bias) and eager_cpu_call_ok(x, fc2.values, fc2.bias)):
         return None
-    if not _kernel_takes(x, fc1.values, fc2.values):
-        return None
-    x2d = token_rows(x, fc1.in_features)
-    y = _cpp_fine_mlp(*_op_args(x2d, fc1.weight, fc1.bias, fc1.activation or "none", fc2.weight, fc2.bias))
+    y = run_direct_pair(fc1, fc2, token_rows(x, fc1.in_features))
     return y.reshape(*x.shape[:-1], fc2.out_features)

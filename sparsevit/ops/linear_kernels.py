@@ -294,15 +294,6 @@ class CppBSR(LinearKernel):
         return torch.ops.sparsevit_C.bsr_linear(x, packed, col_indices, crow_indices, bias, out_features,
                                                 in_features, bh, bw, ACT_CODE[act], -1)
 
-    @classmethod
-    def linear(cls, x, values, col_indices, crow_indices, packed, out_features, in_features, bh, bw, bias,
-               activation):
-        """``act(x @ W^T + b)`` for ``x`` of any leading shape, straight to the C++ kernel (no custom
-        op around it: see :func:`eager_cpu_call_ok`); the arguments are a BlockSparseWeight's pieces."""
-        y = cls.run_bsr(token_rows(x, in_features), values, col_indices, crow_indices, packed, out_features,
-                        in_features, bh, bw, bias, "none" if activation is None else activation)
-        return y.reshape(*x.shape[:-1], out_features)
-
 
 @register
 class CudaBSR(LinearKernel):

@@ -8,7 +8,7 @@ sets :attr:`DenseLinear.kernel`. The candidates and why one cannot run come from
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from sparsevit.errors import KernelError
 from sparsevit.formats import BlockSparseWeight
 from sparsevit.ops.bsr import bsr_linear
-from sparsevit.ops.linear_kernels import ACTIVATIONS, CppBSR, apply_activation, eager_cpu_call_ok, standard_ops_wanted
+from sparsevit.ops.linear_kernels import (ACTIVATIONS, CppBSR, apply_activation, eager_cpu_call_ok, standard_ops_wanted,
+                                          token_rows)
 
 __all__ = ["DenseLinear"]
 
@@ -101,21 +102,35 @@ class DenseLinear(nn.Linear):
         fast = (self._derived is not None and not standard_ops_wanted() and not torch.is_autocast_enabled("cpu")
                 and not (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)))
         if fast and self.kernel == "onednn_packed" and x.dtype == self.weight.dtype:
-            attr, algorithm = _ONEDNN_ATTR[self.activation]
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self._derived, self.bias,
-                                                   attr, [], algorithm)
+            y = self._run_onednn(x.reshape(-1, self.in_features))
             return y.reshape(*x.shape[:-1], self.out_features)
         if fast and self.kernel == "sparsevit_bsr_full" and x.dtype == self.weight.dtype:
             if eager_cpu_call_ok(x, self.weight, self.bias):
-                w = self._derived
-                return CppBSR.linear(x, w.values, w.col_indices, w.crow_indices, w.packed, self.out_features,
-                                     self.in_features, *w.block, self.bias, self.activation)
+                y = self._run_bsr_full(token_rows(x, self.in_features))
+                return y.reshape(*x.shape[:-1], self.out_features)
             return bsr_linear(x, self._derived, self.bias, self.activation)
         y = F.linear(x, self.weight, self.bias)
         if self.activation is not None and not torch.is_grad_enabled():
             # in place on the fresh linear output: saves a second activation-sized buffer
             return torch.ops.aten.gelu_(y, approximate="none" if self.activation == "gelu" else "tanh")
         return apply_activation(y, self.activation)
+
+    def lean_call(self, dtype: torch.dtype) -> Optional[Callable[[Tensor], Tensor]]:
+        """``f(x2d)``: the call :meth:`forward` makes on a contiguous ``[tokens, in]`` input of ``dtype`` in
+        eager CPU inference without grad (the caller checks that, and hooks); None where it takes
+        ``F.linear``. For the lean block path (runtime/modules.py)."""
+        if self._derived is None or self.weight.dtype != dtype:
+            return None
+        return {"onednn_packed": self._run_onednn, "sparsevit_bsr_full": self._run_bsr_full}.get(self.kernel)
+
+    def _run_onednn(self, x2d: Tensor) -> Tensor:
+        attr, algorithm = _ONEDNN_ATTR[self.activation]
+        return torch.ops.mkldnn._linear_pointwise(x2d, self._derived, self.bias, attr, [], algorithm)
+
+    def _run_bsr_full(self, x2d: Tensor) -> Tensor:
+        w = self._derived
+        return CppBSR.run_bsr(x2d, w.values, w.col_indices, w.crow_indices, w.packed, self.out_features,
+                              self.in_features, *w.block, self.bias, "none" if self.activation is None else self.activation)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

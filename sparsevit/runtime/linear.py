@@ -39,6 +39,8 @@ from sparsevit.formats.fine import chunk_columns, unit_width
 from sparsevit.ops.bsr import bsr_linear
 from sparsevit.ops.linear_kernels import (ACT_CODE, CppBSR, KernelInput, eager_cpu_call_ok, get_kernel, registry,
                                           resolve, walk)
+from sparsevit.ops.fine_linear import cpp_fine_linear
+from sparsevit.ops.fine_linear import cpp_kernel_takes_dtype as cpp_fine_takes_dtype
 from sparsevit.ops.nm import nm_linear
 from sparsevit.runtime.dense_linear import DenseLinear, _check_activation
 from sparsevit.runtime.report import LayerDecision, Report
@@ -224,6 +226,25 @@ class SparseLinear(nn.Module):
         b = self._buffers
         return torch.ops.sparsevit_C.bsr_linear(x2d, b["packed"], b["col_indices"], b["crow_indices"], b["bias"],
                                                 *direct)
+
+    def lean_call(self, dtype: torch.dtype) -> Optional[Callable[[Tensor], Tensor]]:
+        """``f(x2d)``: the compiled call :meth:`forward` makes on a contiguous ``[tokens, in]`` input of
+        ``dtype`` in eager CPU inference (the caller checks that, and hooks), minus its per-call checks;
+        None where forward would take another route. For the lean block path (runtime/modules.py)."""
+        if self._buffers["values"].dtype != dtype:
+            return None
+        direct = self.direct_args()
+        if direct:
+            return lambda x2d: self.run_direct(x2d, direct)
+        if self.is_fine and self.kernel != "reference" and cpp_fine_takes_dtype(dtype, self._buffers["values"]):
+            return self._run_fine_direct
+        return None
+
+    def _run_fine_direct(self, x2d: Tensor) -> Tensor:
+        """What ``fine_linear`` calls in eager CPU inference where the compiled kernel takes the input."""
+        b, (out_f, in_f) = self._buffers, self._meta[0]
+        return cpp_fine_linear(x2d, b["values"], b["col_indices"], b["seg_ptr"], b["bias"], out_f, in_f,
+                               self._activation or "none")
 
     def _direct_args(self) -> tuple:
         """The int arguments of ``sparsevit_C::bsr_linear`` after its tensors (out, in, bh, bw, act,

@@ -17,10 +17,13 @@ from torch import nn
 from sparsevit.ops.attention import attention as sparse_attention
 from sparsevit.ops.attention import attention_unsupported_reasons
 from sparsevit.ops.bsr_mlp import bsr_mlp_forward, fused_pair_args, run_direct_pair
+from sparsevit.ops.fine_mlp import direct_pair_ok as direct_fine_pair_ok
 from sparsevit.ops.fine_mlp import fused_mlp_forward
+from sparsevit.ops.fine_mlp import run_direct_pair as run_direct_fine_pair
 from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 from sparsevit.ops.residual import (fused_add_norm_call_ok, fused_add_norm_indices_ok, layernorm_gather,
                                     residual_add_layernorm, residual_scatter_add)
+from sparsevit.runtime.dense_linear import DenseLinear
 from sparsevit.runtime.linear import SparseLinear
 
 
@@ -364,24 +367,38 @@ class SparseBlockSequence(nn.Sequential):
         return x
 
 
-# ------------------------------------------------------------------ the lean eager path (batch 1)
-# At batch 1 a DeiT-S forward spends ~2 ms (of ~9) in Python: module calls, attribute look-ups
-# through nn.Module.__getattr__, and the per-op "plain eager CPU call?" checks, ~84 of them. When the
-# whole sequence qualifies (checked once per forward, from the modules' dicts, so a replaced module,
-# an added hook or a dtype change is seen at the next forward), the blocks run as straight calls of
-# the same compiled ops with the same arguments: the result is bit-identical to the module path.
+# ------------------------------------------------------------------ the lean eager path
+# A DeiT-S forward spends ~2 ms in Python whatever the batch (of ~9 at batch 1, ~80 at batch 8):
+# module calls, attribute look-ups through nn.Module.__getattr__, and the per-op "plain eager CPU
+# call?" checks, ~84 of them. When the whole sequence qualifies (checked once per forward, from the
+# modules' dicts, so a replaced module, an added hook or a dtype change is seen at the next forward),
+# the blocks run as straight calls of the same compiled ops with the same arguments (each Linear's
+# ``lean_call``: BSR, fine-grained, oneDNN or the fused MLP pairs): the result is bit-identical to the
+# module path.
 class _LeanBlock(tuple):
-    """(block, attn_io, mlp_io, attention module, its qkv / proj op arguments, fc1 / fc2 op arguments)."""
+    """(block, attn_io, mlp_io, attention module, qkv call, proj call, MLP call): each call ``f(x2d)``."""
 
 
 def _lean_linear(lin, dtype):
-    """``(module, int args)`` of a SparseLinear the direct C++ BSR call runs, without hooks; else None."""
-    if type(lin) is not SparseLinear or lin._forward_hooks or lin._forward_pre_hooks:
+    """``lin.lean_call(dtype)`` for the Linear modules accelerate builds, without hooks; else None."""
+    if type(lin) not in (SparseLinear, DenseLinear) or lin._forward_hooks or lin._forward_pre_hooks:
         return None
-    direct = lin.direct_args()
-    if not direct or lin._buffers["values"].dtype != dtype:
+    return lin.lean_call(dtype)
+
+
+def _lean_mlp(mlp, dtype):
+    """``f(x2d) = fc2(fc1(x2d))`` as :meth:`SparseMlp.forward` runs it (``act`` and ``norm`` None): one
+    fused fine_mlp or bsr_mlp call where it would make one, else the two layers' calls; or None."""
+    fc1, fc2 = mlp._modules.get("fc1"), mlp._modules.get("fc2")
+    first, second = _lean_linear(fc1, dtype), _lean_linear(fc2, dtype)
+    if first is None or second is None:
         return None
-    return lin, direct
+    if direct_fine_pair_ok(fc1, fc2, dtype):
+        return lambda x2d: run_direct_fine_pair(fc1, fc2, x2d)
+    pair = fused_pair_args(fc1, fc2)
+    if pair is not None:
+        return lambda x2d: run_direct_pair(fc1, pair[0], fc2, pair[1], x2d)
+    return lambda x2d: second(first(x2d))
 
 
 def _lean_block(blk, dtype):
@@ -398,10 +415,10 @@ def _lean_block(blk, dtype):
         return None
     if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp)):
         return None
-    linears = [_lean_linear(m, dtype) for m in (am.get("qkv"), am.get("proj"), mm.get("fc1"), mm.get("fc2"))]
-    if any(lin is None for lin in linears):
+    calls = (_lean_linear(am.get("qkv"), dtype), _lean_linear(am.get("proj"), dtype), _lean_mlp(mlp, dtype))
+    if any(call is None for call in calls):
         return None
-    return _LeanBlock((blk, blk._modules.get("attn_io"), blk._modules.get("mlp_io"), attn, *linears))
+    return _LeanBlock((blk, blk._modules.get("attn_io"), blk._modules.get("mlp_io"), attn, *calls))
 
 
 def _lean_parts(blocks, x: torch.Tensor):
@@ -415,15 +432,10 @@ def _lean_parts(blocks, x: torch.Tensor):
         if part is None:
             return None
         parts.append(part)
-    first = parts[0][4][0]._buffers
-    if not eager_cpu_call_ok(x, first["values"], first["bias"]):
+    # every layer's weights have x's dtype (lean_call): what is left to ask is about x and the call
+    if not eager_cpu_call_ok(x, x):
         return None
     return parts
-
-
-def _run_linear(lin_args, x2d: torch.Tensor) -> torch.Tensor:
-    lin, direct = lin_args
-    return lin.run_direct(x2d, direct)
 
 
 def _direct_add_norm_args(io, reader, dtype):
@@ -449,13 +461,6 @@ def _add_then_norm(io, reader, x, y, inplace: bool, fused: bool):
     return torch.ops.sparsevit_C.residual_add_layernorm(x.contiguous(), y.contiguous(), *args)
 
 
-def _run_mlp(fc1_args, fc2_args, x2d: torch.Tensor) -> torch.Tensor:
-    """fc2(fc1(x2d)): one fused bsr_mlp call where the pair chooser marked fc1 (as SparseMlp does)."""
-    if fused_pair_args(fc1_args[0], fc2_args[0]) is not None:
-        return run_direct_pair(fc1_args[0], fc1_args[1], fc2_args[0], fc2_args[1], x2d)
-    return _run_linear(fc2_args, _run_linear(fc1_args, x2d))
-
-
 def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
     """:class:`SparseBlockSequence`'s forward as straight op calls (see the section comment)."""
     B, N, _ = x.shape
@@ -464,9 +469,9 @@ def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
     owned = False  # x is the caller's: the first write-back makes a new tensor
     direct_attention = None  # decided at the first block; dtype, device and layout are every block's
     fused = fused_add_norm_call_ok(x, x)  # the residual stream keeps x's dtype and device
-    for i, (_block, attn_io, mlp_io, attention, qkv, proj, fc1, fc2) in enumerate(parts):
+    for i, (_block, attn_io, mlp_io, attention, qkv, proj, mlp) in enumerate(parts):
         H, d = attention.num_heads, attention.qk_dim
-        q, k, v = _run_linear(qkv, normed.reshape(T, -1)).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv(normed.reshape(T, -1)).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         if direct_attention is None:
             direct_attention = not attention_unsupported_reasons(q, k, v)
         if direct_attention:
@@ -475,10 +480,10 @@ def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
             out = torch.ops.sparsevit_C.attention_cpu(q, k, v, None, attention.scale, -1)
         else:
             out = sparse_attention(q, k, v, None, attention.scale)
-        y = _run_linear(proj, out.transpose(1, 2).reshape(T, H * d)).view(B, N, -1)
+        y = proj(out.transpose(1, 2).reshape(T, H * d)).view(B, N, -1)
         x, h = _add_then_norm(attn_io, mlp_io, x, y, owned, fused)
         owned = True
-        y = _run_mlp(fc1, fc2, h.reshape(T, -1)).view(B, N, -1)
+        y = mlp(h.reshape(T, -1)).view(B, N, -1)
         if i + 1 < len(parts):
             x, normed = _add_then_norm(mlp_io, parts[i + 1][1], x, y, True, fused)
         else:
