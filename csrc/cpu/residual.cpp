@@ -327,24 +327,40 @@ SPV_AVX512_TARGET static inline __mmask16 lanes_left(int64_t n) {
   return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
 }
 
-// 1 / sqrt(var + eps) of the D floats at r, broadcast; two-pass variance around mv (as norm_row), in
-// four independent chains (one chain of D / 16 dependent FMAs was the row's critical path).
-SPV_AVX512_TARGET static inline __m512 row_rstd(const float* r, int64_t D, __m512 mv, float eps) {
-  __m512 sq[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+// 1 / sqrt(var + eps) of the D floats at each of the R rows r[i], broadcast; two-pass variance around
+// mv[i] (as norm_row), four independent chains a row (one chain of D / 16 dependent FMAs was the row's
+// critical path); R rows at once so that one row's reductions overlap the other's.
+template <int R>
+SPV_AVX512_TARGET static inline void rows_rstd(const float* const* r, int64_t D, const __m512* mv, float eps,
+                                               __m512* rstd) {
+  __m512 sq[R][4];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) sq[i][j] = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 64 <= D; d += 64) {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(r + d + 16 * j), mv);
-      sq[j] = _mm512_fmadd_ps(c, c, sq[j]);
-    }
+      for (int j = 0; j < 4; ++j) {
+        const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(r[i] + d + 16 * j), mv[i]);
+        sq[i][j] = _mm512_fmadd_ps(c, c, sq[i][j]);
+      }
   }
   for (; d < D; d += 16) {
-    const __m512 c = _mm512_maskz_sub_ps(lanes_left(D - d), _mm512_maskz_loadu_ps(lanes_left(D - d), r + d), mv);
-    sq[0] = _mm512_fmadd_ps(c, c, sq[0]);
+    const __mmask16 m = lanes_left(D - d);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 c = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, r[i] + d), mv[i]);
+      sq[i][0] = _mm512_fmadd_ps(c, c, sq[i][0]);
+    }
   }
-  const __m512 s = _mm512_add_ps(_mm512_add_ps(sq[0], sq[1]), _mm512_add_ps(sq[2], sq[3]));
-  return _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(s) / static_cast<float>(D) + eps));
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(sq[i][0], sq[i][1]), _mm512_add_ps(sq[i][2], sq[i][3]));
+    rstd[i] = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(s) / static_cast<float>(D) + eps));
+  }
 }
 
 // (r - mean) * rstd * w + b for the 16 channels at d (lanes m).
@@ -372,7 +388,8 @@ SPV_AVX512_TARGET void add_norm_row_bf16_full_avx512(const c10::BFloat16* xr, co
     acc = _mm512_add_ps(acc, v);
   }
   const __m512 mv = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / static_cast<float>(D));
-  const __m512 rstd = row_rstd(obuf, D, mv, a.eps);
+  __m512 rstd;
+  rows_rstd<1>(&obuf, D, &mv, a.eps, &rstd);
   for (int64_t d = 0; d < D; d += 16) {
     const __mmask16 m = lanes_left(D - d);
     _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(lrow + d), m,
@@ -380,38 +397,68 @@ SPV_AVX512_TARGET void add_norm_row_bf16_full_avx512(const c10::BFloat16* xr, co
   }
 }
 
-// fp32 full-width row: orow = x + y (orow may be x), lrow = LayerNorm(orow). The generic row's sum and
+// fp32 full-width rows: o = x + y (o may be x), ln = LayerNorm(o), R consecutive rows at once (their
+// dependent chains interleave: sums, the two reductions, the square root). The generic row's sum and
 // variance loops are single dependent chains of adds (GCC keeps one accumulator without -ffast-math):
-// ~0.12 ms for 1576 x 384 at 2 threads where the memory traffic takes ~0.03; here four chains each.
-SPV_AVX512_TARGET void add_norm_row_f32_full_avx512(const float* xr, const float* yr, float* orow, float* lrow,
-                                                    int64_t D, const AddNormArgs& a, int64_t ahead) {
+// 1576 x 384 at 2 threads took ~0.12 ms where the memory traffic takes ~0.03.
+template <int R>
+SPV_AVX512_TARGET static void add_norm_rows_f32(const float* xr, const float* yr, float* orow, float* lrow,
+                                                int64_t D, const AddNormArgs& a, int64_t ahead) {
   if (ahead > 0) {
-    prefetch_row(xr + ahead * D, D * 4);
-    prefetch_row(yr + ahead * D, D * 4);
+    prefetch_row(xr + ahead * D, R * D * 4);
+    prefetch_row(yr + ahead * D, R * D * 4);
   }
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 acc[R][4];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 64 <= D; d += 64) {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(xr + d + 16 * j), _mm512_loadu_ps(yr + d + 16 * j));
-      _mm512_storeu_ps(orow + d + 16 * j, v);
-      acc[j] = _mm512_add_ps(acc[j], v);
-    }
+      for (int j = 0; j < 4; ++j) {
+        const int64_t k = i * D + d + 16 * j;
+        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(yr + k));
+        _mm512_storeu_ps(orow + k, v);
+        acc[i][j] = _mm512_add_ps(acc[i][j], v);
+      }
   }
   for (; d < D; d += 16) {
     const __mmask16 m = lanes_left(D - d);
-    const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + d), _mm512_maskz_loadu_ps(m, yr + d));
-    _mm512_mask_storeu_ps(orow + d, m, v);
-    acc[0] = _mm512_add_ps(acc[0], v);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const int64_t k = i * D + d;
+      const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + k), _mm512_maskz_loadu_ps(m, yr + k));
+      _mm512_mask_storeu_ps(orow + k, m, v);
+      acc[i][0] = _mm512_add_ps(acc[i][0], v);
+    }
   }
-  const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-  const __m512 mv = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / static_cast<float>(D));
-  const __m512 rstd = row_rstd(orow, D, mv, a.eps);
+  __m512 mv[R], rstd[R];
+  const float* rows[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
+    mv[i] = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / static_cast<float>(D));
+    rows[i] = orow + i * D;
+  }
+  rows_rstd<R>(rows, D, mv, a.eps, rstd);
   for (d = 0; d < D; d += 16) {
     const __mmask16 m = lanes_left(D - d);
-    _mm512_mask_storeu_ps(lrow + d, m, norm16(orow + d, m, mv, rstd, a, d));
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+      _mm512_mask_storeu_ps(lrow + i * D + d, m, norm16(orow + i * D + d, m, mv[i], rstd[i], a, d));
   }
+}
+
+// Rows [r0, r1) of the fp32 full-width case, two at a time.
+SPV_AVX512_TARGET void add_norm_rows_f32_full_avx512(const float* x, const float* y, float* out, float* ln, int64_t r0,
+                                                     int64_t r1, int64_t D, const AddNormArgs& a) {
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2)
+    add_norm_rows_f32<2>(x + r * D, y + r * D, out + r * D, ln + r * D, D, a, std::min<int64_t>(4, r1 - 2 - r));
+  if (r < r1) add_norm_rows_f32<1>(x + r * D, y + r * D, out + r * D, ln + r * D, D, a, 0);
 }
 
 bool cpu_has_avx512bw_vl() {
@@ -423,7 +470,8 @@ bool cpu_has_avx512bw_vl() {
 bool cpu_has_avx512bw_vl() { return false; }
 void add_norm_row_bf16_full_avx512(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, c10::BFloat16*,
                                    int64_t, const AddNormArgs&, float*, int64_t) {}
-void add_norm_row_f32_full_avx512(const float*, const float*, float*, float*, int64_t, const AddNormArgs&, int64_t) {}
+void add_norm_rows_f32_full_avx512(const float*, const float*, float*, float*, int64_t, int64_t, int64_t,
+                                   const AddNormArgs&) {}
 #endif
 
 void add_norm_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out, at::Tensor& ln, int64_t rows,
@@ -432,6 +480,11 @@ void add_norm_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out, at
   const bool full_fast = a.widx == nullptr && a.ridx == nullptr && cpu_has_avx512bw_vl();
   const bool bf16_fast = bf16 && full_fast, f32_fast = !bf16 && full_fast;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    if (f32_fast) {
+      add_norm_rows_f32_full_avx512(x.data_ptr<float>(), y.data_ptr<float>(), out.data_ptr<float>(),
+                                    ln.data_ptr<float>(), r0, r1, D, a);
+      return;
+    }
     // obuf rounded up to whole 16-float vectors and 64-byte aligned for the AVX-512 row
     std::vector<float> obuf(bf16 ? (D + 15) / 16 * 16 + 16 : 0), ybuf(bf16 ? a.Kw : 0), lbuf(bf16 ? a.Kr : 0);
     float* oaligned = obuf.data() + (bf16 ? (16 - (reinterpret_cast<uintptr_t>(obuf.data()) / 4) % 16) % 16 : 0);
@@ -440,10 +493,6 @@ void add_norm_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out, at
         add_norm_row_bf16_full_avx512(x.data_ptr<c10::BFloat16>() + r * D, y.data_ptr<c10::BFloat16>() + r * D,
                                       out.data_ptr<c10::BFloat16>() + r * D, ln.data_ptr<c10::BFloat16>() + r * D, D,
                                       a, oaligned, std::min<int64_t>(4, r1 - 1 - r));
-      } else if (f32_fast) {
-        add_norm_row_f32_full_avx512(x.data_ptr<float>() + r * D, y.data_ptr<float>() + r * D,
-                                     out.data_ptr<float>() + r * D, ln.data_ptr<float>() + r * D, D, a,
-                                     std::min<int64_t>(4, r1 - 1 - r));
       } else if (bf16) {
         add_norm_row_bf16(x.data_ptr<c10::BFloat16>() + r * D, y.data_ptr<c10::BFloat16>() + r * a.Kw,
                           out.data_ptr<c10::BFloat16>() + r * D, ln.data_ptr<c10::BFloat16>() + r * a.Kr, D, a,
