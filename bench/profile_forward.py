@@ -11,6 +11,7 @@ the end-to-end median, and the kernels the report chose for the Linears and the 
     python bench/profile_forward.py --baseline-backend dense         # also F.linear + SDPA, timed interleaved
     python bench/profile_forward.py --plan heads_mlp50+blocks70      # a plan of bench/peers.py (its model init)
     python bench/profile_forward.py --compare-unfused                # fused residual add+norm on vs off, interleaved
+    python bench/profile_forward.py --compare-module-path            # lean block path on vs off, interleaved
     python bench/profile_forward.py --attention-peak --threads 1     # attention alone vs the peak probe
 
 ``--baseline-backend dense`` builds the same plan with ``backend="dense"`` (every Linear on
@@ -106,26 +107,39 @@ def kernels_used(fast):
     return dict(sorted(counts.items()))
 
 
-def compare_unfused(fast, x, runs: int):
-    """Median ms of the same model with the fused residual add+norm on and off, alternating calls."""
-    from sparsevit.ops.residual import add_norm_fusion
+@contextlib.contextmanager
+def module_path_only():
+    """The blocks on the module path: the lean block path (runtime/modules.py) turned off, as for a
+    model with hooks."""
+    from sparsevit.runtime import modules
 
-    times = {"fused": [], "unfused": []}
+    real = modules._lean_parts
+    modules._lean_parts = lambda blocks, x: None
+    try:
+        yield
+    finally:
+        modules._lean_parts = real
+
+
+def compare_interleaved(fast, x, runs: int, settings):
+    """Median ms of the same model under two settings (name -> context-manager factory; the first is
+    the reference), alternating calls; prints and returns medians, minimums and the pair ratio."""
+    (ref, _), (other, _) = settings.items()
+    times = {name: [] for name in settings}
     with torch.inference_mode():
         for i in range(runs + 2):
-            for name in ("fused", "unfused"):
-                with add_norm_fusion(name == "fused"):
+            for name, setting in settings.items():
+                with setting():
                     t0 = time.perf_counter()
                     fast(x)
                     if i >= 2:
                         times[name].append((time.perf_counter() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    pairs = statistics.median(u / f for u, f in zip(times["unfused"], times["fused"]))
-    print(f"\ninterleaved ({runs} runs each): fused add+norm median {med['fused']:.1f} ms (min {best['fused']:.1f}), "
-          f"unfused {med['unfused']:.1f} ms (min {best['unfused']:.1f}); unfused / fused: medians "
-          f"{med['unfused'] / med['fused']:.3f}x, mins {best['unfused'] / best['fused']:.3f}x, median of pair ratios "
-          f"{pairs:.3f}x; load average {os.getloadavg()[0]:.2f}")
+    pairs = statistics.median(o / r for o, r in zip(times[other], times[ref]))
+    print(f"\ninterleaved ({runs} runs each): {ref} median {med[ref]:.1f} ms (min {best[ref]:.1f}), {other} "
+          f"{med[other]:.1f} ms (min {best[other]:.1f}); {other} / {ref}: medians {med[other] / med[ref]:.3f}x, mins "
+          f"{best[other] / best[ref]:.3f}x, median of pair ratios {pairs:.3f}x; load average {os.getloadavg()[0]:.2f}")
     return {"median": med, "min": best, "pair_ratio": pairs}
 
 
@@ -192,6 +206,8 @@ def main(argv=None):
     p.add_argument("--plan", default="", help="a plan name of bench/peers.py (overrides --scenario)")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also time the model with the fused residual add+norm off, interleaved")
+    p.add_argument("--compare-module-path", action="store_true",
+                   help="also time the model with the lean block path off (the module path), interleaved")
     p.add_argument("--attention-peak", action="store_true",
                    help="also time the fused attention alone on the model's shapes against the peak probe "
                         "(at 1 thread: CPU time)")
@@ -221,8 +237,15 @@ def main(argv=None):
         print("\ninterleaved: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()) +
               f"; {args.baseline_backend} / {args.backend} = {med[args.baseline_backend] / med[args.backend]:.2f}x")
         result["interleaved_ms"] = med
+    fast, x = models[args.backend][:2]
     if args.compare_unfused:
-        result["fusion_ms"] = compare_unfused(models[args.backend][0], models[args.backend][1], args.iters * 4)
+        from sparsevit.ops.residual import add_norm_fusion
+
+        result["fusion_ms"] = compare_interleaved(fast, x, args.iters * 4, {
+            "fused add+norm": lambda: add_norm_fusion(True), "unfused": lambda: add_norm_fusion(False)})
+    if args.compare_module_path:
+        result["lean_ms"] = compare_interleaved(fast, x, args.iters * 4, {
+            "lean block path": contextlib.nullcontext, "module path": module_path_only})
     if args.attention_peak:
         result["attention_peak"] = attention_peak(models[args.backend][0], args.batch, getattr(torch, args.dtype),
                                                   args.threads)
