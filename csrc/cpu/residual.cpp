@@ -327,6 +327,19 @@ SPV_AVX512_TARGET static inline __mmask16 lanes_left(int64_t n) {
   return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
 }
 
+// R rows' four accumulators each, zeroed; and one row's four summed (the chains' two-level tree).
+template <int R>
+SPV_AVX512_TARGET static inline void zero_chains(__m512 (&acc)[R][4]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+}
+
+SPV_AVX512_TARGET static inline __m512 sum_chains(const __m512 (&acc)[4]) {
+  return _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+}
+
 // 1 / sqrt(var + eps) of the D floats at each of the R rows r[i], broadcast; two-pass variance around
 // mv[i] (as norm_row), four independent chains a row (one chain of D / 16 dependent FMAs was the row's
 // critical path); R rows at once so that one row's reductions overlap the other's.
@@ -334,10 +347,7 @@ template <int R>
 SPV_AVX512_TARGET static inline void rows_rstd(const float* const* r, int64_t D, const __m512* mv, float eps,
                                                __m512* rstd) {
   __m512 sq[R][4];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) sq[i][j] = _mm512_setzero_ps();
+  zero_chains<R>(sq);
   int64_t d = 0;
   for (; d + 64 <= D; d += 64) {
 #pragma GCC unroll 8
@@ -358,8 +368,8 @@ SPV_AVX512_TARGET static inline void rows_rstd(const float* const* r, int64_t D,
   }
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    const __m512 s = _mm512_add_ps(_mm512_add_ps(sq[i][0], sq[i][1]), _mm512_add_ps(sq[i][2], sq[i][3]));
-    rstd[i] = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(s) / static_cast<float>(D) + eps));
+    const float var = _mm512_reduce_add_ps(sum_chains(sq[i])) / static_cast<float>(D);
+    rstd[i] = _mm512_set1_ps(1.f / std::sqrt(var + eps));
   }
 }
 
@@ -409,10 +419,7 @@ SPV_AVX512_TARGET static void add_norm_rows_f32(const float* xr, const float* yr
     prefetch_row(yr + ahead * D, R * D * 4);
   }
   __m512 acc[R][4];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  zero_chains<R>(acc);
   int64_t d = 0;
   for (; d + 64 <= D; d += 64) {
 #pragma GCC unroll 8
@@ -439,8 +446,7 @@ SPV_AVX512_TARGET static void add_norm_rows_f32(const float* xr, const float* yr
   const float* rows[R];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
-    mv[i] = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / static_cast<float>(D));
+    mv[i] = _mm512_set1_ps(_mm512_reduce_add_ps(sum_chains(acc[i])) / static_cast<float>(D));
     rows[i] = orow + i * D;
   }
   rows_rstd<R>(rows, D, mv, a.eps, rstd);
