@@ -366,7 +366,8 @@ def _fine_and_dense_vits():
     model = make_model("vit_tiny")
     fine_plan = sparsevit.prune(model, method="magnitude_unstructured", criterion="l1", sparsity=0.85,
                                 progress=False)
-    fine = sparsevit.accelerate(model, fine_plan, backend="sparse", verify=False)
+    names = [f"blocks.{i}.{m}" for i in range(len(model.blocks)) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    fine = sparsevit.accelerate(model, fine_plan, backend="sparse", formats={n: "fine:1x1" for n in names}, verify=False)
     assert all(m.is_fine for blk in fine.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2))
     dense_plan = sparsevit.prune(model, method="grouped", criterion="l1", sparsity=0.5, progress=False)
     dense = sparsevit.accelerate(model, dense_plan, verify=False)
