@@ -18,7 +18,8 @@ with the main venv's python, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threa
 only that engine's runtime: torch engines load the model from a safetensors file and the plan from
 its JSON file (and sparsevit, which builds the masked model), ONNX engines read the exports the
 harness made. One worker per engine lives for the
-whole run; it loads each plan when asked and drops the previous one. Sharing one process let the
+whole run; it keeps each plan it is asked to load in a slot of its own (the plan's tag) until the
+harness unloads it, so all plans of a batch can be timed in the same rounds. Sharing one process let the
 engines' thread pools, allocators and CPU pinning act on each other (see bench/PEERS.md).
 :class:`WorkerProcess` is the pipe both that worker and DeepSparse's speak (one JSON object a line).
 """
@@ -248,15 +249,17 @@ class WorkerProcess:
         with open(self.log.name) as f:
             return " | ".join(f.read().strip().splitlines()[-3:])[-400:]
 
-    def prepared(self, info: Dict, ctx, close: Callable[[], None]) -> Prepared:
-        """A :class:`Prepared` whose calls are timed inside the worker, so the pipe is not counted."""
-        out_path = os.path.join(ctx.workdir, f"output-{self.pid}.npy")
+    def prepared(self, info: Dict, ctx, close: Callable[[], None], slot: Optional[str] = None) -> Prepared:
+        """A :class:`Prepared` whose calls are timed inside the worker, so the pipe is not counted;
+        ``slot`` names the worker's model to run (bench/peer_worker.py; DeepSparse's worker has one)."""
+        where = {} if slot is None else {"slot": slot}
+        out_path = os.path.join(ctx.workdir, f"output-{self.pid}-{ctx.tag}.npy")
 
         def output() -> np.ndarray:
-            self.ask(cmd="output", path=out_path)
+            self.ask(cmd="output", path=out_path, **where)
             return np.load(out_path)
-        return Prepared(lambda calls=1: self.ask(cmd="run", calls=calls)["seconds"], output, info, close,
-                        pid=self.pid)
+        return Prepared(lambda calls=1: self.ask(cmd="run", calls=calls, **where)["seconds"], output, info,
+                        close, pid=self.pid)
 
     def close(self) -> None:
         if self.alive():
@@ -458,7 +461,8 @@ def kernel_counts(fast) -> Dict[str, int]:
 
 class Isolated(Engine):
     """``engine`` run in its own worker process (bench/peer_worker.py, the main venv's python), started
-    at the first plan and kept for the whole run; each prepare loads the new plan there."""
+    at the first plan and kept for the whole run; each prepare loads its plan there, in the slot named
+    by the plan's tag."""
 
     def __init__(self, engine: Engine):
         self.engine, self.worker = engine, None
@@ -475,15 +479,15 @@ class Isolated(Engine):
             log = os.path.join(ctx.workdir, f"worker-{self.name}-{self.dtype}.log")
             self.worker = WorkerProcess([sys.executable, PEER_WORKER], log, env)
         worker = self.worker
-        answer = worker.ask(cmd="load", engine=self.name, dtype=self.dtype, options=self.engine.options(),
-                            spec=spec)
+        answer = worker.ask(cmd="load", slot=ctx.tag, engine=self.name, dtype=self.dtype,
+                            options=self.engine.options(), spec=spec)
         info = dict(answer["info"], worker=answer["worker"])
-        return worker.prepared(info, ctx, lambda: self._unload(worker))
+        return worker.prepared(info, ctx, lambda: self._unload(worker, ctx.tag), slot=ctx.tag)
 
     @staticmethod
-    def _unload(worker: WorkerProcess) -> None:
+    def _unload(worker: WorkerProcess, slot: str) -> None:
         try:
-            worker.ask(cmd="unload")
+            worker.ask(cmd="unload", slot=slot)
         except RuntimeError:  # its error is recorded already; the next plan starts a fresh worker
             worker.close()
 

@@ -3,13 +3,16 @@
 The harness (``peer_engines.Isolated``) spawns one per engine with ``OMP_NUM_THREADS`` and
 ``MKL_NUM_THREADS`` set to ``--threads`` and speaks bench/deepsparse_worker.py's protocol to it:
 
-    {"cmd": "load", "engine": NAME, "dtype": "f32", "options": {...}, "spec": {...}}
+    {"cmd": "load", "slot": S, "engine": NAME, "dtype": "f32", "options": {...}, "spec": {...}}
         -> {"ok": true, "info": {...}, "worker": {"pid", "affinity", "runtimes"}}
-    {"cmd": "run", "calls": K}       -> {"ok": true, "seconds": t}   (K forwards back to back, timed
-                                                                      here; t is the last one's)
-    {"cmd": "output", "path": NPY}   -> {"ok": true}          (float32 logits written there)
-    {"cmd": "unload"}                -> {"ok": true}          (the plan's model is dropped)
-    {"cmd": "quit"}                  -> the worker exits
+    {"cmd": "run", "slot": S, "calls": K}  -> {"ok": true, "seconds": t}   (K forwards back to back,
+                                                                          timed here; t the last one's)
+    {"cmd": "output", "slot": S, "path": NPY} -> {"ok": true}      (float32 logits written there)
+    {"cmd": "unload", "slot": S}           -> {"ok": true}         (that slot's model is dropped)
+    {"cmd": "quit"}                        -> the worker exits
+
+A worker holds one built model per slot (the harness uses one slot per plan), so every plan of a
+batch stays loaded and the harness can interleave its rounds across plans as well as engines.
 
 ``spec`` comes from ``PlanContext.worker_spec``: file paths only (safetensors weights, the plan's
 JSON, ONNX exports, the input as .npy); nothing is unpickled. Only the engine's own runtime is
@@ -42,10 +45,10 @@ class EngineWorker:
     commands = ("load", "run", "output", "unload")
 
     def __init__(self):
-        self.prepared = None
+        self.slots = {}  # slot name -> peer_engines.Prepared
 
-    def load(self, engine, dtype, options, spec):
-        self.unload()
+    def load(self, engine, dtype, options, spec, slot="0"):
+        self.unload(slot)
         eng = peer_engines.ENGINE_TYPES[engine](dtype)
         for key, value in options.items():
             setattr(eng, key, value)
@@ -53,27 +56,27 @@ class EngineWorker:
             import torch
 
             torch.set_num_threads(int(spec["threads"]))
-        self.prepared = eng.prepare(peer_engines.WorkerContext(spec))
-        return {"info": self.prepared.info,
+        self.slots[slot] = eng.prepare(peer_engines.WorkerContext(spec))
+        return {"info": self.slots[slot].info,
                 "worker": {"pid": os.getpid(), "affinity": _affinity(),
                            "runtimes": [m for m in RUNTIMES if m in sys.modules]}}
 
-    def _loaded(self):
-        if self.prepared is None:
-            raise RuntimeError("no engine loaded (send load first)")
-        return self.prepared
+    def _loaded(self, slot):
+        if slot not in self.slots:
+            raise RuntimeError(f"nothing loaded in slot {slot!r} (send load first)")
+        return self.slots[slot]
 
-    def run(self, calls=1):
-        return {"seconds": self._loaded().timed_call(int(calls))}
+    def run(self, calls=1, slot="0"):
+        return {"seconds": self._loaded(slot).timed_call(int(calls))}
 
-    def output(self, path):
-        np.save(path, np.asarray(self._loaded().output(), dtype=np.float32))
+    def output(self, path, slot="0"):
+        np.save(path, np.asarray(self._loaded(slot).output(), dtype=np.float32))
         return {}
 
-    def unload(self):
-        if self.prepared is not None:
-            self.prepared.close()
-            self.prepared = None
+    def unload(self, slot="0"):
+        prepared = self.slots.pop(slot, None)
+        if prepared is not None:
+            prepared.close()
             gc.collect()
         return {}
 

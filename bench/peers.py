@@ -5,17 +5,20 @@ masks on the same input: timm in PyTorch eager, torch.compile (Inductor, freezin
 OpenVINO on an ONNX export of the masked dense model, OpenVINO on sparsevit's structurally sliced
 model (``openvino-sliced``: the bar for sparsevit's dense layers), DeepSparse (in its own venv, when
 ``--deepsparse-python`` is given) on an opset-14 export of it, and ``sparsevit.accelerate``.
-Engines are timed in interleaved rounds (A, B, C, ..., then again) with a short sleep (``--gap``)
-before every timed call and every build (idle ORT / OpenMP threads keep spinning for a while after a
-call and would steal the next engine's cores; sparsevit's per-layer kernel chooser measures while it
-builds); after the sleep the harness also waits (up to 1 s) until no worker process uses
-CPU. The cell is the median of ``--rounds`` after ``--warmup``. Each engine's turn runs one forward
-by default: nine other engines ran since its last call, so its weights and activations start cold.
-``--calls-per-turn K`` runs K forwards back to back in each turn and times the last: the steady state
-of a server that calls one model over and over (the other engines still run between turns). The ratio is to the fastest engine
-on the dense plan in the same dtype (bf16 engines against bf16 engines), > 1 is faster. Every
-engine's output is checked against PyTorch fp32 on the masked dense model: max relative error =
-max|y - ref| / max|ref|.
+Every plan of a batch is built first; then all its cells (plan x engine) are timed in the same
+interleaved rounds (each round: every engine on the dense plan, then every engine on the next plan,
+..., then again), so a slow spell of the shared host falls on every row alike and the ratios, which
+divide one row by the dense row, are not skewed by when a row was timed. There is a short sleep
+(``--gap``) before every timed call and every build (idle ORT / OpenMP threads keep spinning for a
+while after a call and would steal the next engine's cores; sparsevit's per-layer kernel chooser
+measures while it builds); after the sleep the harness also waits (up to 1 s) until no worker
+process uses CPU. The cell is the median of ``--rounds`` after ``--warmup``. Each turn runs one
+forward by default: every other cell ran since its last call, so its weights and activations start
+cold. ``--calls-per-turn K`` runs K forwards back to back in each turn and times the last: the
+steady state of a server that calls one model over and over (the other cells still run between
+turns). The ratio is to the fastest engine on the dense plan in the same dtype (bf16 engines
+against bf16 engines), > 1 is faster. Every engine's output is checked against PyTorch fp32 on the
+masked dense model: max relative error = max|y - ref| / max|ref|.
 
 Isolation (``--isolation process``, the default): every engine runs in its own worker process
 (bench/peer_worker.py; DeepSparse in bench/deepsparse_worker.py under its own python), spawned once
@@ -192,58 +195,71 @@ def wait_until_idle(pids: List[int], poll: float = 0.02, limit: float = 1.0) -> 
 
 
 class CpuWatch:
-    """Per timed call, the CPU used by the timed engine's process and by every *other* process of the
+    """Per timed call, the CPU used by the timed cell's process and by every *other* process of the
     run (idle workers, the harness): the proof that nothing else runs while an engine is timed.
-    Only meaningful when engines have their own processes (``Prepared.pid``)."""
+    Cells are keyed by a label or a (plan, label) pair; the cells of one engine share its worker
+    process, which is named by the label. Only meaningful when engines have their own processes
+    (``Prepared.pid``)."""
     TICK_MS = 1e3 / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, prepared: Dict[str, Prepared]):
-        self.pids = {label: p.pid for label, p in prepared.items() if p.pid is not None}
+    def __init__(self, prepared: Dict[object, Prepared]):
+        self.pids: Dict[str, int] = {}      # process name -> pid
+        self.process: Dict[object, str] = {}  # cell key -> its process's name
+        for key, p in prepared.items():
+            if p.pid is None:
+                continue
+            name = next((n for n, pid in self.pids.items() if pid == p.pid), None)
+            if name is None:  # DeepSparse runs one process per plan: the later ones get their pid
+                label = key if isinstance(key, str) else key[1]
+                name = label if label not in self.pids else f"{label} (pid {p.pid})"
+                self.pids[name] = p.pid
+            self.process[key] = name
         self.pids["harness"] = os.getpid()
-        self.own_ms: Dict[str, List[float]] = {k: [] for k in prepared}
-        self.others_ms: Dict[str, List[float]] = {k: [] for k in prepared}
-        self.by_process: Dict[str, Dict[str, float]] = {k: {} for k in prepared}
+        self.own_ms: Dict[object, List[float]] = {k: [] for k in prepared}
+        self.others_ms: Dict[object, List[float]] = {k: [] for k in prepared}
+        self.by_process: Dict[object, Dict[str, float]] = {k: {} for k in prepared}
 
     def settle(self) -> float:
         """Wait until no worker process uses CPU (see :func:`wait_until_idle`); returns the seconds waited."""
-        return wait_until_idle([pid for label, pid in self.pids.items() if label != "harness"])
+        return wait_until_idle([pid for name, pid in self.pids.items() if name != "harness"])
 
     def snapshot(self) -> Dict[str, int]:
         # the harness without its descendants: those are the workers, counted on their own
-        return {label: cpu_ticks(pid, descendants=label != "harness") for label, pid in self.pids.items()}
+        return {name: cpu_ticks(pid, descendants=name != "harness") for name, pid in self.pids.items()}
 
-    def record(self, label: str, before: Dict[str, int], after: Dict[str, int]) -> None:
+    def record(self, key, before: Dict[str, int], after: Dict[str, int]) -> None:
         used = {k: (after[k] - before[k]) * self.TICK_MS for k in before}
-        self.own_ms[label].append(used.get(label, float("nan")))
-        self.others_ms[label].append(sum(v for k, v in used.items() if k != label))
+        own = self.process.get(key)
+        self.own_ms[key].append(used.get(own, float("nan")))
+        self.others_ms[key].append(sum(v for k, v in used.items() if k != own))
         for k, v in used.items():
-            if k != label and v:
-                self.by_process[label][k] = self.by_process[label].get(k, 0.0) + v
+            if k != own and v:
+                self.by_process[key][k] = self.by_process[key].get(k, 0.0) + v
 
-    def summary(self, label: str) -> Dict:
-        own, others = self.own_ms[label], self.others_ms[label]
-        if not others or label not in self.pids:
+    def summary(self, key) -> Dict:
+        own, others = self.own_ms[key], self.others_ms[key]
+        if not others or key not in self.process:
             return {}
         return {"own_cpu_ms_median": statistics.median(own), "others_cpu_ms_total": sum(others),
                 "others_cpu_ms_max": max(others), "calls": len(others),
-                "others_by_process": self.by_process[label]}
+                "others_by_process": self.by_process[key]}
 
 
-def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, gap: float,
-                     desc: str = "", failures: Optional[Dict[str, str]] = None,
-                     watch: Optional[CpuWatch] = None, calls: int = 1) -> Dict[str, List[float]]:
-    """Seconds per call for each engine: every round gives each engine a turn, sleeping ``gap``
-    seconds before each call so the previous engine's spinning threads go idle first (with ``watch``,
-    then also until no worker process uses CPU, see :meth:`CpuWatch.settle`). A turn runs ``calls``
-    forwards back to back and records the last one's time. An engine whose
-    call raises is dropped from ``prepared`` (closed) and its error recorded in ``failures``. With
+def time_interleaved(prepared: Dict[object, Prepared], rounds: int, warmup: int, gap: float,
+                     desc: str = "", failures: Optional[Dict[object, str]] = None,
+                     watch: Optional[CpuWatch] = None, calls: int = 1) -> Dict[object, List[float]]:
+    """Seconds per call for each cell (an engine, or one plan's engine): every round gives each cell
+    a turn, sleeping ``gap`` seconds before each call so the previous engine's spinning threads go idle
+    first (with ``watch``, then also until no worker process uses CPU, see :meth:`CpuWatch.settle`).
+    A turn runs ``calls`` forwards back to back and records the last one's time. A cell whose call
+    raises is dropped from ``prepared`` (closed) and its error recorded in ``failures``. With
     ``watch``, the CPU every process used during each timed call is recorded there."""
     from tqdm import tqdm
 
     failures = {} if failures is None else failures
-    times: Dict[str, List[float]] = {k: [] for k in prepared}
+    times: Dict[object, List[float]] = {k: [] for k in prepared}
     for r in tqdm(range(warmup + rounds), desc=desc, disable=None, leave=False):
-        for label, p in list(prepared.items()):
+        for key, p in list(prepared.items()):
             time.sleep(gap)
             if watch is not None and gap > 0:
                 watch.settle()
@@ -251,14 +267,14 @@ def time_interleaved(prepared: Dict[str, Prepared], rounds: int, warmup: int, ga
                 before = watch.snapshot() if watch and r >= warmup else None
                 seconds = p.timed_call(calls)
                 if before is not None:
-                    watch.record(label, before, watch.snapshot())
-            except Exception as e:  # recorded as this engine's result; the others go on
-                failures[label] = f"failed while timed: {type(e).__name__}: {e}"[:300]
-                prepared.pop(label).close()
-                times.pop(label)
+                    watch.record(key, before, watch.snapshot())
+            except Exception as e:  # recorded as this cell's result; the others go on
+                failures[key] = f"failed while timed: {type(e).__name__}: {e}"[:300]
+                prepared.pop(key).close()
+                times.pop(key)
                 continue
             if r >= warmup:
-                times[label].append(seconds)
+                times[key].append(seconds)
     return times
 
 
@@ -282,43 +298,62 @@ def prepare_all(engines: List[Engine], ctx: PlanContext, failures: Dict[str, str
     return prepared
 
 
-def run_plan(plan_name: str, model: nn.Module, x: torch.Tensor, engines: List[Engine], args,
-             workdir: str, model_spec: Dict) -> List[Dict]:
+def plan_context(plan_name: str, model: nn.Module, x: torch.Tensor, args, workdir: str,
+                 model_spec: Dict) -> Tuple[PlanContext, torch.Tensor, Dict]:
+    """One plan's context for the engines, the reference output (PyTorch fp32 on the masked dense
+    model) and the plan's totals (MACs, share removed)."""
     builder, _, _ = PLANS[plan_name]
     plan = builder(model)
     masked = sparsevit.masked_model(model, plan)
-    stats = plan.summary(model, as_dict=True)["total"]
     with torch.inference_mode():
         ref = masked(x).float()
     ctx = PlanContext(model=model, masked=masked, plan=plan, x=x, threads=args.threads, workdir=workdir,
                       tag=f"{plan_name}.b{x.shape[0]}", model_spec=model_spec)
-    failures = {e.label: why for e in engines if (why := e.missing())}
-    prepared = prepare_all(engines, ctx, failures, args.gap)
+    return ctx, ref, plan.summary(model, as_dict=True)["total"]
+
+
+def run_batch(model: nn.Module, x: torch.Tensor, engines: List[Engine], args, workdir: str,
+              model_spec: Dict) -> List[Dict]:
+    """Every plan x engine cell of one batch, timed in the same interleaved rounds: each round gives
+    every cell one turn, plan after plan. The ratios divide one plan's time by the dense plan's, so
+    a slow spell of the shared host must fall on every plan alike, not on the plans timed last."""
+    contexts, failures, prepared = {}, {}, {}
     try:
+        for plan_name in args.plans:
+            t0 = time.perf_counter()
+            contexts[plan_name] = plan_context(plan_name, model, x, args, workdir, model_spec)
+            failures[plan_name] = {e.label: why for e in engines if (why := e.missing())}
+            for label, p in prepare_all(engines, contexts[plan_name][0], failures[plan_name], args.gap).items():
+                prepared[(plan_name, label)] = p
+            print(f"# batch {x.shape[0]} {plan_name}: built in {time.perf_counter() - t0:.0f} s", flush=True)
         watch = CpuWatch(prepared)
-        times = time_interleaved(prepared, args.rounds, args.warmup, args.gap, ctx.tag, failures, watch,
-                                 args.calls_per_turn)
+        timing_failures: Dict[Tuple[str, str], str] = {}
+        times = time_interleaved(prepared, args.rounds, args.warmup, args.gap, f"b{x.shape[0]}",
+                                 timing_failures, watch, args.calls_per_turn)
         rows = []
-        for engine in engines:
-            row = {"batch": x.shape[0], "plan": plan_name, "engine": engine.name, "dtype": engine.dtype,
-                   "label": engine.label, "prunable_removed": stats["prunable_removed"],
-                   "mac_reduction": stats["mac_ratio"]}
-            p = prepared.get(engine.label)
-            if p is None:
-                row["skipped"] = failures.get(engine.label, "not prepared")
-            else:
-                t = times[engine.label]
-                row.update(median_ms=1e3 * statistics.median(t), min_ms=1e3 * min(t),
-                           times_ms=[round(1e3 * s, 3) for s in t], info=p.info,
-                           max_rel_err=max_rel_error(torch.from_numpy(p.output()), ref),
-                           cpu=watch.summary(engine.label))
-            rows.append(row)
+        for plan_name, (ctx, ref, stats) in contexts.items():
+            for engine in engines:
+                key = (plan_name, engine.label)
+                row = {"batch": x.shape[0], "plan": plan_name, "engine": engine.name, "dtype": engine.dtype,
+                       "label": engine.label, "prunable_removed": stats["prunable_removed"],
+                       "mac_reduction": stats["mac_ratio"]}
+                p = prepared.get(key)
+                if p is None:
+                    row["skipped"] = timing_failures.get(key) or failures[plan_name].get(engine.label, "not prepared")
+                else:
+                    t = times[key]
+                    row.update(median_ms=1e3 * statistics.median(t), min_ms=1e3 * min(t),
+                               times_ms=[round(1e3 * s, 3) for s in t], info=p.info,
+                               max_rel_err=max_rel_error(torch.from_numpy(p.output()), ref),
+                               cpu=watch.summary(key))
+                rows.append(row)
         return rows
     finally:
         for p in prepared.values():
             p.close()
-        for path in ctx._files.values():
-            os.remove(path)
+        for ctx, _, _ in contexts.values():
+            for path in ctx._files.values():
+                os.remove(path)
 
 
 def add_ratios(rows: List[Dict]) -> None:
@@ -386,7 +421,8 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
     out = [f"Command: `{meta['command']}`  ",
            f"Machine: {meta['cpu']}, {meta['threads']} threads per engine; {meta['date']}  ",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
-           f"Median of {meta['rounds']} interleaved rounds after {meta['warmup']} warm-up, "
+           f"Median of {meta['rounds']} rounds after {meta['warmup']} warm-up, each round one turn of every "
+           "plan x engine cell of the batch, "
            f"{1e3 * meta['gap']:.0f} ms gap between turns, {_turn_words(meta.get('calls_per_turn', 1))}; "
            "ratio to the fastest dense engine of the same dtype.", ""]
     for batch in dict.fromkeys(r["batch"] for r in rows):
@@ -500,13 +536,14 @@ def main(argv=None) -> Dict:
             for batch in args.batch:
                 g = torch.Generator().manual_seed(args.seed + batch)
                 x = torch.randn(batch, 3, *size, generator=g)
+                t0 = time.perf_counter()
+                new = run_batch(model, x, engines, args, workdir, model_spec)
+                rows += new
+                print(f"# batch {batch} timed ({time.perf_counter() - t0:.0f} s)", flush=True)
                 for plan_name in args.plans:
-                    t0 = time.perf_counter()
-                    new = run_plan(plan_name, model, x, engines, args, workdir, model_spec)
-                    rows += new
-                    print(f"# batch {batch} {plan_name} ({time.perf_counter() - t0:.0f} s): "
-                          + "; ".join(f"{r['label']} {r['median_ms']:.1f} ms err {r['max_rel_err']:.1e}"
-                                      for r in new if "median_ms" in r), flush=True)
+                    print(f"# batch {batch} {plan_name}: " + "; ".join(
+                        f"{r['label']} {r['median_ms']:.1f} ms err {r['max_rel_err']:.1e}"
+                        for r in new if "median_ms" in r and r["plan"] == plan_name), flush=True)
         finally:
             for engine in engines:
                 engine.shutdown()

@@ -226,3 +226,33 @@ def test_a_turn_runs_calls_back_to_back_and_times_the_last():
     assert worker.run(calls=5)["seconds"] >= 0 and worker.engine.runs == 5 and worker.last == [5]
     with pytest.raises(SystemExit):
         peers.parse_args(TINY + ["--calls-per-turn", "0"])
+
+
+def test_rounds_interleave_every_plan_and_engine_of_a_batch(tmp_path):
+    """A round gives every plan x engine cell one turn, so the host's slow spells fall on every row
+    (the ratios divide rows by the dense row); a cell that fails while timed is reported, the rest go on."""
+    calls = []
+
+    class Fake(peer_engines.Engine):
+        name, dtypes = "fake", ("f32", "bf16")
+
+        def prepare(self, ctx):
+            def call(n=1, tag=ctx.tag, label=self.label):
+                calls.append((tag, label))
+                if tag.startswith("blocks70") and label == "fake bf16" and len(calls) > 4:  # its second turn
+                    raise RuntimeError("boom")
+                return 0.001
+            return peer_engines.Prepared(call, lambda: ctx.masked(ctx.x).detach().numpy())
+
+    args = peers.parse_args(TINY + ["--rounds", "2", "--warmup", "0", "--gap", "0",
+                                    "--plans", "dense", "blocks70"])
+    model = peers.build_model("vit_tiny_patch16_224", 32, {"depth": 2})
+    x = torch.randn(2, 3, 32, 32)
+    rows = peers.run_batch(model, x, [Fake("f32"), Fake("bf16")], args, str(tmp_path), {})
+    cells = [("dense.b2", "fake f32"), ("dense.b2", "fake bf16"), ("blocks70.b2", "fake f32"),
+             ("blocks70.b2", "fake bf16")]
+    assert calls == cells + cells, calls
+    by = {(r["plan"], r["label"]): r for r in rows}
+    assert by[("dense", "fake f32")]["times_ms"] == [1.0, 1.0]
+    assert "boom" in by[("blocks70", "fake bf16")]["skipped"]
+    assert by[("blocks70", "fake f32")]["max_rel_err"] < 1e-6
