@@ -17,6 +17,7 @@ from sparsevit.runtime.build import LinearFactory, build_block, sliced_layernorm
 from sparsevit.runtime.modules import chain_block_norms
 from sparsevit.runtime.patch_embed import choose_patch_embed
 from sparsevit.runtime.report import LayerDecision, Report
+from sparsevit.runtime.threads import PinMode, ThreadPinning, check_mode
 from sparsevit.runtime.verify import probe_reference, verify as run_verification
 
 BACKENDS = ("auto", "dense", "sparse", "cpp", "triton", "cuda", "reference", "semi_structured")
@@ -25,7 +26,8 @@ BACKENDS = ("auto", "dense", "sparse", "cpp", "triton", "cuda", "reference", "se
 def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend: str = "auto",
                dtype: Optional[torch.dtype] = None, inplace: bool = False, batch_hint: int = 8,
                cuda_graph: bool = False, example_input: Optional[torch.Tensor] = None,
-               formats: Optional[Dict[str, str]] = None, verify: bool = True) -> nn.Module:
+               formats: Optional[Dict[str, str]] = None, verify: bool = True,
+               pin_threads: PinMode = "auto") -> nn.Module:
     """Return a model that computes what the masked dense model computes, physically smaller.
 
     Args:
@@ -49,6 +51,12 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
             (seconds) is in ``fast.sparsevit_report.verify_seconds`` (the largest relative error seen in
             ``verify_max_error``).
             ``False`` skips it (``sparsevit.load`` does: its file is checksummed and was compared at save).
+        pin_threads: pin torch's intra-op threads to one CPU each while the model runs on the CPU, as
+            OpenVINO and DeepSparse do (a forward after an idle gap otherwise often finds two threads
+            on one CPU): ``"auto"`` pins when the process may run on exactly as many CPUs as there are
+            threads, ``True`` whenever there are enough CPUs, ``False`` never. The calling thread is
+            pinned only during the forward. ``fast.sparsevit_threads.status`` says what was done (see
+            :mod:`sparsevit.runtime.threads`).
 
     The tile shape the plan's masks were made for (``plan.block``) is the first one the kernel
     choice tries.
@@ -62,6 +70,7 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
         raise ValueError(f"unknown backend '{backend}'; choose one of {BACKENDS}")
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    check_mode(pin_threads)
     if plan is not None and not isinstance(plan, SparsityPlan):
         raise PlanError(f"plan must be a SparsityPlan (or None to read zeros), got {type(plan).__name__}")
     get_adapter(model)  # fail fast, before copying, on unsupported models
@@ -102,6 +111,8 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
     fast.sparsevit_source, fast.sparsevit_options = source, {"backend": backend, "dtype": dtype and str(dtype)[6:]}
     if check is not None:
         check.run(fast, report)
+    fast.sparsevit_threads = ThreadPinning(pin_threads)
+    fast.sparsevit_threads.install(fast)
     if cuda_graph:
         from sparsevit.runtime.cuda_graph import capture_cuda_graph
 
