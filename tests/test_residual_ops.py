@@ -121,6 +121,26 @@ def test_residual_add_layernorm(dtype, shape, Kw, Kr, inplace):
         assert ((ln.double() - ln_ref).abs() <= 2.0 ** -8 * ln_ref.abs() + 1e-6 * ln_ref.abs().max()).all()
 
 
+@pytest.mark.skipif(not _ext.has_op("residual_add_layernorm"), reason="C++ extension not built")
+def test_add_norm_takes_weights_of_any_float_dtype_and_layout():
+    """The kernel reads fp32 weight/bias: bf16 ones are widened into a per-thread buffer, others
+    converted; every form gives the same bits as the fp32 weights they equal; absent = 1 / 0."""
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 70).bfloat16(), torch.randn(5, 70).bfloat16()
+    w = torch.randn(70).bfloat16().float()  # values exact in bf16, so every form below is the same
+    b = torch.randn(70).bfloat16().float()
+    C = torch.ops.sparsevit_C
+    _, want = C.residual_add_layernorm(x, y, None, w, b, None, 1e-6)
+    wide = torch.stack([w, w], 1)[:, 0]  # a strided view
+    for ww, bb in ((w.bfloat16(), b.bfloat16()), (w.half(), b.half()), (wide, b), (wide.bfloat16(), b.double())):
+        assert torch.equal(C.residual_add_layernorm(x, y, None, ww, bb, None, 1e-6)[1], want), (ww.dtype, bb.dtype)
+    _, plain = C.residual_add_layernorm(x, y, None, None, None, None, 1e-6)
+    _, ones = C.residual_add_layernorm(x, y, None, torch.ones(70), torch.zeros(70), None, 1e-6)
+    assert torch.equal(plain, ones)
+    with pytest.raises(RuntimeError, match="one entry per read channel"):
+        C.residual_add_layernorm(x, y, None, w[:69], b, None, 1e-6)
+
+
 @pytest.mark.parametrize("D", [384, 37, 16, 1])
 def test_bf16_add_norm_in_models_matches_unfused_ops(D):
     """bf16 full-width rows take the fused kernel inside models (FUSED_ADD_NORM_DTYPES): same residual
