@@ -252,10 +252,14 @@ def test_pair_choice_reports_and_runs_the_fused_op(monkeypatch, timing_cache, tm
             assert set(d.est_ms) >= {"mlp pair per-layer bsr_linear", "mlp pair fused bsr_mlp"}
             assert ("fused as sparsevit::bsr_mlp" in d.reason) == fused_wins, d.reason
             assert ("fused bsr_mlp pair 3.00 ms vs 2.00 ms per layer" in d.reason) != fused_wins, d.reason
-    calls = []
+    calls, programs = [], []
     for mod in (bm, modules):  # the module path goes through ops.bsr_mlp, the lean path through modules
         real = mod.run_direct_pair
         monkeypatch.setattr(mod, "run_direct_pair", lambda *a, real=real, mod=mod: calls.append(mod) or real(*a))
+    # the lean path's Python loop, so its calls are counted here; the C++ loop's program is recorded
+    # (its MLP kinds: 0 = the fused pair) and checked to be bit-identical in test_fast_paths.py
+    real_program = modules.block_program
+    monkeypatch.setattr(modules, "block_program", lambda *a: programs.append(real_program(*a)))
     masked = sparsevit.masked_model(model, plan)
     for batch, hooked in ((3, True), (1, False)):  # a hook sends the blocks down the module path
         x = torch.randn(batch, 3, 32, 32)
@@ -282,6 +286,7 @@ def test_pair_choice_reports_and_runs_the_fused_op(monkeypatch, timing_cache, tm
             assert not lean
             hook.remove()
     assert lean, "without hooks the lean path runs (every layer block-sparse on the C++ kernel)"
+    assert programs and programs[0][1][2::27] == [0 if fused_wins else 1] * len(fast.blocks)
     sparsevit.save(fast, tmp_path / "m.sparsevit")
     loaded = sparsevit.load(tmp_path / "m.sparsevit")
     for blk in loaded.blocks:

@@ -488,3 +488,54 @@ def test_lean_path_refuses_relative_position_bias(monkeypatch):
     assert rel_err(out, unchained) < 1e-6
     assert lean_calls == [1]  # every other part qualifies: the bias check is what refuses
     assert rel_err(wrong, out) > 1e-3
+
+
+def _residual_subset_bsr_vit():
+    """vit_tiny with residual channels, branch read/write subsets, heads and MLP channels pruned and
+    every Linear forced onto 16x16 BSR (random masks on half of them): the add+norm carries indices."""
+    model = make_model("vit_tiny")
+    plan = random_plan(model, seed=4, kinds=("residual", "io", "heads", "mlp", "masks"))
+    names = get_adapter(model).linear_modules()
+    fast = sparsevit.accelerate(model, plan, backend="cpp", verify=False,
+                                formats={n: "bsr:16x16" for n in names if n.startswith("blocks.")})
+    return model, plan, fast
+
+
+@pytest.mark.skipif(not (HAS_BSR and _ext.has_op("lean_vit_blocks")), reason="C++ extension without its CPU ops")
+@pytest.mark.parametrize("case", ["fp32", "bf16", "fp32 unfused pairs", "residual subsets"])
+def test_block_loop_in_cpp_is_bit_identical_to_the_python_loop(monkeypatch, case):
+    """Where every step of every block is a BSR call, the fused MLP pair, the fused attention or the
+    fused add+norm, the lean path runs its loop in C++ (lean_vit_blocks): the same ops on the same
+    arguments, so the Python loop's result bit for bit (and the masked model's in float64); a
+    fine-grained model keeps the Python loop."""
+    from sparsevit.ops.bsr_mlp import FUSED_FLAG
+    from sparsevit.runtime import modules
+
+    model, plan, fast = _residual_subset_bsr_vit() if case == "residual subsets" else _block_sparse_vit()
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    fast = fast.to(dtype)
+    for blk in fast.blocks:
+        if case == "fp32 unfused pairs":
+            blk.mlp.fc1.__dict__[FUSED_FLAG] = False
+    programs = []
+    real = modules.block_program
+    monkeypatch.setattr(modules, "block_program", lambda *a: programs.append(real(*a)) or programs[-1])
+    x = torch.randn(3, 3, 32, 32, dtype=dtype)
+    with torch.inference_mode():
+        out = fast(x)
+        with monkeypatch.context() as m:
+            m.setattr(modules, "block_program", lambda *a: None)
+            python_loop = fast(x)
+        ref = sparsevit.masked_model(model, plan).double()(x.double())
+    assert len(programs) == 1 and programs[0] is not None, "the C++ loop did not run"
+    kinds = programs[0][1][2::27]
+    assert kinds == [1] * len(fast.blocks) if case == "fp32 unfused pairs" else set(kinds) <= {0, 1}
+    assert torch.equal(out, python_loop)
+    assert rel_err(out, ref) < (5e-2 if dtype == torch.bfloat16 else 1e-4)
+    if case == "residual subsets":
+        assert any(blk.attn_io.read is not None or blk.attn_io.write is not None for blk in fast.blocks)
+    _, builds = _fine_and_dense_vits()
+    programs.clear()
+    with torch.inference_mode():
+        builds[0][1](torch.randn(1, 3, 32, 32))
+    assert programs == [None]  # fine-grained layers: the Python loop

@@ -23,6 +23,7 @@ from sparsevit.ops.fine_mlp import run_direct_pair as run_direct_fine_pair
 from sparsevit.ops.linear_kernels import eager_cpu_call_ok
 from sparsevit.ops.residual import (fused_add_norm_call_ok, fused_add_norm_indices_ok, layernorm_gather,
                                     residual_add_layernorm, residual_scatter_add)
+from sparsevit.runtime.block_program import block_program, run_program
 from sparsevit.runtime.dense_linear import DenseLinear
 from sparsevit.runtime.linear import SparseLinear
 
@@ -466,9 +467,14 @@ def _lean_forward(x: torch.Tensor, parts) -> torch.Tensor:
     B, N, _ = x.shape
     T = B * N
     normed = parts[0][1].norm(x)
+    fused = fused_add_norm_call_ok(x, x)  # the residual stream keeps x's dtype and device
+    program = block_program(parts, x, lambda io, reader, dtype: _direct_add_norm_args(io, reader, dtype)
+                            if fused else None)
+    if program is not None:  # every step one of the C++ loop's ops: the same calls without Python between
+        x, y = run_program(x, normed, program)
+        return parts[-1][2].add(x, y, inplace=True)
     owned = False  # x is the caller's: the first write-back makes a new tensor
     direct_attention = None  # decided at the first block; dtype, device and layout are every block's
-    fused = fused_add_norm_call_ok(x, x)  # the residual stream keeps x's dtype and device
     for i, (_block, attn_io, mlp_io, attention, qkv, proj, mlp) in enumerate(parts):
         H, d = attention.num_heads, attention.qk_dim
         q, k, v = qkv(normed.reshape(T, -1)).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
