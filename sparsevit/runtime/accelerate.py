@@ -51,12 +51,12 @@ def accelerate(model: nn.Module, plan: Optional[SparsityPlan] = None, *, backend
             (seconds) is in ``fast.sparsevit_report.verify_seconds`` (the largest relative error seen in
             ``verify_max_error``).
             ``False`` skips it (``sparsevit.load`` does: its file is checksummed and was compared at save).
-        pin_threads: pin torch's intra-op threads to one CPU each while the model runs on the CPU, as
+        pin_threads: pin torch's intra-op worker threads to one CPU each when the model runs on the CPU, as
             OpenVINO and DeepSparse do (a forward after an idle gap otherwise often finds two threads
             on one CPU): ``"auto"`` pins when the process may run on exactly as many CPUs as there are
-            threads, ``True`` whenever there are enough CPUs, ``False`` never. The calling thread is
-            pinned only during the forward. ``fast.sparsevit_threads.status`` says what was done (see
-            :mod:`sparsevit.runtime.threads`).
+            threads, ``True`` whenever there are enough CPUs, ``False`` never. Only torch's worker
+            threads are pinned, never the calling thread. ``fast.sparsevit_threads.status`` says what
+            was done (see :mod:`sparsevit.runtime.threads`).
 
     The tile shape the plan's masks were made for (``plan.block``) is the first one the kernel
     choice tries.

@@ -5,8 +5,8 @@ every block is one of the ops the C++ loop knows (qkv and proj on the BSR kernel
 fused ``bsr_mlp`` pair or two BSR calls, the fused CPU attention, the fused residual add + norm),
 :func:`block_program` packs their arguments once per forward and the loop runs in C++: the same ops on
 the same arguments in the same order, so the output is bit-identical, without ~13 Python-level op
-calls and views a block (at batch 1 about 1.5 ms of a DeiT-S forward of ~10 ms on 2 cores). Anything
-else (fine-grained or dense layers, an unfused norm, an attention the kernel does not take) returns
+calls and views a block (DeiT-S on 2 cores, batch 1, interleaved A/B: combined plan 7.02 -> 6.74 ms,
+32x32 blocks 70% 12.44 -> 12.19 ms). Anything else (fine-grained or dense layers, an unfused norm, an attention the kernel does not take) returns
 None and the Python loop runs as before.
 """
 from __future__ import annotations

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 PinMode = Union[str, bool]
-_TEAMS: Dict[tuple, Tuple[Optional[List[int]], str]] = {}  # (thread, threads, mode) -> (cpus, status)
-_TEAMS_LOCK = threading.Lock()
+# per calling thread (its OpenMP team is its own, and ends with it): (threads, mode) -> (cpus, status)
+_CALLER = threading.local()
 
 
 def check_mode(mode: PinMode) -> PinMode:
@@ -100,11 +100,11 @@ class ThreadPinning:
                 or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or _get_current_dispatch_mode() is not None):
             return
-        key = (threading.get_ident(), torch.get_num_threads(), self.mode)
-        team = _TEAMS.get(key)
+        teams = _CALLER.__dict__.setdefault("teams", {})
+        key = (torch.get_num_threads(), self.mode)
+        team = teams.get(key)
         if team is None:
-            with _TEAMS_LOCK:
-                team = _TEAMS[key] = _pin_team(self.mode, key[1])
+            team = teams[key] = _pin_team(self.mode, key[0])
         self.status = team[1]
 
 
