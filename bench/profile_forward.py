@@ -12,6 +12,7 @@ the end-to-end median, and the kernels the report chose for the Linears and the 
     python bench/profile_forward.py --plan heads_mlp50+blocks70      # a plan of bench/peers.py (its model init)
     python bench/profile_forward.py --compare-unfused                # fused residual add+norm on vs off, interleaved
     python bench/profile_forward.py --compare-module-path            # lean block path on vs off, interleaved
+    python bench/profile_forward.py --compare-python-loop            # the block loop in C++ vs in Python
     python bench/profile_forward.py --attention-peak --threads 1     # attention alone vs the peak probe
 
 ``--baseline-backend dense`` builds the same plan with ``backend="dense"`` (every Linear on
@@ -108,17 +109,27 @@ def kernels_used(fast):
 
 
 @contextlib.contextmanager
-def module_path_only():
-    """The blocks on the module path: the lean block path (runtime/modules.py) turned off, as for a
-    model with hooks."""
+def _lean_path_without(name: str):
+    """``runtime.modules.<name>`` made to answer None for the duration."""
     from sparsevit.runtime import modules
 
-    real = modules._lean_parts
-    modules._lean_parts = lambda blocks, x: None
+    real = getattr(modules, name)
+    setattr(modules, name, lambda *args: None)
     try:
         yield
     finally:
-        modules._lean_parts = real
+        setattr(modules, name, real)
+
+
+def module_path_only():
+    """The blocks on the module path: the lean block path (runtime/modules.py) turned off, as for a
+    model with hooks."""
+    return _lean_path_without("_lean_parts")
+
+
+def python_loop_only():
+    """The lean block path with its loop in Python: the C++ loop (runtime/block_program.py) turned off."""
+    return _lean_path_without("block_program")
 
 
 def compare_interleaved(fast, x, runs: int, settings):
@@ -208,6 +219,8 @@ def main(argv=None):
                    help="also time the model with the fused residual add+norm off, interleaved")
     p.add_argument("--compare-module-path", action="store_true",
                    help="also time the model with the lean block path off (the module path), interleaved")
+    p.add_argument("--compare-python-loop", action="store_true",
+                   help="also time the model with the lean path's C++ block loop off (its Python loop), interleaved")
     p.add_argument("--attention-peak", action="store_true",
                    help="also time the fused attention alone on the model's shapes against the peak probe "
                         "(at 1 thread: CPU time)")
@@ -246,6 +259,9 @@ def main(argv=None):
     if args.compare_module_path:
         result["lean_ms"] = compare_interleaved(fast, x, args.iters * 4, {
             "lean block path": contextlib.nullcontext, "module path": module_path_only})
+    if args.compare_python_loop:
+        result["loop_ms"] = compare_interleaved(fast, x, args.iters * 4, {
+            "C++ block loop": contextlib.nullcontext, "Python block loop": python_loop_only})
     if args.attention_peak:
         result["attention_peak"] = attention_peak(models[args.backend][0], args.batch, getattr(torch, args.dtype),
                                                   args.threads)

@@ -18,7 +18,6 @@ import torch
 from sparsevit import _ext
 from sparsevit.ops.bsr_mlp import fused_pair_args
 from sparsevit.ops.cpu_attention import not_supported_reasons as attention_unsupported
-from sparsevit.ops.fine_mlp import direct_pair_ok as direct_fine_pair_ok
 from sparsevit.runtime.linear import SparseLinear
 
 Program = Tuple[List[Optional[torch.Tensor]], List[int], List[float]]
@@ -40,10 +39,11 @@ def _bsr(lin, dtype) -> Optional[tuple]:
 
 def _mlp(mlp, dtype) -> Optional[tuple]:
     """(kind, fc1 layer, fc2 layer): kind 0 where the lean path makes one fused bsr_mlp call, 1 where it
-    makes two BSR calls (the same precedence as modules._lean_mlp); None for anything else."""
+    makes two BSR calls (modules._lean_mlp; its fused fine-grained pair needs fine layers, which _bsr
+    refuses); None for anything else."""
     fc1, fc2 = mlp._modules.get("fc1"), mlp._modules.get("fc2")
     first, second = _bsr(fc1, dtype), _bsr(fc2, dtype)
-    if first is None or second is None or direct_fine_pair_ok(fc1, fc2, dtype):
+    if first is None or second is None:
         return None
     return (0 if fused_pair_args(fc1, fc2) is not None else 1), first, second
 
